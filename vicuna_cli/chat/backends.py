@@ -1,0 +1,183 @@
+"""Where chat answers come from: a local model (the core engine) or an OpenAI-compatible server.
+
+Both backends offer the same small surface: `start(messages, params)` returns a stream of text
+deltas with `.stats` (a GenerationStats) and `.cancel()`; `describe()` says what is answering.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Protocol, Sequence
+
+from ..core.errors import VicunaError
+from ..core.generate import Engine, GenerationStats, SamplingParams
+from ..core.templates import Message, template_for_model
+
+
+class ReplyStream(Protocol):
+    stats: GenerationStats
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    name: str
+    trims_history: bool  # True when the backend knows its context size and chat must fit it
+
+    def start(self, messages: Sequence[Message], params: SamplingParams) -> ReplyStream: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class LocalBackend:
+    """A model loaded in this process, spoken to through its conversation template."""
+
+    trims_history = True
+
+    def __init__(self, model: str | None, template: str | None, device: str = "auto", dtype: str = "auto"):
+        from ..core import models
+
+        self.loaded = models.load(model, device=device, dtype=dtype)
+        self.name = self.loaded.name
+        self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
+        self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length)
+
+    def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        text = self.template.render(messages, add_generation_prompt=True).text
+        # A Jinja chat template writes its own BOS; the fixed templates rely on the tokenizer's.
+        return self.engine.encode(text, add_special_tokens=self.template.name != "auto")
+
+    def start(self, messages: Sequence[Message], params: SamplingParams) -> ReplyStream:
+        stop = tuple(dict.fromkeys((*self.template.stop, *params.stop)))
+        params = SamplingParams(**{**params.__dict__, "stop": stop})
+        return self.engine.generate(self.prompt_ids(messages), params)
+
+    def describe(self) -> dict[str, Any]:
+        lm = self.loaded
+        return {
+            "backend": "local",
+            "model": lm.name,
+            "path": str(lm.path),
+            "template": self.template.name,
+            "device": lm.device,
+            "dtype": lm.dtype,
+            "attention": lm.attention,
+            "context_length": lm.context_length,
+        }
+
+
+class OpenAIBackend:
+    """Any OpenAI-compatible server (vicuna serve, vLLM, llama.cpp, ollama, OpenAI) via `openai`."""
+
+    trims_history = False  # the server owns the template and the context limit
+
+    def __init__(self, api_base: str, api_key: str | None, model: str | None, timeout: float = 60.0):
+        import openai
+
+        self.api_base = api_base
+        # The client insists on a key; local servers usually accept any.
+        self.client = openai.OpenAI(base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=1)
+        self.name = model or self._first_model()
+
+    def _call(self, fn, *args, **kwargs):
+        import openai
+
+        try:
+            return fn(*args, **kwargs)
+        except openai.AuthenticationError as exc:
+            raise VicunaError(
+                f"{self.api_base} rejected the API key (401)",
+                hint="pass --api-key or set OPENAI_API_KEY",
+            ) from exc
+        except openai.APIConnectionError as exc:
+            raise VicunaError(
+                f"could not connect to {self.api_base}: {exc.__cause__ or exc}",
+                hint="is the server running, and is --api-base right (it usually ends in /v1)?",
+            ) from exc
+        except openai.APIStatusError as exc:
+            raise VicunaError(f"{self.api_base} answered {exc.status_code}: {_api_message(exc)}") from exc
+        except openai.APIError as exc:  # e.g. an error event in the middle of a stream
+            raise VicunaError(f"{self.api_base} reported an error: {_api_message(exc)}") from exc
+
+    def _first_model(self) -> str:
+        listed = self._call(self.client.models.list)
+        ids = [m.id for m in listed.data]
+        if not ids:
+            raise VicunaError(f"{self.api_base} serves no models", hint="pass the model id with -m")
+        return ids[0]
+
+    def start(self, messages: Sequence[Message], params: SamplingParams) -> ReplyStream:
+        return _OpenAIStream(self, list(messages), params)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "openai", "model": self.name, "api_base": self.api_base}
+
+
+def _wrap_errors(backend: OpenAIBackend, stream: Any) -> Iterator[Any]:
+    """Errors while reading the stream (connection dropped, error event) become VicunaErrors."""
+    iterator = iter(stream)
+    while True:
+        chunk = backend._call(next, iterator, None)
+        if chunk is None:
+            return
+        yield chunk
+
+
+def _api_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(getattr(exc, "message", exc))
+
+
+class _OpenAIStream:
+    def __init__(self, backend: OpenAIBackend, messages: list[Message], params: SamplingParams):
+        self.backend, self.messages, self.params = backend, messages, params
+        self.stats = GenerationStats(finish_reason="cancelled")
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+    def __iter__(self) -> Iterator[str]:
+        p = self.params
+        start = time.perf_counter()
+        kwargs: dict[str, Any] = dict(
+            model=self.backend.name,
+            messages=self.messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=p.temperature,
+            top_p=p.top_p,
+            max_tokens=p.max_new_tokens,
+        )
+        if p.seed is not None:
+            kwargs["seed"] = p.seed
+        if p.stop:
+            kwargs["stop"] = list(p.stop)[:4]  # OpenAI accepts at most four
+        stream = self.backend._call(self.backend.client.chat.completions.create, **kwargs)
+        chunks = 0
+        try:
+            for chunk in _wrap_errors(self.backend, stream):
+                if self._cancelled:
+                    break
+                if chunk.usage is not None:
+                    self.stats.prompt_tokens = chunk.usage.prompt_tokens
+                    self.stats.output_tokens = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        if self.stats.time_to_first_token is None:
+                            self.stats.time_to_first_token = time.perf_counter() - start
+                        chunks += 1
+                        yield choice.delta.content
+                    if choice.finish_reason:
+                        self.stats.finish_reason = choice.finish_reason
+        finally:
+            stream.close()
+            self.stats.total_time = time.perf_counter() - start
+            # Servers that send no usage: count streamed chunks, the best estimate there is.
+            self.stats.output_tokens = self.stats.output_tokens or chunks

@@ -1,0 +1,109 @@
+"""`vicuna chat` as a function: build the backend and session from a config, then run the REPL
+(stdin is a terminal) or the scripted mode (prompts from --prompt or stdin lines)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Iterable, Optional
+
+from pydantic import Field, model_validator
+
+from ..core import console
+from ..core.config import CommandConfig
+from ..core.generate import GenerationStats, SamplingParams
+from .session import ChatSession
+
+
+class ChatConfig(CommandConfig):
+    model: Optional[str] = None
+    template: Optional[str] = None
+    api_base: Optional[str] = None
+    api_key: Optional[str] = None
+    system: Optional[str] = None
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    max_new_tokens: int = Field(512, ge=1)
+    seed: Optional[int] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    prompt: list[str] = Field(default_factory=list)
+    json_output: bool = False
+
+    @model_validator(mode="after")
+    def _template_is_local(self) -> "ChatConfig":
+        if self.api_base and self.template:
+            raise ValueError("--template applies to local models; the server at --api-base renders its own")
+        return self
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
+
+
+def make_backend(config: ChatConfig, model: Optional[str] = None):
+    from .backends import LocalBackend, OpenAIBackend
+
+    if config.api_base:
+        return OpenAIBackend(config.api_base, config.api_key, model or config.model)
+    return LocalBackend(model or config.model, config.template, config.device, config.dtype)
+
+
+def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:
+    if interactive is None:
+        interactive = not config.prompt and sys.stdin.isatty()
+    session = ChatSession(
+        backend=make_backend(config),
+        params=config.sampling(),
+        system=config.system,
+        notify=console.warn,
+    )
+    if interactive:
+        from .repl import Repl
+
+        Repl(session, config).run()
+    else:
+        prompts = config.prompt or (line.rstrip("\n") for line in sys.stdin)
+        run_scripted(session, prompts, config.json_output)
+
+
+def run_scripted(session: ChatSession, prompts: Iterable[str], as_json: bool) -> None:
+    """One turn per prompt, in one conversation. Answers only on stdout; stats on stderr."""
+    for prompt in prompts:
+        if not prompt.strip():
+            continue
+        stream = session.ask(prompt)
+        if as_json:
+            answer = "".join(stream)
+            record = {
+                "model": session.backend.name,
+                "prompt": prompt,
+                "answer": answer,
+                "stats": session.last_stats.as_dict(),
+            }
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            for delta in stream:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        print_stats(session.last_stats)
+
+
+def print_stats(stats: Optional[GenerationStats]) -> None:
+    if stats is None:
+        return
+    ttft = f"{stats.time_to_first_token:.2f} s" if stats.time_to_first_token is not None else "-"
+    console.err.print(
+        f"[dim]first token {ttft} · {stats.tokens_per_second:.1f} tok/s · "
+        f"{stats.prompt_tokens} prompt + {stats.output_tokens} output tokens · {stats.finish_reason}[/dim]"
+    )

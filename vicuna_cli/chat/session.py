@@ -1,0 +1,131 @@
+"""A chat conversation: history, system message, sampling settings, and what each turn cost.
+
+Shared by the interactive REPL and the non-interactive (scripted) mode. History that no longer
+fits the model's context is trimmed from the oldest turn, and the user is told.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..core.errors import VicunaError
+from ..core.generate import ContextOverflow, GenerationStats, SamplingParams
+from ..core.store import atomic_write_text
+from ..core.templates import Message, validate_messages
+from .backends import Backend
+
+# Room kept for the answer when deciding whether the history still fits.
+MIN_ANSWER_TOKENS = 64
+
+
+@dataclass
+class ChatSession:
+    backend: Backend
+    params: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None  # None: the template's own default system message
+    messages: list[Message] = field(default_factory=list)  # user/assistant turns only
+    last_stats: GenerationStats | None = None
+    notify: Callable[[str], None] = lambda message: None
+
+    def conversation(self) -> list[Message]:
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return head + self.messages
+
+    # -- turns ------------------------------------------------------------------------------
+
+    def ask(self, text: str) -> Iterator[str]:
+        """Stream the answer to `text`. The turn is kept even if the stream is cut short."""
+        self.messages.append({"role": "user", "content": text})
+        return self._answer(on_failure=self.messages.pop)
+
+    def regenerate(self) -> Iterator[str]:
+        if not self.messages or self.messages[-1]["role"] != "assistant":
+            raise VicunaError("there is no answer to regenerate yet")
+        previous = self.messages.pop()
+        return self._answer(on_failure=lambda: self.messages.append(previous))
+
+    def _answer(self, on_failure: Callable[[], Any]) -> Iterator[str]:
+        try:
+            self._fit_context()
+            stream = self.backend.start(self.conversation(), self.params)
+        except ContextOverflow:
+            raise  # _fit_context already removed the message that cannot fit
+        except BaseException:
+            on_failure()  # nothing was generated: leave the history as it was
+            raise
+        answer: list[str] = []
+        try:
+            for delta in stream:
+                answer.append(delta)
+                yield delta
+        finally:  # normal end, Ctrl-C, or an error mid-stream: keep what was said
+            stream.cancel()
+            self.messages.append({"role": "assistant", "content": "".join(answer)})
+            self.last_stats = stream.stats
+
+    def _fit_context(self) -> None:
+        if not self.backend.trims_history:
+            return
+        limit = self.backend.engine.context_length
+        dropped = 0
+        while True:
+            prompt = len(self.backend.prompt_ids(self.conversation()))
+            if prompt + min(MIN_ANSWER_TOKENS, self.params.max_new_tokens) <= limit:
+                break
+            if len(self.messages) <= 1:  # only the new message is left and it alone is too long
+                self.messages.pop()
+                raise ContextOverflow(prompt, limit)
+            del self.messages[:2]  # the oldest user turn and its answer
+            dropped += 1
+        if dropped:
+            self.notify(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the {limit}-token context")
+
+    # -- history editing --------------------------------------------------------------------
+
+    def undo(self) -> Message | None:
+        """Remove the last exchange (user turn and its answer); return the user turn."""
+        if not self.messages:
+            return None
+        if self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        return self.messages.pop() if self.messages else None
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.last_stats = None
+
+    def set_sampling(self, **changes: Any) -> None:
+        self.params = replace(self.params, **changes)
+
+    # -- files ------------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        data = {"model": self.backend.name, "system": self.system, "messages": self.messages}
+        atomic_write_text(Path(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def load(self, path: Path) -> None:
+        """Load a file written by /save, or any {"messages": [...]} / [...] of OpenAI messages."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise VicunaError(f"{path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VicunaError(f"cannot read {path}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise VicunaError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        messages = data.get("messages") if isinstance(data, dict) else data
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise VicunaError(f"{path} holds no conversation", hint='expected {"messages": [{"role": ..., "content": ...}]}')
+        try:
+            validate_messages(messages)
+        except VicunaError as exc:
+            raise VicunaError(f"{path}: {exc.message}", exc.hint) from None
+        system = data.get("system") if isinstance(data, dict) else None
+        if messages and messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        self.system = system
+        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]

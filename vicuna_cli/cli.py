@@ -1,0 +1,69 @@
+"""The `vicuna` command. Each group is registered in one line; command bodies import heavy
+libraries (torch, transformers) themselves, so `vicuna --help` answers instantly."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from . import __version__
+from .commands import chat, models, templates
+
+app = typer.Typer(
+    name="vicuna",
+    help="Make a chat model the Vicuna way: templates, models and chat (data, train, serve and judge are on the way).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.add_typer(templates.app, name="templates")
+app.add_typer(models.app, name="models")
+app.command("chat")(chat.chat)
+
+_debug = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vicuna {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def main() -> None:
+    from .core.console import print_error
+    from .core.errors import VicunaError
+
+    try:
+        app(standalone_mode=True)
+    except VicunaError as exc:
+        if _debug or os.environ.get("VICUNA_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        print_error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print_error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if _debug or os.environ.get("VICUNA_DEBUG"):
+            raise
+        print_error(f"{type(exc).__name__}: {exc}", hint="run again with --debug for the traceback, and please report it")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One thin module per subcommand: parse flags, build one config, call the core, render."""
