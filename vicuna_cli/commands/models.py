@@ -22,7 +22,7 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print the li
 
     entries = list_models()
     if as_json:
-        out.print(json.dumps([asdict(e) for e in entries], indent=2))
+        out.print(json.dumps([asdict(e) for e in entries], indent=2), markup=False)
         return
     table = Table("name", "kind", "size", "status", "description")
     for e in entries:

@@ -32,7 +32,7 @@ def list_templates(
             t = get_template(name)
             rows.append({"name": name, "description": t.description, "stop": list(t.stop)})
     if as_json:
-        out.print(json.dumps(rows, indent=2))
+        out.print(json.dumps(rows, indent=2), markup=False)
         return
     table = Table("template", "description", "stop strings")
     for row in rows:

@@ -1,0 +1,394 @@
+"""`vicuna chat --api-base`: the OpenAI backend against a tiny stdlib OpenAI-compatible server.
+
+The server (`FakeOpenAI`) runs in a thread on 127.0.0.1, answers `"echo: " + last user message`
+as an SSE stream, records every request, and can enforce an API key or fail on purpose. The CLI
+runs as a real subprocess (so exit codes and the single `error:` line are what a user sees), plus
+one in-process run of `runner.run` to check the scripted mode directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+MODEL_ID = "fake-echo-1"
+CLI_TIMEOUT = 60  # seconds; every CLI run here takes ~2 s, a hang fails instead of blocking CI
+
+
+def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class FakeOpenAI:
+    """The state of the fake server: what it was asked, and how it should behave."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []  # {"method", "path", "headers", "body"}
+        self.lock = threading.Lock()
+        self.api_key: str | None = None  # when set, requests must carry "Bearer <api_key>"
+        # ok | error_event (an error event after the first chunk) | drop (connection cut
+        # mid-stream) | http500 (500 before any chunk)
+        self.mode = "ok"
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def completions(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r["body"] for r in self.requests if r["path"] == "/v1/chat/completions"]
+
+    def auth_headers(self) -> list[str | None]:
+        with self.lock:
+            return [r["headers"].get("authorization") for r in self.requests]
+
+
+def _make_handler(state: FakeOpenAI):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # chunked streaming, so a cut connection is detectable
+
+        def log_message(self, *args: Any) -> None:  # keep pytest output clean
+            pass
+
+        # -- helpers --------------------------------------------------------------------
+
+        def _record(self, body: Any) -> None:
+            with state.lock:
+                state.requests.append({
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": body,
+                })
+
+        def _send_json(self, status: int, payload: Any) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorized(self) -> bool:
+            if state.api_key is None:
+                return True
+            if self.headers.get("Authorization") == f"Bearer {state.api_key}":
+                return True
+            self._send_json(401, _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+            return False
+
+        def _chunk(self, text: str) -> None:
+            data = text.encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+
+        def _event(self, payload: Any) -> None:
+            self._chunk("data: " + (payload if isinstance(payload, str) else json.dumps(payload)) + "\n\n")
+
+        # -- routes -----------------------------------------------------------------------
+
+        def do_GET(self) -> None:
+            self._record(None)
+            if not self._authorized():
+                return
+            if self.path.rstrip("/") == "/v1/models":
+                self._send_json(200, {"object": "list", "data": [
+                    {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "tests"},
+                ]})
+            else:
+                self._send_json(404, _error_body(f"no route {self.path}", "invalid_request_error", None))
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw or b"null")
+            except json.JSONDecodeError:
+                body = None
+            self._record(body)
+            if not self._authorized():
+                return
+            if self.path != "/v1/chat/completions" or not isinstance(body, dict):
+                self._send_json(404, _error_body(f"no route {self.path}", "invalid_request_error", None))
+                return
+            if state.mode == "http500":
+                self._send_json(500, _error_body("the fake server broke", "server_error", None))
+                return
+            if not body.get("stream"):
+                self._send_json(400, _error_body("only stream: true is implemented", "invalid_request_error", "stream"))
+                return
+            self._stream(body)
+
+        def _stream(self, body: dict) -> None:
+            last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
+            answer = "echo: " + last_user
+            pieces = [answer[i : i + 4] for i in range(0, len(answer), 4)]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": body.get("model")}
+
+            def chunk(delta: dict, finish: str | None = None) -> dict:
+                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            self._event(chunk({"role": "assistant", "content": ""}))
+            for i, piece in enumerate(pieces):
+                self._event(chunk({"content": piece}))
+                if i == 0 and state.mode == "error_event":
+                    self._event(_error_body("the model crashed mid-answer", "server_error", None))
+                    self._chunk("")  # end the chunked body cleanly: the error is in the data
+                    return
+                if i == 0 and state.mode == "drop":
+                    self.close_connection = True  # no terminating chunk: the body is cut short
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+            self._event(chunk({}, "stop"))
+            if (body.get("stream_options") or {}).get("include_usage"):
+                self._event({**base, "choices": [], "usage": {
+                    "prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
+                    "completion_tokens": len(pieces),
+                    "total_tokens": 0,
+                }})
+            self._event("[DONE]")
+            self._chunk("")  # the zero-length chunk that ends the body
+
+    return Handler
+
+
+@pytest.fixture
+def server():
+    state = FakeOpenAI()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
+    httpd.daemon_threads = True
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that is bound but not listening: connecting to it is refused."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
+    env.pop("VICUNA_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def vicuna(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vicuna_cli", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env if env is not None else _env(),
+        timeout=CLI_TIMEOUT,
+    )
+
+
+def _assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prompt_prints_the_server_answer(server):
+    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "echo: hi\n"
+    assert "tok/s" in result.stderr and "tok/s" not in result.stdout
+    # The model id came from GET /v1/models; the request streams and asks for usage.
+    (body,) = server.completions()
+    assert body["model"] == MODEL_ID
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    # Usage from the server's last chunk is what the stats report: 1 prompt word, 2 pieces.
+    assert "1 prompt + 2 output tokens" in result.stderr
+    assert "stop" in result.stderr
+
+
+def test_multi_turn_history_is_sent(server):
+    result = vicuna("--api-base", server.base, "-m", "my-model", "--system", "Be brief.",
+                    "--prompt", "first question", "--prompt", "second question")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "echo: first question\necho: second question\n"
+    first, second = server.completions()
+    assert first["model"] == second["model"] == "my-model"  # -m skips GET /v1/models
+    assert all(r["path"] != "/v1/models" for r in server.requests)
+    assert first["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first question"},
+    ]
+    assert second["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "echo: first question"},
+        {"role": "user", "content": "second question"},
+    ]
+
+
+def test_stdin_lines_with_json_output(server):
+    result = vicuna("--api-base", server.base, "--json", stdin="one\n\ntwo\n")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["model"], r["prompt"], r["answer"]) for r in records] == [
+        (MODEL_ID, "one", "echo: one"),
+        (MODEL_ID, "two", "echo: two"),
+    ]
+    assert records[1]["stats"]["finish_reason"] == "stop"
+    assert records[1]["stats"]["output_tokens"] == 3  # "echo: two" in pieces of 4 characters
+    assert len(server.completions()) == 2  # the blank line asked nothing
+
+
+def test_sampling_options_reach_the_server(server):
+    result = vicuna("--api-base", server.base, "--prompt", "hi", "--temperature", "0.3",
+                    "--top-p", "0.9", "--max-new-tokens", "17", "--seed", "1234")
+    assert result.returncode == 0, result.stderr
+    (body,) = server.completions()
+    assert body["temperature"] == pytest.approx(0.3)
+    assert body["top_p"] == pytest.approx(0.9)
+    assert body["max_tokens"] == 17
+    assert body["seed"] == 1234
+
+
+def test_seed_is_not_sent_unless_given(server):
+    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    assert result.returncode == 0, result.stderr
+    (body,) = server.completions()
+    assert "seed" not in body
+    assert body["temperature"] == pytest.approx(0.7) and body["top_p"] == 1.0 and body["max_tokens"] == 512
+
+
+def test_api_key_flag_is_sent(server):
+    server.api_key = "sk-right"
+    result = vicuna("--api-base", server.base, "--api-key", "sk-right", "--prompt", "hi")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "echo: hi\n"
+    assert set(server.auth_headers()) == {"Bearer sk-right"}
+
+
+def test_wrong_api_key_is_one_error_line(server):
+    server.api_key = "sk-right"
+    result = vicuna("--api-base", server.base, "--api-key", "sk-wrong", "--prompt", "hi")
+    _assert_one_error_line(result, "rejected the API key (401)", server.base)
+    assert "hint: pass --api-key or set OPENAI_API_KEY" in result.stderr
+    assert result.stdout == ""
+    assert server.completions() == []  # it failed at GET /v1/models already
+
+
+def test_wrong_api_key_on_the_completion_request(server):
+    """With -m the first request is the completion itself; a 401 there is the same one line."""
+    server.api_key = "sk-right"
+    result = vicuna("--api-base", server.base, "-m", MODEL_ID, "--api-key", "sk-wrong", "--prompt", "hi")
+    _assert_one_error_line(result, "rejected the API key (401)")
+    assert len(server.completions()) == 1  # a 401 is not retried
+
+
+def test_openai_api_key_env_is_used(server):
+    server.api_key = "sk-from-env"
+    result = vicuna("--api-base", server.base, "--prompt", "hi", env=_env(OPENAI_API_KEY="sk-from-env"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "echo: hi\n"
+    assert set(server.auth_headers()) == {"Bearer sk-from-env"}
+
+
+def test_api_key_flag_beats_the_env(server):
+    server.api_key = "sk-flag"
+    result = vicuna("--api-base", server.base, "--api-key", "sk-flag", "--prompt", "hi",
+                    env=_env(OPENAI_API_KEY="sk-env"))
+    assert result.returncode == 0, result.stderr
+    assert set(server.auth_headers()) == {"Bearer sk-flag"}
+
+
+def test_no_key_against_a_server_that_wants_one(server):
+    server.api_key = "sk-right"
+    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    _assert_one_error_line(result, "rejected the API key (401)")
+
+
+def test_refused_connection(closed_port):
+    started = time.monotonic()
+    result = vicuna("--api-base", f"http://127.0.0.1:{closed_port}/v1", "--prompt", "hi")
+    _assert_one_error_line(result, "could not connect", f"127.0.0.1:{closed_port}")
+    assert "hint: is the server running" in result.stderr
+    assert time.monotonic() - started < 30  # one retry, not a long back-off
+
+
+def test_http_500_before_the_stream(server):
+    server.mode = "http500"
+    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    _assert_one_error_line(result, "answered 500", "the fake server broke")
+    assert result.stdout.strip() == ""
+
+
+def test_error_event_mid_stream(server):
+    server.mode = "error_event"
+    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    _assert_one_error_line(result, "reported an error", "the model crashed mid-answer")
+    assert result.stdout.startswith("echo")  # what arrived before the error was shown
+
+
+def test_connection_cut_mid_stream(server):
+    """The server dies after the first chunk: one error line and exit 1, as for any API error.
+
+    (Not exit 2 with "RemoteProtocolError": a dropped connection is the user's environment,
+    not a vicuna bug.)"""
+    server.mode = "drop"
+    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    assert "Traceback" not in result.stderr
+    _assert_one_error_line(result, server.base)
+
+
+def test_template_with_api_base_is_rejected(server):
+    result = vicuna("--api-base", server.base, "--template", "vicuna_v1.1", "--prompt", "hi")
+    assert result.returncode == 1, result.stderr
+    assert "error: " in result.stderr and "--template" in result.stderr
+    assert server.requests == []
+
+
+def test_scripted_run_in_process(server, capsys):
+    from vicuna_cli.chat.runner import ChatConfig, run
+
+    run(ChatConfig(api_base=server.base, prompt=["alpha", "beta"], json_output=True, temperature=0.0),
+        interactive=False)
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["answer"] for r in records] == ["echo: alpha", "echo: beta"]
+    assert err.count("tok/s") == 2
+    second = server.completions()[1]
+    assert second["temperature"] == 0.0
+    assert second["messages"][1] == {"role": "assistant", "content": "echo: alpha"}

