@@ -1,13 +1,17 @@
 """`vicuna chat --api-base`: the OpenAI backend against a tiny stdlib OpenAI-compatible server.
 
 The server (`FakeOpenAI`) runs in a thread on 127.0.0.1, answers `"echo: " + last user message`
-as an SSE stream, records every request, and can enforce an API key or fail on purpose. The CLI
-runs as a real subprocess (so exit codes and the single `error:` line are what a user sees), plus
-one in-process run of `runner.run` to check the scripted mode directly.
+as an SSE stream, records every request, and can enforce an API key or fail on purpose.
+
+The CLI runs through `cli.main` in this process (fixture `vicuna`, ~50 ms a run) and, where the
+real entry point matters (exit codes, the environment, a failing server that must not hang
+the process), as a real subprocess with a timeout (`vicuna_process`, ~1 s a run); one test calls
+`runner.run` directly.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -15,13 +19,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 MODEL_ID = "fake-echo-1"
-CLI_TIMEOUT = 60  # seconds; every CLI run here takes ~2 s, a hang fails instead of blocking CI
+CLI_TIMEOUT = 60  # seconds; a CLI run here takes ~1 s, so a hang fails instead of blocking CI
 
 
 def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
@@ -202,8 +207,16 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def vicuna(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def vicuna_process(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> Result:
+    """`vicuna chat ARGS` as a real process: the entry point, exit code and output a user sees."""
+    done = subprocess.run(
         [sys.executable, "-m", "vicuna_cli", "chat", *args],
         input=stdin,
         capture_output=True,
@@ -211,9 +224,34 @@ def vicuna(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> su
         env=env if env is not None else _env(),
         timeout=CLI_TIMEOUT,
     )
+    return Result(done.returncode, done.stdout, done.stderr)
 
 
-def _assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+@pytest.fixture
+def vicuna(monkeypatch, capsys):
+    """`vicuna chat ARGS` through the same `cli.main` in this process (~20x faster than a
+    process; the error handling and exit codes are the same code)."""
+    from vicuna_cli import cli
+
+    for name in [k for k in os.environ if k.startswith("OPENAI_")] + ["VICUNA_DEBUG"]:
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> Result:
+        for name, value in (env or {}).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(sys, "argv", ["vicuna", "chat", *args])
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))  # not a terminal: scripted mode
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        out, err = capsys.readouterr()
+        code = exit_info.value.code
+        return Result(code if isinstance(code, int) else (0 if code is None else 1), out, err)
+
+    return run
+
+
+def _assert_one_error_line(result: Result, *fragments: str) -> None:
     assert result.returncode == 1, (result.returncode, result.stderr)
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -226,7 +264,7 @@ def _assert_one_error_line(result: subprocess.CompletedProcess, *fragments: str)
 
 
 def test_prompt_prints_the_server_answer(server):
-    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    result = vicuna_process("--api-base", server.base, "--prompt", "hi")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "echo: hi\n"
     assert "tok/s" in result.stderr and "tok/s" not in result.stdout
@@ -241,7 +279,7 @@ def test_prompt_prints_the_server_answer(server):
     assert "stop" in result.stderr
 
 
-def test_multi_turn_history_is_sent(server):
+def test_multi_turn_history_is_sent(server, vicuna):
     result = vicuna("--api-base", server.base, "-m", "my-model", "--system", "Be brief.",
                     "--prompt", "first question", "--prompt", "second question")
     assert result.returncode == 0, result.stderr
@@ -261,7 +299,7 @@ def test_multi_turn_history_is_sent(server):
     ]
 
 
-def test_stdin_lines_with_json_output(server):
+def test_stdin_lines_with_json_output(server, vicuna):
     result = vicuna("--api-base", server.base, "--json", stdin="one\n\ntwo\n")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -274,7 +312,7 @@ def test_stdin_lines_with_json_output(server):
     assert len(server.completions()) == 2  # the blank line asked nothing
 
 
-def test_sampling_options_reach_the_server(server):
+def test_sampling_options_reach_the_server(server, vicuna):
     result = vicuna("--api-base", server.base, "--prompt", "hi", "--temperature", "0.3",
                     "--top-p", "0.9", "--max-new-tokens", "17", "--seed", "1234")
     assert result.returncode == 0, result.stderr
@@ -285,7 +323,7 @@ def test_sampling_options_reach_the_server(server):
     assert body["seed"] == 1234
 
 
-def test_seed_is_not_sent_unless_given(server):
+def test_seed_is_not_sent_unless_given(server, vicuna):
     result = vicuna("--api-base", server.base, "--prompt", "hi")
     assert result.returncode == 0, result.stderr
     (body,) = server.completions()
@@ -293,7 +331,7 @@ def test_seed_is_not_sent_unless_given(server):
     assert body["temperature"] == pytest.approx(0.7) and body["top_p"] == 1.0 and body["max_tokens"] == 512
 
 
-def test_api_key_flag_is_sent(server):
+def test_api_key_flag_is_sent(server, vicuna):
     server.api_key = "sk-right"
     result = vicuna("--api-base", server.base, "--api-key", "sk-right", "--prompt", "hi")
     assert result.returncode == 0, result.stderr
@@ -303,14 +341,14 @@ def test_api_key_flag_is_sent(server):
 
 def test_wrong_api_key_is_one_error_line(server):
     server.api_key = "sk-right"
-    result = vicuna("--api-base", server.base, "--api-key", "sk-wrong", "--prompt", "hi")
+    result = vicuna_process("--api-base", server.base, "--api-key", "sk-wrong", "--prompt", "hi")
     _assert_one_error_line(result, "rejected the API key (401)", server.base)
     assert "hint: pass --api-key or set OPENAI_API_KEY" in result.stderr
     assert result.stdout == ""
     assert server.completions() == []  # it failed at GET /v1/models already
 
 
-def test_wrong_api_key_on_the_completion_request(server):
+def test_wrong_api_key_on_the_completion_request(server, vicuna):
     """With -m the first request is the completion itself; a 401 there is the same one line."""
     server.api_key = "sk-right"
     result = vicuna("--api-base", server.base, "-m", MODEL_ID, "--api-key", "sk-wrong", "--prompt", "hi")
@@ -320,21 +358,21 @@ def test_wrong_api_key_on_the_completion_request(server):
 
 def test_openai_api_key_env_is_used(server):
     server.api_key = "sk-from-env"
-    result = vicuna("--api-base", server.base, "--prompt", "hi", env=_env(OPENAI_API_KEY="sk-from-env"))
+    result = vicuna_process("--api-base", server.base, "--prompt", "hi", env=_env(OPENAI_API_KEY="sk-from-env"))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "echo: hi\n"
     assert set(server.auth_headers()) == {"Bearer sk-from-env"}
 
 
-def test_api_key_flag_beats_the_env(server):
+def test_api_key_flag_beats_the_env(server, vicuna):
     server.api_key = "sk-flag"
     result = vicuna("--api-base", server.base, "--api-key", "sk-flag", "--prompt", "hi",
-                    env=_env(OPENAI_API_KEY="sk-env"))
+                    env={"OPENAI_API_KEY": "sk-env"})
     assert result.returncode == 0, result.stderr
     assert set(server.auth_headers()) == {"Bearer sk-flag"}
 
 
-def test_no_key_against_a_server_that_wants_one(server):
+def test_no_key_against_a_server_that_wants_one(server, vicuna):
     server.api_key = "sk-right"
     result = vicuna("--api-base", server.base, "--prompt", "hi")
     _assert_one_error_line(result, "rejected the API key (401)")
@@ -342,13 +380,13 @@ def test_no_key_against_a_server_that_wants_one(server):
 
 def test_refused_connection(closed_port):
     started = time.monotonic()
-    result = vicuna("--api-base", f"http://127.0.0.1:{closed_port}/v1", "--prompt", "hi")
+    result = vicuna_process("--api-base", f"http://127.0.0.1:{closed_port}/v1", "--prompt", "hi")
     _assert_one_error_line(result, "could not connect", f"127.0.0.1:{closed_port}")
     assert "hint: is the server running" in result.stderr
     assert time.monotonic() - started < 30  # one retry, not a long back-off
 
 
-def test_http_500_before_the_stream(server):
+def test_http_500_before_the_stream(server, vicuna):
     server.mode = "http500"
     result = vicuna("--api-base", server.base, "--prompt", "hi")
     _assert_one_error_line(result, "answered 500", "the fake server broke")
@@ -357,7 +395,7 @@ def test_http_500_before_the_stream(server):
 
 def test_error_event_mid_stream(server):
     server.mode = "error_event"
-    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    result = vicuna_process("--api-base", server.base, "--prompt", "hi")
     _assert_one_error_line(result, "reported an error", "the model crashed mid-answer")
     assert result.stdout.startswith("echo")  # what arrived before the error was shown
 
@@ -368,12 +406,12 @@ def test_connection_cut_mid_stream(server):
     (Not exit 2 with "RemoteProtocolError": a dropped connection is the user's environment,
     not a vicuna bug.)"""
     server.mode = "drop"
-    result = vicuna("--api-base", server.base, "--prompt", "hi")
+    result = vicuna_process("--api-base", server.base, "--prompt", "hi")
     assert "Traceback" not in result.stderr
     _assert_one_error_line(result, server.base)
 
 
-def test_template_with_api_base_is_rejected(server):
+def test_template_with_api_base_is_rejected(server, vicuna):
     result = vicuna("--api-base", server.base, "--template", "vicuna_v1.1", "--prompt", "hi")
     assert result.returncode == 1, result.stderr
     assert "error: " in result.stderr and "--template" in result.stderr

@@ -117,9 +117,16 @@ class OpenAIBackend:
 
 def _wrap_errors(backend: OpenAIBackend, stream: Any) -> Iterator[Any]:
     """Errors while reading the stream (connection dropped, error event) become VicunaErrors."""
+    import openai
+
     iterator = iter(stream)
     while True:
-        chunk = backend._call(next, iterator, None)
+        try:
+            chunk = backend._call(next, iterator, None)
+        except VicunaError as exc:
+            if isinstance(exc.__cause__, openai.APIConnectionError):
+                raise VicunaError(f"lost the connection to {backend.api_base} in the middle of the answer") from exc
+            raise
         if chunk is None:
             return
         yield chunk

@@ -91,10 +91,17 @@ def run_scripted(session: ChatSession, prompts: Iterable[str], as_json: bool) ->
             }
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
-            for delta in stream:
-                sys.stdout.write(delta)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            wrote = False
+            try:
+                for delta in stream:
+                    sys.stdout.write(delta)
+                    sys.stdout.flush()
+                    wrote = True
+            except BaseException:
+                if wrote:  # end the partial answer, so the error line never glues onto it
+                    sys.stdout.write("\n")
+                raise
+            sys.stdout.write("\n")  # one line per answer, even an empty one
         sys.stdout.flush()
         print_stats(session.last_stats)
 

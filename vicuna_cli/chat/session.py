@@ -30,9 +30,10 @@ class ChatSession:
     last_stats: GenerationStats | None = None
     notify: Callable[[str], None] = lambda message: None
 
-    def conversation(self) -> list[Message]:
+    def conversation(self, turns: list[Message] | None = None) -> list[Message]:
+        """The system message (if set) followed by `turns` (default: the session's turns)."""
         head = [{"role": "system", "content": self.system}] if self.system is not None else []
-        return head + self.messages
+        return head + (self.messages if turns is None else turns)
 
     # -- turns ------------------------------------------------------------------------------
 
@@ -51,8 +52,6 @@ class ChatSession:
         try:
             self._fit_context()
             stream = self.backend.start(self.conversation(), self.params)
-        except ContextOverflow:
-            raise  # _fit_context already removed the message that cannot fit
         except BaseException:
             on_failure()  # nothing was generated: leave the history as it was
             raise
@@ -67,20 +66,23 @@ class ChatSession:
             self.last_stats = stream.stats
 
     def _fit_context(self) -> None:
+        """Drop the oldest exchanges until the prompt fits; change nothing if even the newest
+        message alone cannot fit."""
         if not self.backend.trims_history:
             return
         limit = self.backend.engine.context_length
-        dropped = 0
+        reserve = min(MIN_ANSWER_TOKENS, self.params.max_new_tokens)
+        kept, dropped = list(self.messages), 0
         while True:
-            prompt = len(self.backend.prompt_ids(self.conversation()))
-            if prompt + min(MIN_ANSWER_TOKENS, self.params.max_new_tokens) <= limit:
+            prompt = len(self.backend.prompt_ids(self.conversation(kept)))
+            if prompt + reserve <= limit:
                 break
-            if len(self.messages) <= 1:  # only the new message is left and it alone is too long
-                self.messages.pop()
-                raise ContextOverflow(prompt, limit)
-            del self.messages[:2]  # the oldest user turn and its answer
+            if len(kept) <= 1:
+                raise ContextOverflow(prompt, limit, reserve)
+            del kept[:2]  # the oldest user turn and its answer
             dropped += 1
         if dropped:
+            self.messages[:] = kept
             self.notify(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the {limit}-token context")
 
     # -- history editing --------------------------------------------------------------------

@@ -53,9 +53,10 @@ class GenerationStats:
 class ContextOverflow(VicunaError):
     """The prompt leaves no room to generate; callers that own a history can trim and retry."""
 
-    def __init__(self, prompt_tokens: int, context_length: int):
+    def __init__(self, prompt_tokens: int, context_length: int, reserve: int = 1):
+        room = f", {reserve} of them kept for the answer" if reserve > 1 else ""
         super().__init__(
-            f"the prompt is {prompt_tokens} tokens but the model's context holds {context_length}",
+            f"the prompt is {prompt_tokens} tokens but the model's context holds {context_length}{room}",
             hint="shorten the input (chat trims old turns itself; a single message must fit)",
         )
         self.prompt_tokens = prompt_tokens
