@@ -107,18 +107,35 @@ def bpe_model_dir(tmp_path_factory) -> Path:
     return model_dir
 
 
+# `*_loaded`: transformers' implementation (the reference); `*_native`: core/native_llama.py.
+
+
 @pytest.fixture(scope="session")
 def sp_loaded(sp_model_dir):
     from vicuna_cli.core import models
 
-    return models.load(str(sp_model_dir), device="cpu", dtype="float32")
+    return models.load(str(sp_model_dir), device="cpu", dtype="float32", implementation="transformers")
 
 
 @pytest.fixture(scope="session")
 def bpe_loaded(bpe_model_dir):
     from vicuna_cli.core import models
 
-    return models.load(str(bpe_model_dir), device="cpu", dtype="float32")
+    return models.load(str(bpe_model_dir), device="cpu", dtype="float32", implementation="transformers")
+
+
+@pytest.fixture(scope="session")
+def sp_native(sp_model_dir):
+    from vicuna_cli.core import models
+
+    return models.load(str(sp_model_dir), device="cpu", dtype="float32", implementation="native")
+
+
+@pytest.fixture(scope="session")
+def bpe_native(bpe_model_dir):
+    from vicuna_cli.core import models
+
+    return models.load(str(bpe_model_dir), device="cpu", dtype="float32", implementation="native")
 
 
 @pytest.fixture(scope="session")

@@ -155,10 +155,13 @@ def test_engine_cuts_a_stop_that_falls_inside_one_token(sp_loaded):
 # -- sampling, equivalence with transformers, stats -----------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["sp_loaded", "bpe_loaded"])
-def test_greedy_matches_model_generate(which, request):
+@pytest.mark.parametrize("which, engine_model", [
+    ("sp_loaded", "sp_loaded"), ("bpe_loaded", "bpe_loaded"),  # the engine over transformers' model
+    ("sp_loaded", "sp_native"), ("bpe_loaded", "bpe_native"),  # the engine over the native model
+])
+def test_greedy_matches_model_generate(which, engine_model, request):
     loaded = request.getfixturevalue(which)
-    engine = engine_for(loaded)
+    engine = engine_for(request.getfixturevalue(engine_model))
     prompt = engine.encode("The capital of France is")
     generation = engine.generate(prompt, SamplingParams(temperature=0, max_new_tokens=20))
     list(generation)

@@ -36,10 +36,17 @@ class LocalBackend:
 
     trims_history = True
 
-    def __init__(self, model: str | None, template: str | None, device: str = "auto", dtype: str = "auto"):
+    def __init__(
+        self,
+        model: str | None,
+        template: str | None,
+        device: str = "auto",
+        dtype: str = "auto",
+        implementation: str = "auto",
+    ):
         from ..core import models
 
-        self.loaded = models.load(model, device=device, dtype=dtype)
+        self.loaded = models.load(model, device=device, dtype=dtype, implementation=implementation)
         self.name = self.loaded.name
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length)
@@ -63,6 +70,7 @@ class LocalBackend:
             "template": self.template.name,
             "device": lm.device,
             "dtype": lm.dtype,
+            "implementation": lm.implementation,
             "attention": lm.attention,
             "context_length": lm.context_length,
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Iterable, Optional
+from typing import Iterable, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,7 @@ class ChatConfig(CommandConfig):
     seed: Optional[int] = None
     device: str = "auto"
     dtype: str = "auto"
+    implementation: Literal["auto", "native", "transformers"] = "auto"
     prompt: list[str] = Field(default_factory=list)
     json_output: bool = False
 
@@ -54,7 +55,7 @@ def make_backend(config: ChatConfig, model: Optional[str] = None):
 
     if config.api_base:
         return OpenAIBackend(config.api_base, config.api_key, model or config.model)
-    return LocalBackend(model or config.model, config.template, config.device, config.dtype)
+    return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation)
 
 
 def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:

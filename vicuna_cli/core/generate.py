@@ -1,8 +1,8 @@
 """The generation engine: streaming text from a local model. Chat, serve and judge all use it.
 
 One call = one `Generation`, an iterator of text deltas that
-  - samples with temperature / top-p / top-k / repetition penalty (transformers' own logits
-    processors, so the maths matches `model.generate` exactly), reproducibly with `seed`;
+  - samples with temperature / top-p / top-k / repetition penalty (`sampling.py`, the same maths
+    as transformers' logits processors), reproducibly with `seed`;
   - stops at EOS tokens and at stop strings, which never reach the output, even when a stop
     string arrives split over several tokens (text that could be the start of one is held back);
   - detokenizes incrementally without ever emitting half a UTF-8 character;
@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .errors import VicunaError
+from .sampling import make_picker
 
 
 @dataclass(frozen=True)
@@ -213,11 +214,13 @@ class Generation:
         engine, params = self.engine, self.params
         detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
         stops = StopStringFilter(params.stop)
-        pick = _token_picker(params, engine.device)
+        pick = make_picker(
+            params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed, engine.device
+        )
         budget = min(params.max_new_tokens, engine.context_length - len(self.prompt_ids))
         ids = torch.tensor([self.prompt_ids], device=engine.device)
         history = ids
-        cache = _new_cache(engine.model)
+        cache = _new_cache(engine.model, len(self.prompt_ids) + budget)
         reason = "length"
         with torch.inference_mode():
             logits = engine.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
@@ -252,44 +255,10 @@ class Generation:
         self.stats.finish_reason = "stop" if stops.stopped else reason
 
 
-def _new_cache(model: Any) -> Any:
+def _new_cache(model: Any, capacity: int) -> Any:
+    """The model's own KV cache when it has one (the native Llama path), else transformers'."""
+    if hasattr(model, "new_cache"):
+        return model.new_cache(capacity)
     from transformers import DynamicCache
 
     return DynamicCache(config=model.config)
-
-
-def _token_picker(params: SamplingParams, device: Any):
-    """A function (history ids, next-token logits) -> next token id tensor, for these settings."""
-    import torch
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    greedy = params.temperature <= 1e-5
-    if not greedy:
-        if params.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k > 0:
-            processors.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed)
-
-    def pick(history: Any, logits: Any) -> Any:
-        scores = processors(history, logits.float()) if processors else logits.float()
-        if greedy:
-            return scores.argmax(dim=-1)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).view(-1)
-
-    return pick

@@ -1,0 +1,109 @@
+"""The native Llama path computes what transformers computes, and its tokenizer matches AutoTokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vicuna_cli.core import models
+from vicuna_cli.core.errors import VicunaError
+from vicuna_cli.core.native_llama import unsupported_reason
+from vicuna_cli.core.templates import EXAMPLE_CONVERSATION
+
+TEXTS = [
+    "Hello there, how are you?",
+    "  leading spaces and\nnew lines\n\n",
+    "안녕하세요 반갑습니다. 你好世界。 🙂🎉 café 𝄞",
+    "USER: Hi ASSISTANT: Paris</s>USER: more",
+    "<|im_start|>user\nhi<|im_end|>",
+]
+
+
+@pytest.mark.parametrize("pair", [("sp_loaded", "sp_native"), ("bpe_loaded", "bpe_native")])
+def test_logits_match_transformers(pair, request):
+    reference, native = (request.getfixturevalue(name) for name in pair)
+    assert native.implementation == "native" and reference.implementation == "transformers"
+    ids = torch.tensor([reference.tokenizer("The capital of France is Paris. 안녕")["input_ids"]])
+    with torch.inference_mode():
+        expected = reference.model(input_ids=ids).logits
+        got = native.model(input_ids=ids, past_key_values=None, use_cache=False).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cached_decoding_and_chunked_prefill_match_a_full_forward(sp_native):
+    model = sp_native.model
+    ids = torch.tensor([sp_native.tokenizer("Hello there, how are you? I am fine.")["input_ids"]])
+    with torch.inference_mode():
+        full = model(input_ids=ids, use_cache=False).logits
+        cache = model.new_cache(4)  # small on purpose: the buffers must grow
+        first = model(input_ids=ids[:, :5], past_key_values=cache).logits
+        chunk = model(input_ids=ids[:, 5:9], past_key_values=cache).logits  # a chunk after a prefix
+        steps = [model(input_ids=ids[:, i : i + 1], past_key_values=cache).logits for i in range(9, ids.shape[1])]
+    stitched = torch.cat([first, chunk, *steps], dim=1)
+    assert torch.allclose(stitched, full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pair", [("sp_loaded", "sp_native"), ("bpe_loaded", "bpe_native")])
+def test_tokenizer_matches_autotokenizer(pair, request):
+    reference, native = (request.getfixturevalue(name).tokenizer for name in pair)
+    for text in TEXTS:
+        for special in (True, False):
+            assert native(text, add_special_tokens=special)["input_ids"] == reference(text, add_special_tokens=special)["input_ids"]
+        ids = reference(text)["input_ids"]
+        for skip in (True, False):
+            assert native.decode(ids, skip_special_tokens=skip) == reference.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert (native.bos_token_id, native.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert native.chat_template == reference.chat_template
+
+
+def test_chat_template_render_matches(bpe_loaded, bpe_native):
+    messages = [{"role": "system", "content": "Be brief."}, *EXAMPLE_CONVERSATION]
+    for generation_prompt in (True, False):
+        assert bpe_native.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt) == \
+            bpe_loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def test_unsupported_checkpoints_are_named():
+    base = {"model_type": "llama"}
+    assert unsupported_reason(base) is None
+    assert "mistral" in unsupported_reason({"model_type": "mistral"})
+    assert "llama3" in unsupported_reason({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert "biases" in unsupported_reason({**base, "attention_bias": True})
+
+
+def test_auto_picks_transformers_when_native_cannot(sp_model_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(sp_model_dir, tmp_path / "m")
+    config = json.loads((copy / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (copy / "config.json").write_text(json.dumps(config))
+    assert models.pick_implementation(copy, "cpu") == ("transformers", "rope scaling 'linear'")
+    assert models.pick_implementation(sp_model_dir, "cpu")[0] == "native"
+    assert models.pick_implementation(sp_model_dir, "cuda")[0] == "transformers"
+    with pytest.raises(VicunaError, match="native implementation cannot load"):
+        models.pick_implementation(copy, "cpu", "native")
+    with pytest.raises(VicunaError, match="unknown implementation"):
+        models.pick_implementation(copy, "cpu", "fast")
+
+
+@pytest.mark.slow
+def test_embedded_model_native_matches_transformers(embedded_model_home, monkeypatch):
+    """The real SmolLM2 checkpoint: same greedy tokens, same chat template render."""
+    from vicuna_cli.core.generate import Engine, SamplingParams
+    from vicuna_cli.core.templates import ChatTemplate
+
+    monkeypatch.setenv("VICUNA_HOME", str(embedded_model_home))
+    outputs, renders = [], []
+    for implementation in ("native", "transformers"):
+        lm = models.load(None, dtype="float32", implementation=implementation)
+        rendered = ChatTemplate(lm.tokenizer).render([{"role": "user", "content": "Name three colours."}]).text
+        engine = Engine(lm.model, lm.tokenizer, lm.context_length)
+        generation = engine.generate(engine.encode(rendered, add_special_tokens=False), SamplingParams(temperature=0, max_new_tokens=24))
+        list(generation)
+        outputs.append(generation.output_ids)
+        renders.append(rendered)
+    assert renders[0] == renders[1]
+    assert outputs[0] == outputs[1]
