@@ -43,7 +43,7 @@ def test_unknown_key_and_bad_files(tmp_path):
 
 
 def test_template_with_api_base_is_rejected():
-    with pytest.raises(VicunaError, match="--template"):
+    with pytest.raises(VicunaError, match=r"^--template applies to local models"):
         build_config(ChatConfig, {"api_base": "http://127.0.0.1:1/v1", "template": "alpaca"})
 
 

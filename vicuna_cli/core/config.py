@@ -50,6 +50,8 @@ def build_config(cls: type[C], flags: dict[str, Any], config_file: Path | None =
         if first["type"] == "extra_forbidden":
             known = ", ".join(sorted(cls.model_fields))
             raise VicunaError(f"unknown option {field!r}{source}", hint=f"known options: {known}") from None
+        if not field:  # a check across several options (a model validator) names them itself
+            raise VicunaError(str(first["msg"]).removeprefix("Value error, ")) from None
         raise VicunaError(f"{flag(field)}{source}: {first['msg']}") from None
 
 

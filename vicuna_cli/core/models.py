@@ -146,7 +146,7 @@ def download(repo_id: str, progress: bool = True) -> Path:
     console.info(f"downloading {repo_id} from the Hugging Face Hub ...")
     (enable_progress_bars if progress else disable_progress_bars)()
     try:
-        path = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        path = Path(snapshot_download(repo_id, allow_patterns=_hub_patterns(repo_id)))
     except Exception as exc:  # network, auth, missing repo: all end as one clear line
         raise VicunaError(
             f"could not download {repo_id!r} from the Hugging Face Hub: {_first_line(exc)}",
@@ -155,6 +155,17 @@ def download(repo_id: str, progress: bool = True) -> Path:
         ) from exc
     check_model_dir(path)
     return path
+
+
+def _hub_patterns(repo_id: str) -> list[str]:
+    """Safetensors when the repo has them; `.bin` pickles only for repos that have nothing else
+    (the original Vicuna deltas), so a repo with both is not downloaded twice."""
+    from huggingface_hub import list_repo_files
+
+    files = list_repo_files(repo_id)
+    if any(f.endswith(".safetensors") for f in files):
+        return HUB_FILES
+    return [*HUB_FILES, "*.bin"]
 
 
 def _first_line(exc: BaseException) -> str:
