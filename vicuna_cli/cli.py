@@ -9,11 +9,11 @@ import sys
 import typer
 
 from . import __version__
-from .commands import apply_delta, chat, models, templates
+from .commands import apply_delta, chat, data, models, templates
 
 app = typer.Typer(
     name="vicuna",
-    help="Make a chat model the Vicuna way: templates, models, chat and weight deltas.",
+    help="Make a chat model the Vicuna way: data, templates, models, chat and weight deltas.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -22,6 +22,7 @@ app = typer.Typer(
 
 app.add_typer(templates.app, name="templates")
 app.add_typer(models.app, name="models")
+app.add_typer(data.app, name="data")
 app.command("chat")(chat.chat)
 app.command("apply-delta", help=apply_delta.APPLY_DELTA_HELP)(apply_delta.apply_delta)
 app.command("make-delta", help=apply_delta.MAKE_DELTA_HELP)(apply_delta.apply_delta)

@@ -1,0 +1,114 @@
+"""`vicuna data`: fetch, clean and describe conversation datasets (core: vicuna_cli/data/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="Fetch, clean and describe conversation datasets.", no_args_is_help=True)
+
+FORMATS_HELP = (
+    "Input formats (detected from the first record): ShareGPT JSON/JSONL {id, conversations: [{from, value}]}; "
+    "OpenAI messages JSONL {messages: [{role, content}]}; Alpaca {instruction, input, output}."
+)
+_MODEL = typer.Option(None, "-m", "--model", help="Model whose tokenizer and template count tokens (alias, dir, .gguf or Hub id).")
+_TEMPLATE = typer.Option(None, "--template", "-t", help="Conversation template (default: the model's own, else vicuna_v1.1).")
+_INPUT_FORMAT = typer.Option("auto", "--input-format", help="auto, sharegpt, openai or alpaca.")
+_WORKERS = typer.Option(0, "--workers", "-j", help="Worker processes; 0 = one per CPU. The output does not depend on it.")
+_CONFIG = typer.Option(None, "--config", help="YAML file of options; flags override it.")
+
+
+@app.command("fetch")
+def fetch(
+    source: str = typer.Argument(..., help="hf://owner/name (a Hub dataset), an http(s):// URL, or a local file."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory to fetch into (manifest.yaml is written there)."),
+    file: Optional[str] = typer.Option(None, "--file", help="hf:// only: the file's path in the dataset repo."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="hf:// only: branch, tag or commit."),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256; a file that differs is removed."),
+    retries: int = typer.Option(3, "--retries", min=0, help="Resume an interrupted download this many times."),
+    force: bool = typer.Option(False, "--force", help="Fetch again even if the manifest says it is done."),
+) -> None:
+    """Download a dataset file with progress and resume, verify it, and record it in a manifest.
+
+    Prints the local path on stdout. Running it again after it completed does nothing.
+    """
+    from ..core import console
+    from ..core.store import human_size
+    from ..data.fetch import fetch as run
+
+    result = run(source, output, file=file, revision=revision, sha256=sha256, retries=retries, force=force)
+    if result.already:
+        console.info(f"already fetched: {result.path} ({human_size(result.entry['size'])}, sha256 {result.entry['sha256'][:12]}…); nothing to do")
+    else:
+        console.err.print(f"[green]fetched[/green] {human_size(result.entry['size'])} · sha256 {result.entry['sha256']}")
+    console.out.print(str(result.path), markup=False)
+
+
+@app.command("clean", help=f"Clean conversations the Vicuna way into one ShareGPT file.\n\n{FORMATS_HELP}\n\n"
+             "Steps in order (each counted in the report): html → empty → roles → length → blocklist → lang → "
+             "dedup → split. The output appears only when complete (temp file + rename).")
+def clean(
+    ctx: typer.Context,
+    inputs: List[str] = typer.Argument(..., help="Input files (- reads stdin).", show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file: *.json (array) or *.jsonl."),
+    format: Optional[str] = typer.Option(None, "--format", help="Output format json or jsonl (default: from -o's extension)."),
+    input_format: str = _INPUT_FORMAT,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on a record of the wrong shape instead of skipping it."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Convert exported HTML to Markdown."),
+    empty: bool = typer.Option(True, "--empty/--no-empty", help="Remove empty or whitespace-only turns."),
+    roles: bool = typer.Option(True, "--roles/--no-roles", help="Normalise roles (merge, drop leading answer / trailing question)."),
+    dedup: bool = typer.Option(True, "--dedup/--no-dedup", help="Drop repeated ids and repeated first exchanges."),
+    split: bool = typer.Option(True, "--split/--no-split", help="With -m: split long conversations (else only count tokens)."),
+    min_turns: int = typer.Option(1, "--min-turns", help="Drop conversations with fewer assistant turns."),
+    min_chars: int = typer.Option(16, "--min-chars", help="Drop conversations with fewer characters."),
+    blocklist: Optional[List[Path]] = typer.Option(None, "--blocklist", help="File of phrases (one a line); conversations containing one are dropped."),
+    blocklist_preset: Optional[str] = typer.Option(None, "--blocklist-preset", help="'original': the list Vicuna's cleaning used (openai, chatgpt, rate-limit answers)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="Keep only these languages, e.g. en,ko (ISO 639-1)."),
+    model: Optional[str] = _MODEL,
+    template: Optional[str] = _TEMPLATE,
+    max_length: int = typer.Option(2048, "--max-length", help="With -m: most tokens per piece."),
+    workers: int = _WORKERS,
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON here."),
+    config: Optional[Path] = _CONFIG,
+) -> None:
+    from ..core import console
+    from ..core.config import build_config
+    from ..data.pipeline import CleanConfig, clean as run
+    from ._common import given_flags
+
+    flags = given_flags(ctx)
+    if not flags.get("blocklist"):
+        flags.pop("blocklist", None)
+    result = run(build_config(CleanConfig, flags, config))
+    result.print()
+    console.info(f"wrote {result.records_out} conversations to {output} in {result.seconds:.1f} s")
+
+
+@app.command("stats", help=f"Describe conversation files: records, turns, characters, token lengths (with -m), languages.\n\n{FORMATS_HELP}")
+def stats(
+    ctx: typer.Context,
+    inputs: List[str] = typer.Argument(..., help="Input files (- reads stdin).", show_default=False),
+    input_format: str = _INPUT_FORMAT,
+    model: Optional[str] = _MODEL,
+    template: Optional[str] = _TEMPLATE,
+    languages: bool = typer.Option(True, "--languages/--no-languages", help="Identify each conversation's language."),
+    workers: int = _WORKERS,
+    json_output: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+    config: Optional[Path] = _CONFIG,
+) -> None:
+    import json
+
+    from ..core.config import build_config
+    from ..core.console import out
+    from ..data.report import print_stats
+    from ..data.stats import StatsConfig, stats as run
+    from ._common import given_flags
+
+    figures = run(build_config(StatsConfig, given_flags(ctx, exclude=("config", "json_output")), config))
+    if json_output:
+        out.print(json.dumps(figures, indent=2, ensure_ascii=False), markup=False)
+    else:
+        print_stats(figures, out)

@@ -1,0 +1,277 @@
+"""`clean`: inputs → steps (over worker processes) → de-duplication → one atomic output + report.
+
+Records stream through: the parent reads a chunk, hands it to a worker, and writes results back
+in input order from a bounded window of chunks in flight, so memory stays flat as the input grows
+and the output is identical for any --workers. Only the de-duplication digests (16 bytes per kept
+conversation) and the length list grow with the input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
+
+from pydantic import Field, field_validator
+
+from ..core import console
+from ..core.config import CommandConfig
+from ..core.errors import VicunaError, unknown_choice
+from .formats import InputFile, Raw, RecordWriter, output_format
+from .report import Progress, Report
+from .steps import StepOptions, known_languages, load_blocklist, process_chunk
+
+CHUNK_SIZE = 32  # records per task: small enough to keep the window's memory low
+
+
+class CleanConfig(CommandConfig):
+    inputs: list[str] = Field(min_length=1)
+    output: Path
+    format: Optional[Literal["json", "jsonl"]] = None
+    input_format: Literal["auto", "sharegpt", "openai", "alpaca"] = "auto"
+    overwrite: bool = False
+    strict: bool = False
+    html: bool = True
+    empty: bool = True
+    roles: bool = True
+    dedup: bool = True
+    split: bool = True
+    min_turns: int = Field(1, ge=0)
+    min_chars: int = Field(16, ge=0)
+    blocklist: list[Path] = []
+    blocklist_preset: Optional[str] = None
+    lang: Optional[str] = None
+    model: Optional[str] = None
+    template: Optional[str] = None
+    max_length: int = Field(2048, ge=8)
+    workers: int = Field(0, ge=0)
+    report: Optional[Path] = None
+
+    @field_validator("lang")
+    @classmethod
+    def _lang_codes(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        codes = [c.strip().lower() for c in value.split(",") if c.strip()]
+        if not codes:
+            raise ValueError("give language codes, e.g. --lang en,ko")
+        return ",".join(codes)
+
+
+def worker_count(requested: int) -> int:
+    """--workers 0 means one per CPU this process may run on."""
+    if requested:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load_token_counter(model: str, template: Optional[str]):
+    """The tokenizer of `model` (no weights) and its template, as a TokenCounter.
+
+    With a tokenizer.json it is read by `tokenizers` directly (core/tokenizer.py renders chat
+    templates the way transformers does): importing transformers would pull in torch, which
+    cost ~5 s and ~400 MB per run here. Other tokenizers go through AutoTokenizer.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are processes; avoid fork warnings
+    from ..core import models
+    from ..core.templates import template_for_model
+    from .split import TokenCounter
+
+    resolved = models.resolve(model)
+    path, backend = resolved.path, None
+    try:
+        if (path / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            from ..core.tokenizer import FastTokenizer
+
+            tokenizer, backend = FastTokenizer(path), Tokenizer.from_file(str(path / "tokenizer.json"))
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise VicunaError(f"could not load the tokenizer of {path}: {str(exc).splitlines()[0][:300]}") from exc
+    return TokenCounter(tokenizer, template_for_model(tokenizer, template or resolved.template), backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ordered parallel map over chunks
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    _STATE.update(state)
+
+
+class OrderedPool:
+    """`map(fn, tasks)` yields fn(task) in task order, with at most 2 tasks per worker in flight.
+
+    multiprocessing's own imap would read the whole task iterable ahead of the workers, so
+    memory would grow with the input. With one worker everything runs in this process.
+    Create it before any progress thread starts: workers are forked where fork exists.
+    """
+
+    def __init__(self, workers: int, state: dict[str, Any]):
+        self.workers = workers
+        self._pool = None
+        if workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state,))
+        else:
+            _STATE.update(state)
+
+    def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
+        if self._pool is None:
+            yield from map(fn, tasks)
+            return
+        pending: deque = deque()
+        for task in tasks:
+            pending.append(self._pool.apply_async(fn, (task,)))
+            while len(pending) > 2 * self.workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def __enter__(self) -> "OrderedPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+        _STATE.clear()
+
+
+def chunked(inputs: list[InputFile]) -> Iterator[list[tuple[Raw, str]]]:
+    chunk: list[tuple[Raw, str]] = []
+    for inp in inputs:
+        for raw in inp.records():
+            chunk.append((raw, inp.format))
+            if len(chunk) >= CHUNK_SIZE:
+                yield chunk
+                chunk = []
+    if chunk:
+        yield chunk
+
+
+def open_inputs(paths: list[str], input_format: str) -> list[InputFile]:
+    opened: list[InputFile] = []
+    try:
+        for path in paths:
+            opened.append(InputFile(path, input_format))
+    except BaseException:
+        for inp in opened:
+            inp.close()
+        raise
+    return opened
+
+
+# ---------------------------------------------------------------------------------------------
+# clean
+
+
+def _clean_chunk(chunk: list[tuple[Raw, str]]) -> list:
+    return process_chunk(chunk, _STATE["opts"], _STATE["splitter"])
+
+
+def check_output(output: Path, overwrite: bool, inputs: list[str]) -> None:
+    if output.is_dir():
+        raise VicunaError(f"output {output} is a directory", hint="give a file name ending in .json or .jsonl")
+    if output.exists() and not overwrite:
+        raise VicunaError(f"output {output} already exists", hint="pass --overwrite to replace it")
+    for path in inputs:
+        if path != "-" and Path(path).exists() and output.exists() and Path(path).samefile(output):
+            raise VicunaError(f"output {output} is also an input", hint="write the cleaned data to a new file")
+
+
+def clean(config: CleanConfig) -> Report:
+    started = time.monotonic()
+    fmt = output_format(config.output, config.format)
+    check_output(config.output, config.overwrite, config.inputs)
+    langs: tuple[str, ...] = ()
+    if config.lang:
+        langs = tuple(config.lang.split(","))
+        known = known_languages()
+        for code in langs:
+            if code not in known:
+                raise unknown_choice("language code for --lang", code, known)
+    opts = StepOptions(
+        html=config.html, empty=config.empty, roles=config.roles, min_turns=config.min_turns,
+        min_chars=config.min_chars, blocklist=load_blocklist(config.blocklist, config.blocklist_preset),
+        langs=langs, dedup=config.dedup,
+    )
+    splitter = None
+    if config.model:
+        from .split import Splitter
+
+        splitter = Splitter(load_token_counter(config.model, config.template), config.max_length, config.split)
+    elif config.split and (config.template or "max_length" in config.model_fields_set):
+        raise VicunaError("splitting to --max-length needs the model's tokenizer", hint="pass -m MODEL")
+    report = Report(
+        {"html": opts.html, "empty": opts.empty, "roles": opts.roles, "length": bool(opts.min_turns or opts.min_chars),
+         "blocklist": bool(opts.blocklist), "lang": bool(langs), "dedup": opts.dedup, "split": splitter is not None},
+        unit="tokens" if splitter else "characters",
+    )
+    inputs = open_inputs(config.inputs, config.input_format)
+    writer = None
+    try:
+        for inp in inputs:
+            report.inputs.append({"path": inp.name, "container": inp.container, "format": inp.format})
+        writer = RecordWriter(config.output, fmt)
+        _run(config, opts, splitter, inputs, writer, report)
+        writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        raise
+    finally:
+        for inp in inputs:
+            inp.close()
+    report.seconds = time.monotonic() - started
+    if config.report:
+        report.save(config.report)
+    if not writer.count:
+        console.warn(f"no conversation survived cleaning; {config.output} holds no records")
+    return report
+
+
+def _run(config: CleanConfig, opts: StepOptions, splitter: Any, inputs: list[InputFile],
+         writer: RecordWriter, report: Report) -> None:
+    seen_ids: set[str] = set()
+    seen_keys: set[bytes] = set()
+    total = None if any(inp.size is None for inp in inputs) else sum(inp.size for inp in inputs)
+    records = 0
+    with OrderedPool(worker_count(config.workers), {"opts": opts, "splitter": splitter}) as pool, \
+            Progress("clean", total) as progress:
+        for results in pool.map(_clean_chunk, chunked(inputs)):
+            for result in results:
+                records += 1
+                if result.dropped == "read" and config.strict:
+                    raise VicunaError(
+                        f"{result.where} has the wrong shape: {result.reason}",
+                        hint="fix or remove it, or run without --strict to skip and count such records",
+                    )
+                if opts.dedup and result.dropped in (None, "split"):
+                    if result.id in seen_ids:
+                        result.dropped, result.reason = "dedup", "same id"
+                    elif result.key is not None and result.key in seen_keys:
+                        result.dropped, result.reason = "dedup", "same first exchange"
+                    elif result.dropped is None:
+                        seen_ids.add(result.id)
+                        if result.key is not None:
+                            seen_keys.add(result.key)
+                report.add(result)
+                if result.dropped is None:
+                    for piece in result.pieces:
+                        writer.write(piece)
+            progress.update(sum(inp.read_bytes for inp in inputs), records)
