@@ -116,10 +116,10 @@ class Attention(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
         self.s = s
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=False)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=False)
-        self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
+        self.q_proj = Linear(s.hidden_size, s.num_heads * s.head_dim)
+        self.k_proj = Linear(s.hidden_size, s.num_kv_heads * s.head_dim)
+        self.v_proj = Linear(s.hidden_size, s.num_kv_heads * s.head_dim)
+        self.o_proj = Linear(s.num_heads * s.head_dim, s.hidden_size)
 
     def forward(self, x, cos, sin, cache: KVCache | None, layer: int, start: int) -> torch.Tensor:
         b, n, _ = x.shape
@@ -138,6 +138,27 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
+class Linear(nn.Module):
+    """nn.Linear without bias and without random init: the weights always come from a checkpoint.
+    (Initialising, even on the meta device, pulls in torch's decomposition machinery: ~2 s.)"""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Embedding(nn.Module):
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -146,9 +167,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
+        self.gate_proj = Linear(s.hidden_size, s.intermediate_size)
+        self.up_proj = Linear(s.hidden_size, s.intermediate_size)
+        self.down_proj = Linear(s.intermediate_size, s.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -170,7 +191,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.embed_tokens = Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
@@ -182,7 +203,7 @@ class NativeLlamaForCausalLM(nn.Module):
         super().__init__()
         self.shape = s = shape_from_config(config)
         self.model = Backbone(s)
-        self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
+        self.lm_head = Linear(s.hidden_size, s.vocab_size)
         if s.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.config = SimpleNamespace(**config)
@@ -221,15 +242,14 @@ class NativeLlamaForCausalLM(nn.Module):
 
 
 def load_native(model_dir: Path, dtype: torch.dtype, device: str) -> NativeLlamaForCausalLM:
-    """Build the module on the meta device and fill it from the safetensors shards."""
+    """Build the module with uninitialised weights and fill it from the safetensors shards."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     gen_path = model_dir / "generation_config.json"
     generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-    with torch.device("meta"):
-        model = NativeLlamaForCausalLM(config, generation)
+    model = NativeLlamaForCausalLM(config, generation)
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(shard, device="cpu"))
@@ -242,7 +262,4 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str) -> NativeLlama
         raise ValueError(f"checkpoint does not match a Llama model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if model.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    s = model.shape
-    inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.int64).float() / s.head_dim))
-    model.register_buffer("inv_freq", inv_freq, persistent=False)
     return model.to(device).eval()
