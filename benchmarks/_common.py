@@ -109,3 +109,77 @@ def write_results(name: str, data: dict[str, Any], path: str | None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(data, indent=2) + "\n")
     return target
+
+
+def _cpu_times(count_iowait: bool = False) -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat. Busy includes steal time, and iowait
+    when `count_iowait` (for warm-cache benchmarks that themselves wait on no disk: there, iowait
+    means someone else's I/O is in the way)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (0 if count_iowait or len(fields) <= 4 else fields[4])
+    total = sum(fields[:8])  # guest time is already inside user/nice
+    return total - idle, total
+
+
+def wait_for_idle(max_wait: float, busy_below: float = 0.10, quiet_for: int = 5, count_iowait: bool = True) -> str:
+    """Wait (at most `max_wait` s) until the machine's CPUs are < `busy_below` busy for `quiet_for`
+    consecutive seconds. Benchmarks on a shared box are meaningless while something else computes:
+    torch's thread pool slows down many times over when it has to share cores."""
+    if max_wait <= 0 or not Path("/proc/stat").exists():
+        return "not checked"
+    import time
+
+    deadline = time.monotonic() + max_wait
+    quiet = 0
+    announced = False
+    busy, total = _cpu_times(count_iowait)
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        b2, t2 = _cpu_times(count_iowait)
+        frac = (b2 - busy) / max(t2 - total, 1)
+        busy, total = b2, t2
+        quiet = quiet + 1 if frac < busy_below else 0
+        if quiet >= quiet_for:
+            return f"idle (CPUs < {busy_below:.0%} busy for {quiet_for} s)"
+        if not announced and time.monotonic() > deadline - max_wait + quiet_for + 1:
+            print(f"waiting up to {max_wait:.0f} s for the machine to go idle (CPUs {frac:.0%} busy) ...", flush=True)
+            announced = True
+    return f"NOT idle after {max_wait:.0f} s (CPUs still busy): figures are unreliable"
+
+
+class ForeignCpu:
+    """Measures how busy *other* processes kept the CPUs during a block: system-wide busy time
+    (/proc/stat) minus this process's and its reaped children's CPU time (os.times).
+
+        with ForeignCpu() as fc:
+            run()
+        fc.fraction  # 0.0 = nobody else computed; 0.5 = half the machine was taken by others
+
+    `count_iowait=True` also counts time the CPUs sat waiting on disk I/O as taken by others
+    (right for warm-cache benchmarks, wrong for ones that do I/O themselves).
+    """
+
+    def __init__(self, count_iowait: bool = False):
+        self.count_iowait = count_iowait
+
+    def __enter__(self) -> "ForeignCpu":
+        self.ok = Path("/proc/stat").exists()
+        self._t = os.times()
+        self._wall = self._t.elapsed
+        if self.ok:
+            self._busy = _cpu_times(self.count_iowait)[0]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        t = os.times()
+        wall = max(t.elapsed - self._wall, 1e-6)
+        own = (t.user + t.system + t.children_user + t.children_system) - (
+            self._t.user + self._t.system + self._t.children_user + self._t.children_system
+        )
+        if not self.ok:
+            self.fraction = 0.0
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        system = (_cpu_times(self.count_iowait)[0] - self._busy) / hz
+        ncpu = os.cpu_count() or 1
+        self.fraction = max(0.0, (system - own) / (wall * ncpu))

@@ -1,25 +1,33 @@
 #!/usr/bin/env python
-"""Decode speed: vicuna's streaming Engine vs a plain `model.generate` on the same loaded model.
+"""Decode speed: vicuna's streaming Engine vs a plain `model.generate` on the same checkpoint.
 
-Same model object (loaded once with `vicuna_cli.core.models.load`, so the dtype is the one vicuna
-picks: bf16 on CPUs with native bf16, else fp32; `--dtype float32` etc. to choose), same prompt
-(a chat-templated request for a long answer, rendered with `tokenizer.apply_chat_template`),
-greedy, batch 1, exactly --tokens new tokens on both sides:
+The checkpoint (default: the embedded alias) is loaded with `vicuna_cli.core.models.load`, so the
+dtype is the one vicuna picks (bf16 on CPUs with native bf16, else fp32; `--dtype float32` etc.
+to choose). Same prompt (a chat-templated request for a long answer, rendered with the
+transformers tokenizer's `apply_chat_template`), greedy, batch 1, exactly --tokens new tokens:
 
-  A  Engine(model, tokenizer, context).generate(prompt_ids, SamplingParams(temperature=0, ...)),
-     consumed as a stream of text deltas (detokenizing is part of what it does), with its
-     `stop_token_ids` emptied so that it does not stop at EOS;
-  B  model.generate(..., do_sample=False, min_new_tokens=N, max_new_tokens=N) with a streamer
-     that only timestamps each token.
+  engine      Engine(model, tokenizer, context).generate(prompt_ids, SamplingParams(temperature=0))
+              over the model `models.load` gives by default (`--implementation auto`: on CPU the
+              native Llama module of core/native_llama.py, else transformers) — what `vicuna chat`
+              runs. Consumed as a stream of text deltas (detokenizing is part of its work), with
+              `stop_token_ids` emptied so that it does not stop at EOS.
+  engine+hf   the same Engine loop over the transformers model (a control: engine loop overhead
+              vs model implementation). Only when `engine` is not already the transformers model.
+  generate    transformers' model.generate(..., do_sample=False, min_new_tokens=N,
+              max_new_tokens=N) on the transformers model, with a streamer that only timestamps.
 
-Decode speed = (N - 1) tokens / time from the first new token to the last, i.e. prefill excluded,
-the same definition as the engine's own `stats.tokens_per_second`. End-to-end (prompt in, N tokens
-out) is reported too. A and B alternate (A B A B ...) for --rounds rounds after one warm-up each.
+Decode speed = (N - 1) tokens / time from the first new token to the last: prefill excluded, the
+same definition as the engine's own `stats.tokens_per_second`. End to end (prompt in, N tokens
+out) is reported too. The contenders are interleaved for --rounds rounds after a warm-up; by
+default the order flips every round (A B C, C B A, ...) so that none always runs first
+(--order fixed: A B C, A B C, ...). A round during which other processes took the CPUs is
+repeated (see --max-foreign, --retries, --wait-idle): a shared 2-core box otherwise measures
+the neighbours.
 
-Correctness: in greedy mode the engine's token ids must equal model.generate's. Checked twice:
-with both stopping at EOS as they normally do (max N tokens), and on the forced-length runs.
+Correctness: in greedy mode the engine's token ids must equal model.generate's. Checked with both
+stopping at EOS as they normally do (at most N tokens), and on the forced-length runs.
 
-    VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --rounds 5 --dtype auto float32
+    VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --dtype auto float32 --wait-idle 300
 
 Goal: engine / generate decode speed ratio >= 1.0.
 """
@@ -27,6 +35,7 @@ Goal: engine / generate decode speed ratio >= 1.0.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -36,11 +45,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DEFAULT_MODEL,
+    ForeignCpu,
     loadavg,
     machine_info,
     markdown_table,
     print_machine,
     summary,
+    wait_for_idle,
     write_results,
 )
 
@@ -69,6 +80,19 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The chat-templated prompt, tokenized as vicuna's LocalBackend does for a Jinja template."""
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load(model: str, dtype: str, implementation: str | None):
+    from vicuna_cli.core import models
+
+    kwargs = dict(device="cpu", dtype=dtype, progress=False)
+    if "implementation" in inspect.signature(models.load).parameters:
+        kwargs["implementation"] = implementation or "auto"
+    elif implementation not in (None, "auto", "transformers"):
+        sys.exit("error: this vicuna has no --implementation choice (only transformers)")
+    lm = models.load(model, **kwargs)
+    lm.implementation = getattr(lm, "implementation", "transformers")
+    return lm
 
 
 def run_engine(engine, ids: list[int], tokens: int) -> dict:
@@ -132,100 +156,162 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def bench_dtype(args, dtype: str, info: dict) -> dict:
+def verdict(a: list[int], b: list[int]) -> str:
+    d = first_difference(a, b)
+    return "MATCH" if d is None else f"DIFFER from token {d}"
+
+
+def bench_dtype(args, dtype: str) -> dict:
     import torch
 
-    from vicuna_cli.core import models
     from vicuna_cli.core.generate import Engine
 
-    lm = models.load(args.model, device="cpu", dtype=dtype, progress=False)
-    model, tok = lm.model, lm.tokenizer
-    ids = prompt_ids(tok, args.prompt)
-    engine = Engine(model, tok, lm.context_length)  # as vicuna uses it: stops at EOS
-    forced = Engine(model, tok, lm.context_length)
-    forced.stop_token_ids = set()  # generate exactly --tokens tokens
-    eos = set(engine.stop_token_ids)
+    lm = load(args.model, dtype, args.implementation)
+    hf = lm if lm.implementation == "transformers" else load(args.model, dtype, "transformers")
+    if hf.dtype != lm.dtype:
+        sys.exit(f"error: the two loads picked different dtypes ({lm.dtype} vs {hf.dtype})")
+    ids = prompt_ids(hf.tokenizer, args.prompt)
+    own_ids = prompt_ids(lm.tokenizer, args.prompt) if lm is not hf else ids
     print(
-        f"\n## dtype {lm.dtype} (asked: {dtype}) · {lm.attention} attention · torch threads {torch.get_num_threads()} "
-        f"· prompt {len(ids)} tokens · {args.tokens} new tokens",
+        f"\n## dtype {lm.dtype} (asked: {dtype}) · engine model: {lm.implementation} · torch threads "
+        f"{torch.get_num_threads()} · prompt {len(ids)} tokens · {args.tokens} new tokens",
         flush=True,
     )
+    if own_ids != ids:
+        print(f"note: vicuna's {lm.implementation} tokenizer renders the prompt differently ({len(own_ids)} ids)")
 
-    # Correctness, as each normally runs: both stop at EOS (the engine leaves EOS out of its ids).
-    nat_e = run_engine(engine, ids, args.tokens)
-    nat_g = run_generate(model, tok, ids, args.tokens, force=False)
-    nat_g_ids = [t for t in nat_g["ids"] if t not in eos] if nat_g["ids"] and nat_g["ids"][-1] in eos else nat_g["ids"]
-    natural_match = nat_e["ids"] == nat_g_ids
-    print(
-        f"greedy ids, natural stop: engine {len(nat_e['ids'])} tokens ({nat_e['finish']}), generate "
-        f"{len(nat_g['ids'])} tokens -> {'MATCH' if natural_match else 'DIFFER at token ' + str(first_difference(nat_e['ids'], nat_g_ids))}"
-    )
-    print(f"  answer starts: {tok.decode(nat_e['ids'][:24], skip_special_tokens=True)!r}")
+    def engine_for(loaded, ignore_eos: bool):
+        e = Engine(loaded.model, loaded.tokenizer, loaded.context_length)
+        if ignore_eos:
+            e.stop_token_ids = set()  # generate exactly --tokens tokens
+        return e
 
-    # Warm-up, then interleaved timed rounds of forced-length runs.
+    arms = {"engine": (lm, engine_for(lm, True))}
+    if lm is not hf:
+        arms["engine+hf"] = (hf, engine_for(hf, True))
+    eos = set(engine_for(lm, False).stop_token_ids)
+
+    def run(arm: str, tokens: int) -> dict:
+        if arm == "generate":
+            return run_generate(hf.model, hf.tokenizer, ids, tokens, force=True)
+        return run_engine(arms[arm][1], ids, tokens)
+
+    names = [*arms, "generate"]
+
+    # Correctness, as each normally runs: stopping at EOS (the engine leaves EOS out of its ids).
+    nat_g = run_generate(hf.model, hf.tokenizer, ids, args.tokens, force=False)
+    nat_g_ids = nat_g["ids"][:-1] if nat_g["ids"] and nat_g["ids"][-1] in eos else nat_g["ids"]
+    natural = {}
+    for arm, (loaded, _) in arms.items():
+        r = run_engine(engine_for(loaded, False), ids, args.tokens)
+        natural[arm] = verdict(r["ids"], nat_g_ids)
+        print(f"greedy ids with EOS stop, {arm} vs generate: {natural[arm]} "
+              f"({len(r['ids'])} vs {len(nat_g_ids)} tokens, {r['finish']})")
+    print(f"  answer starts: {hf.tokenizer.decode(nat_g_ids[:24], skip_special_tokens=True)!r}")
+
     for _ in range(args.warmup):
-        run_engine(forced, ids, min(args.tokens, 16))
-        run_generate(model, tok, ids, min(args.tokens, 16), force=True)
-    rounds = {"engine": [], "generate": []}
+        for arm in names:
+            run(arm, min(args.tokens, 16))
+    rounds: dict[str, list[dict]] = {arm: [] for arm in names}
+    foreign, repeats = [], 0
     for r in range(args.rounds):
-        a = run_engine(forced, ids, args.tokens)
-        b = run_generate(model, tok, ids, args.tokens, force=True)
-        rounds["engine"].append(a)
-        rounds["generate"].append(b)
+        order = names if args.order == "fixed" or r % 2 == 0 else names[::-1]
+        for attempt in range(args.retries + 1):
+            if args.wait_idle:
+                status = wait_for_idle(args.wait_idle)
+                if not status.startswith("idle"):
+                    print(f"warning: {status}", flush=True)
+            with ForeignCpu(count_iowait=True) as fc:
+                results = {arm: run(arm, args.tokens) for arm in order}
+            if fc.fraction <= args.max_foreign or attempt == args.retries:
+                break
+            repeats += 1
+            print(f"round {r + 1}: other processes took {fc.fraction:.0%} of the CPUs meanwhile; repeating the round",
+                  flush=True)
+        for arm in names:
+            rounds[arm].append(results[arm])
+        foreign.append(fc.fraction)
         print(
-            f"round {r + 1}: engine {a['decode_tps']:6.2f} tok/s ({a['tokens']} tok) · generate {b['decode_tps']:6.2f} tok/s "
-            f"({b['tokens']} tok) · load {loadavg()}",
+            f"round {r + 1} ({' '.join(order)}): "
+            + " · ".join(f"{arm} {results[arm]['decode_tps']:6.2f} tok/s" for arm in names)
+            + f" · CPU taken by other processes {fc.fraction:.0%}",
             flush=True,
         )
-    e_ids, g_ids = rounds["engine"][0]["ids"], rounds["generate"][0]["ids"]
-    forced_match = e_ids == g_ids
-    eos_in_forced = [i for i, t in enumerate(e_ids) if t in eos]
-    print(
-        f"greedy ids, forced {args.tokens} tokens: {'MATCH' if forced_match else 'DIFFER at token ' + str(first_difference(e_ids, g_ids))}"
-        + (f" (the engine's argmax hit EOS at {eos_in_forced[:3]}, where min_new_tokens masks it)" if eos_in_forced else "")
-    )
-    stable = all(r["ids"] == e_ids for r in rounds["engine"]) and all(r["ids"] == g_ids for r in rounds["generate"])
 
-    def s(name: str, key: str) -> dict:
-        return summary([r[key] for r in rounds[name]])
+    forced = {arm: verdict(rounds[arm][0]["ids"], rounds["generate"][0]["ids"]) for arm in arms}
+    eos_hits = [i for i, t in enumerate(rounds["generate"][0]["ids"]) if t in eos]
+    for arm in arms:
+        print(f"greedy ids, forced {args.tokens} tokens, {arm} vs generate: {forced[arm]}")
+    if eos_hits:
+        print(f"  note: generate was kept from EOS by min_new_tokens; the engines ran past EOS at {eos_hits[:3]}")
+    stable = all(x["ids"] == rounds[arm][0]["ids"] for arm in names for x in rounds[arm])
+    lengths = {arm: sorted({x["tokens"] for x in rounds[arm]}) for arm in names}
+
+    # Rounds during which other processes still took CPUs after --retries repeats are left out of
+    # the figures (kept in the JSON); if every round was noisy, all are used and flagged.
+    clean = [f <= args.max_foreign for f in foreign]
+    if not any(clean):
+        print("warning: every round shared the CPUs with other processes: figures are unreliable", flush=True)
+        clean = [True] * len(foreign)
+    used = {arm: [x for x, ok in zip(v, clean) if ok] for arm, v in rounds.items()}
 
     result = {
         "dtype": lm.dtype,
         "asked_dtype": dtype,
+        "engine_implementation": lm.implementation,
         "prompt_tokens": len(ids),
         "new_tokens": args.tokens,
+        "token_counts": lengths,
         "torch_threads": torch.get_num_threads(),
-        "engine": {"decode_tps": s("engine", "decode_tps"), "e2e_tps": s("engine", "e2e_tps"), "ttft": s("engine", "ttft")},
-        "generate": {"decode_tps": s("generate", "decode_tps"), "e2e_tps": s("generate", "e2e_tps"), "ttft": s("generate", "ttft")},
-        "paired_ratio_median": statistics.median(
-            a["decode_tps"] / b["decode_tps"] for a, b in zip(rounds["engine"], rounds["generate"])
-        ),
-        "natural_match": natural_match,
-        "natural_tokens": {"engine": len(nat_e["ids"]), "generate": len(nat_g["ids"])},
-        "forced_match": forced_match,
+        "arms": {},
+        "natural_match": natural,
+        "forced_match": forced,
         "ids_stable_across_rounds": stable,
-        "rounds": {k: [{x: r[x] for x in ("tokens", "decode_tps", "decode_time", "ttft", "wall", "e2e_tps")} for r in v]
-                   for k, v in rounds.items()},
+        "foreign_cpu_per_round": foreign,
+        "rounds_repeated_for_noise": repeats,
+        "rounds_used": sum(clean),
+        "rounds": {arm: [{k: x[k] for k in ("tokens", "decode_tps", "decode_time", "ttft", "wall", "e2e_tps")} for x in v]
+                   for arm, v in rounds.items()},
     }
-    result["ratio"] = result["engine"]["decode_tps"]["median"] / result["generate"]["decode_tps"]["median"]
+    gen_tps = [x["decode_tps"] for x in used["generate"]]
+    for arm in names:
+        tps = [x["decode_tps"] for x in used[arm]]
+        paired = [a / b for a, b in zip(tps, gen_tps)]
+        result["arms"][arm] = {
+            "decode_tps": summary(tps),
+            "e2e_tps": summary([x["e2e_tps"] for x in used[arm]]),
+            "ttft": summary([x["ttft"] for x in used[arm]]),
+            "ratio_vs_generate": statistics.median(tps) / statistics.median(gen_tps),
+            "paired_ratios": paired,
+        }
+    result["ratio"] = result["arms"]["engine"]["ratio_vs_generate"]
     result["pass"] = result["ratio"] >= RATIO_GOAL
-    del lm, model, engine, forced
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description="Decode tokens/s of vicuna's Engine vs model.generate on the same model, greedy, batch 1.",
+        description="Decode tokens/s of vicuna's Engine vs model.generate on the same checkpoint, greedy, batch 1.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--rounds", "-n", type=int, default=5, help="timed A/B rounds per dtype")
+    parser.add_argument("--rounds", "-n", type=int, default=5, help="timed interleaved rounds per dtype")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="alias, model dir, .gguf or Hub id (as `vicuna chat -m`)")
     parser.add_argument("--dtype", nargs="+", default=["auto"], help="one or more of auto, bfloat16, float16, float32")
+    parser.add_argument("--implementation", default="auto", choices=["auto", "native", "transformers"],
+                        help="the model the engine runs (as `vicuna chat --implementation`)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per run (forced: EOS ignored)")
     parser.add_argument("--prompt", default=PROMPT, help="user message; ask for a long answer")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed short runs of each first")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed short runs of each contender first")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    parser.add_argument("--json", metavar="PATH", help="write results here (default: benchmarks/results/decode-<time>.json)")
+    parser.add_argument("--order", choices=["alternate", "fixed"], default="alternate",
+                        help="alternate: A B C, C B A, ... (none always runs first); fixed: A B C, A B C, ...")
+    parser.add_argument("--max-foreign", type=float, default=0.05,
+                        help="repeat a round when other processes took more than this share of the CPUs during it")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="how often a noisy round may be repeated; still noisy after that: left out of the figures")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="before each round, wait up to this long for other processes to leave the CPUs idle")
+    parser.add_argument("--json", metavar="PATH", help="JSON output path (None: benchmarks/results/decode-<time>.json)")
     parser.add_argument("--no-json", action="store_true", help="do not write a JSON file")
     args = parser.parse_args()
     if args.rounds < 1 or args.tokens < 2:
@@ -245,35 +331,48 @@ def main() -> None:
     print_machine(info)
     print(f"model: {args.model} · prompt {args.prompt!r} (chat template) · greedy · batch 1 · rounds {args.rounds}")
 
-    results = [bench_dtype(args, dtype, info) for dtype in args.dtype]
+    results = [bench_dtype(args, dtype) for dtype in args.dtype]
 
     print("\nDecode tokens/s (prefill excluded; median of rounds, min-max in brackets):\n")
     rows = []
     for r in results:
-        e, g = r["engine"]["decode_tps"], r["generate"]["decode_tps"]
-        rows.append([
-            r["dtype"],
-            r["new_tokens"],
-            f"{e['median']:.1f} [{e['min']:.1f}-{e['max']:.1f}]",
-            f"{g['median']:.1f} [{g['min']:.1f}-{g['max']:.1f}]",
-            f"{1000 / e['median']:.1f} / {1000 / g['median']:.1f}",
-            f"{r['ratio']:.2f} (paired {r['paired_ratio_median']:.2f})",
-            "PASS" if r["pass"] else "FAIL",
-            "yes" if r["natural_match"] else "NO",
-            "yes" if r["forced_match"] else "NO",
-        ])
+        for arm, a in r["arms"].items():
+            d = a["decode_tps"]
+            label = {"engine": f"Engine ({r['engine_implementation']} model)",
+                     "engine+hf": "Engine (transformers model)",
+                     "generate": "model.generate (transformers)"}[arm]
+            paired = a["paired_ratios"]
+            rows.append([
+                r["dtype"],
+                label,
+                f"{d['median']:.1f} [{d['min']:.1f}-{d['max']:.1f}]",
+                f"{1000 / d['median']:.1f}",
+                "-" if arm == "generate" else
+                f"{a['ratio_vs_generate']:.2f} (per round {statistics.median(paired):.2f}, {min(paired):.2f}-{max(paired):.2f})",
+                "-" if arm == "generate" else r["natural_match"][arm],
+                "-" if arm == "generate" else r["forced_match"][arm],
+            ])
     print(markdown_table(
-        ["dtype", "tokens", "engine tok/s", "generate tok/s", "ms/token engine / generate",
-         "ratio engine/generate", f"goal >= {RATIO_GOAL:.1f}", "ids match (EOS stop)", f"ids match (forced)"],
+        ["dtype", "contender", "tok/s", "ms/token", "ratio vs generate", "greedy ids vs generate (EOS stop)",
+         f"greedy ids vs generate (forced)"],
         rows,
     ))
-    print("\nEnd to end (prompt in, all tokens out), median tok/s and time to first token:\n")
+    print()
+    for r in results:
+        print(f"{r['dtype']}: engine / generate = {r['ratio']:.2f} -> goal >= {RATIO_GOAL:.1f}: "
+              f"{'PASS' if r['pass'] else 'FAIL'}")
+    print("\nEnd to end (prompt in, all tokens out): median tok/s, and time to first token (s):\n")
     print(markdown_table(
-        ["dtype", "engine tok/s", "generate tok/s", "engine first token (s)", "generate first token (s)"],
-        [[r["dtype"], f"{r['engine']['e2e_tps']['median']:.1f}", f"{r['generate']['e2e_tps']['median']:.1f}",
-          f"{r['engine']['ttft']['median']:.3f}", f"{r['generate']['ttft']['median']:.3f}"] for r in results],
+        ["dtype", *[f"{arm} tok/s" for arm in results[0]["arms"]], *[f"{arm} first token" for arm in results[0]["arms"]]],
+        [[r["dtype"], *[f"{a['e2e_tps']['median']:.1f}" for a in r["arms"].values()],
+          *[f"{a['ttft']['median']:.3f}" for a in r["arms"].values()]] for r in results],
     ))
-    print(f"\nload average at end: {loadavg()}")
+    print()
+    for r in results:
+        print(f"{r['dtype']}: CPU taken by other processes per round {', '.join(f'{x:.0%}' for x in r['foreign_cpu_per_round'])}"
+              f" ({r['rounds_repeated_for_noise']} round(s) repeated for noise; {r['rounds_used']} of "
+              f"{len(r['foreign_cpu_per_round'])} rounds used); tokens per run {r['token_counts']}")
+    print(f"load average at end: {loadavg()}")
 
     if not args.no_json:
         data = {
