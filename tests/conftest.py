@@ -110,32 +110,30 @@ def bpe_model_dir(tmp_path_factory) -> Path:
 # `*_loaded`: transformers' implementation (the reference); `*_native`: core/native_llama.py.
 
 
-@pytest.fixture(scope="session")
-def sp_loaded(sp_model_dir):
+def _load_cpu(model_dir: Path, implementation: str):
     from vicuna_cli.core import models
 
-    return models.load(str(sp_model_dir), device="cpu", dtype="float32", implementation="transformers")
+    return models.load(str(model_dir), device="cpu", dtype="float32", implementation=implementation)
+
+
+@pytest.fixture(scope="session")
+def sp_loaded(sp_model_dir):
+    return _load_cpu(sp_model_dir, "transformers")
 
 
 @pytest.fixture(scope="session")
 def bpe_loaded(bpe_model_dir):
-    from vicuna_cli.core import models
-
-    return models.load(str(bpe_model_dir), device="cpu", dtype="float32", implementation="transformers")
+    return _load_cpu(bpe_model_dir, "transformers")
 
 
 @pytest.fixture(scope="session")
 def sp_native(sp_model_dir):
-    from vicuna_cli.core import models
-
-    return models.load(str(sp_model_dir), device="cpu", dtype="float32", implementation="native")
+    return _load_cpu(sp_model_dir, "native")
 
 
 @pytest.fixture(scope="session")
 def bpe_native(bpe_model_dir):
-    from vicuna_cli.core import models
-
-    return models.load(str(bpe_model_dir), device="cpu", dtype="float32", implementation="native")
+    return _load_cpu(bpe_model_dir, "native")
 
 
 @pytest.fixture(scope="session")
