@@ -117,3 +117,36 @@ def test_models_pull_prints_the_local_path(sp_model_dir):
     result = vicuna("models", "pull", str(sp_model_dir))
     assert result.returncode == 0
     assert result.stdout.strip() == str(sp_model_dir)
+
+
+def test_ctrl_c_inside_a_command_says_interrupted(tmp_path):
+    """typer turns Ctrl-C inside a command into a silent exit 130; the user must see why it stopped."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    # A server that accepts the connection and never answers: `data fetch` blocks in its read.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    vicuna = Path(sys.executable).parent / "vicuna"
+    proc = subprocess.Popen([str(vicuna), "data", "fetch", f"http://127.0.0.1:{port}/x.json", "-o", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        server.settimeout(30)
+        conn, _ = server.accept()  # the command is now inside its body, waiting for a response
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        conn.close()
+    finally:
+        proc.kill()
+        server.close()
+    assert proc.returncode == 130
+    assert "interrupted" in err
+    assert "Traceback" not in err
+    assert not list(tmp_path.glob("x.json"))  # no half-written output

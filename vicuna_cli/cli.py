@@ -9,7 +9,7 @@ import sys
 import typer
 
 from . import __version__
-from .commands import apply_delta, chat, data, models, templates
+from .commands import apply_delta, chat, data, judge, models, serve, templates, train
 
 app = typer.Typer(
     name="vicuna",
@@ -23,6 +23,9 @@ app = typer.Typer(
 app.add_typer(templates.app, name="templates")
 app.add_typer(models.app, name="models")
 app.add_typer(data.app, name="data")
+app.add_typer(serve.app, name="serve")
+app.add_typer(judge.app, name="judge")
+app.add_typer(train.app, name="train")
 app.command("chat")(chat.chat)
 app.command("apply-delta", help=apply_delta.APPLY_DELTA_HELP)(apply_delta.apply_delta)
 app.command("make-delta", help=apply_delta.MAKE_DELTA_HELP)(apply_delta.apply_delta)
@@ -62,11 +65,27 @@ def main() -> None:
     except KeyboardInterrupt:
         print_error("interrupted")
         sys.exit(130)
+    except SystemExit as exc:
+        # typer turns a Ctrl-C inside a command into a silent `sys.exit(130)`; say what happened.
+        if exc.code == 130 and _caused_by_interrupt(exc):
+            print_error("interrupted")
+        raise
     except Exception as exc:  # a bug, not a user error: still one line unless --debug
         if _debug or os.environ.get("VICUNA_DEBUG"):
             raise
         print_error(f"{type(exc).__name__}: {exc}", hint="run again with --debug for the traceback, and please report it")
         sys.exit(2)
+
+
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):  # the chain is short; bounded in case of a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 if __name__ == "__main__":
