@@ -2,10 +2,49 @@
 
 (Not as `kernels`: transformers probes for the Hugging Face package of that name.)
 
-Each op has a pure-PyTorch implementation that runs everywhere and is the reference its tests
-compare against; GPU variants (Triton) sit behind the same function and are picked on CUDA.
+- `linear_cross_entropy`: the chunked fused LM-head + cross-entropy, pure PyTorch, any device;
+  the training loop calls it directly.
+- `rms_norm`, `swiglu`, `rope` (module `triton_ops`, imported on first use because it imports
+  triton): Triton kernels, forward and backward, each beside its pure-PyTorch `*_reference`.
+- `apply_kernels(model, mode)` / `kernel_plan(model, mode)`: the one switch that puts the Triton
+  ops into a Hugging Face Llama-family model (on CUDA, or on CPU under TRITON_INTERPRET=1).
 """
 
-from .cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
+from .apply import MODES, OPS, KernelPlan, apply_kernels, kernel_plan, remove_kernels
+from .cross_entropy import (
+    IGNORE_INDEX,
+    default_chunk_size,
+    linear_cross_entropy,
+    reference_linear_cross_entropy,
+)
 
-__all__ = ["linear_cross_entropy", "reference_linear_cross_entropy"]
+_TRITON_EXPORTS = (
+    "rms_norm",
+    "swiglu",
+    "rope",
+    "rms_norm_reference",
+    "swiglu_reference",
+    "rope_reference",
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MODES",
+    "OPS",
+    "KernelPlan",
+    "apply_kernels",
+    "default_chunk_size",
+    "kernel_plan",
+    "linear_cross_entropy",
+    "reference_linear_cross_entropy",
+    "remove_kernels",
+    *_TRITON_EXPORTS,
+]
+
+
+def __getattr__(name: str):
+    if name in _TRITON_EXPORTS:
+        from . import triton_ops
+
+        return getattr(triton_ops, name)
+    raise AttributeError(f"module 'vicuna_kernels' has no attribute {name!r}")

@@ -107,3 +107,35 @@ def test_embedded_model_native_matches_transformers(embedded_model_home, monkeyp
         renders.append(rendered)
     assert renders[0] == renders[1]
     assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("slots", [[0, 2, 3], [1, 2, 3], [3, 1]])
+def test_batched_decode_rows_match_one_sequence_at_a_time(sp_native, slots):
+    """Rows at different positions, in consecutive (a view of the cache) or scattered slots,
+    give the logits each sequence gets alone (the slot cache is what continuous batching uses)."""
+    model, tok = sp_native.model, sp_native.tokenizer
+    texts = ["Hello there, how are you?", "The capital of France is Paris.", "USER: hi", "안녕하세요 반갑습니다."]
+    prompts = [tok(t)["input_ids"] for t in texts][: len(slots)]
+    next_tokens = [[7, 9, 11], [12, 5, 8], [30, 31, 32], [40, 41, 42]][: len(slots)]
+    with torch.inference_mode():
+        cache = model.new_cache(4, num_slots=4, max_capacity=256)  # small: the buffers must grow
+        for slot, ids in zip(slots, prompts):
+            model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1, slot=slot)
+        batched = [model.decode_rows([t[i] for t in next_tokens], cache, slots) for i in range(3)]
+        for row, (ids, extra) in enumerate(zip(prompts, next_tokens)):
+            alone = model(input_ids=torch.tensor([ids + extra]), use_cache=False).logits[0, -3:]
+            got = torch.stack([b[row] for b in batched])
+            assert torch.allclose(got, alone, atol=1e-5, rtol=1e-4)
+    assert [cache.lengths[s] for s in slots] == [len(p) + 3 for p in prompts]
+
+
+def test_decode_rows_at_the_same_position(sp_native):
+    model, tok = sp_native.model, sp_native.tokenizer
+    ids = tok("Hello there, how are you?")["input_ids"]
+    with torch.inference_mode():
+        cache = model.new_cache(64, num_slots=2)
+        for slot in (0, 1):
+            model(input_ids=torch.tensor([ids]), past_key_values=cache, slot=slot)
+        logits = model.decode_rows([5, 6], cache, [0, 1])
+        alone = [model(input_ids=torch.tensor([ids + [t]]), use_cache=False).logits[0, -1] for t in (5, 6)]
+    assert torch.allclose(logits, torch.stack(alone), atol=1e-5, rtol=1e-4)

@@ -52,3 +52,33 @@ def test_full_chain_draws_like_transformers(scores, history):
 def test_greedy_ignores_sampling_options(scores, history):
     pick = make_picker(0.0, 0.1, 3, 1.0, seed=None, device="cpu")
     assert int(pick(history, scores)) == int(scores.argmax())
+
+
+def test_request_sampler_penalties_follow_openai_and_transformers(scores):
+    """Presence/frequency: logit - presence * [count > 0] - frequency * count over output tokens;
+    repetition penalty over prompt + output (transformers' maths); then greedy."""
+    from types import SimpleNamespace
+
+    from vicuna_cli.core.sampling import RequestSampler
+
+    def params(**kw):
+        base = dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, seed=None)
+        return SimpleNamespace(**{**base, **kw})
+
+    top = int(scores.argmax())
+    sampler = RequestSampler(params(presence_penalty=2.0, frequency_penalty=1.5), [top], "cpu")
+    assert sampler.pick(scores) == top  # the prompt does not count for OpenAI penalties
+    for token in (top, top, 7):
+        sampler.observe(token)
+    expected = scores.clone()
+    expected[0, top] -= 2.0 + 1.5 * 2
+    expected[0, 7] -= 2.0 + 1.5 * 1
+    assert int(expected.argmax()) != top  # the penalty really moves the choice
+    assert sampler.pick(scores) == int(expected.argmax())
+    assert not sampler.is_plain_greedy
+
+    rep = RequestSampler(params(repetition_penalty=1.3), [5, 17], "cpu")
+    rep.observe(250)
+    history = torch.tensor([[5, 17, 250]])
+    assert rep.pick(scores) == int(RepetitionPenaltyLogitsProcessor(1.3)(history, scores.clone()).argmax())

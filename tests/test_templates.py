@@ -86,3 +86,11 @@ def test_auto_uses_the_tokenizers_chat_template(bpe_loaded, sp_loaded):
     assert template_for_model(sp_loaded.tokenizer).name == "vicuna_v1.1"
     with pytest.raises(VicunaError, match="no chat template"):
         get_template("auto", sp_loaded.tokenizer)
+
+
+def test_llama2_assistant_span_ends_at_eos_not_at_the_next_bos():
+    messages = EXAMPLE_CONVERSATION + [{"role": "assistant", "content": "Why not?"}]
+    rendered = get_template("llama-2").render(messages, add_generation_prompt=False)
+    pieces = [rendered.text[a:b] for a, b in rendered.assistant_spans]
+    assert pieces == ["Hello! How can I help? </s>", "Why not? </s>"]
+    assert rendered.text[rendered.assistant_spans[0][1]:].startswith("<s>[INST] Tell me a joke.")

@@ -1,8 +1,13 @@
 """The generation engine: streaming text from a local model. Chat, serve and judge all use it.
 
-One call = one `Generation`, an iterator of text deltas that
-  - samples with temperature / top-p / top-k / repetition penalty (`sampling.py`, the same maths
-    as transformers' logits processors), reproducibly with `seed`;
+There is one engine: `batch.BatchEngine` (continuous batching: requests join and leave a running
+batch between decode steps). `Engine.generate` — what `vicuna chat` uses — is a batch of one over
+the same step machinery, run in the caller's thread. This module holds the parts both share
+(parameters, events, stats, detokenizing, stop strings). One call = one `Generation`, an
+iterator of text deltas that
+  - samples with temperature / top-p / top-k / repetition, presence and frequency penalties
+    (`sampling.py`, the same maths as transformers' logits processors and OpenAI's penalty
+    formula), reproducibly with `seed` (a private generator per request);
   - stops at EOS tokens and at stop strings, which never reach the output, even when a stop
     string arrives split over several tokens (text that could be the start of one is held back);
   - detokenizes incrementally without ever emitting half a UTF-8 character;
@@ -12,13 +17,24 @@ One call = one `Generation`, an iterator of text deltas that
 
 from __future__ import annotations
 
+import math
+import re
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Sequence
 
 from .errors import VicunaError
-from .sampling import make_picker
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+class InvalidParams(VicunaError):
+    """A sampling parameter out of range; `param` names it (OpenAI's error field)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}", hint=f"fix the {param} value and try again")
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -26,19 +42,71 @@ class SamplingParams:
     temperature: float = 0.7  # <= 1e-5 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0  # transformers' (CTRL) penalty over prompt + output
     max_new_tokens: int = 512
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0  # OpenAI semantics, over output tokens: -presence if seen
+    frequency_penalty: float = 0.0  # ... and -frequency * count
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS tokens
+    logprobs: bool = False  # report the chosen token's logprob ...
+    top_logprobs: int = 0  # ... and this many alternatives (0-20)
+
+    def __post_init__(self) -> None:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        self.validate()
+
+    def validate(self) -> None:
+        def number(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidParams(name, f"must be a number, got {value!r}")
+            if value < low or value > high or (low_open and value == low):
+                bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+                raise InvalidParams(name, f"must be in {bounds}, got {value!r}")
+
+        def integer(name: str, value: Any, low: int, high: float) -> None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidParams(name, f"must be an integer, got {value!r}")
+            if not low <= value <= high:
+                raise InvalidParams(name, f"must be between {low} and {high:g}, got {value}")
+
+        number("temperature", self.temperature, 0.0, 100.0)
+        number("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        integer("top_k", self.top_k, 0, math.inf)
+        number("repetition_penalty", self.repetition_penalty, 0.0, math.inf, low_open=True)
+        number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        integer("max_new_tokens", self.max_new_tokens, 1, math.inf)
+        if self.seed is not None:
+            integer("seed", self.seed, -(2**63), 2**64 - 1)
+        integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidParams("top_logprobs", "needs logprobs to be on")
+        for s in self.stop:
+            if not isinstance(s, str):
+                raise InvalidParams("stop", f"must be strings, got {s!r}")
+        for t in self.stop_token_ids:
+            integer("stop_token_ids", t, 0, math.inf)
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     output_tokens: int = 0
-    time_to_first_token: float | None = None  # seconds, from the call to the first token
+    time_to_first_token: float | None = None  # seconds, from the call (or submit) to the first token
     total_time: float = 0.0
-    finish_reason: str = ""  # stop | length | cancelled
+    finish_reason: str = ""  # stop | length | cancelled | error
+    queue_time: float | None = None  # batch engine: seconds waiting for a slot, before the prefill
+
+    @property
+    def completion_tokens(self) -> int:  # OpenAI's name
+        return self.output_tokens
+
+    @property
+    def ttft(self) -> float | None:
+        return self.time_to_first_token
 
     @property
     def tokens_per_second(self) -> float:
@@ -49,6 +117,30 @@ class GenerationStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "tokens_per_second": round(self.tokens_per_second, 2)}
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability (OpenAI's logprobs.content item); `top_logprobs` holds the
+    most likely alternatives at that position (their own `top_logprobs` are empty)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    """What a request streams: a text delta (whole characters, stop strings held back) and the
+    token ids it came from; the last event of a request has a finish_reason."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # None | stop | length | cancelled | error
+    error: str | None = None  # the message when finish_reason == "error"
 
 
 class ContextOverflow(VicunaError):
@@ -62,6 +154,13 @@ class ContextOverflow(VicunaError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:
+    if len(prompt_ids) == 0:
+        raise VicunaError("the prompt is empty", hint="send at least one token of prompt")
+    if len(prompt_ids) >= context_length:
+        raise ContextOverflow(len(prompt_ids), context_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +239,50 @@ class StopStringFilter:
         return out
 
 
+class TokenPieces:
+    """The text and raw bytes of single tokens, for logprobs (OpenAI's `token` and `bytes`).
+
+    Decoding one id alone loses SentencePiece's leading space and turns a partial UTF-8 byte
+    into U+FFFD, so bytes come from the vocabulary piece: `<0xNN>` byte-fallback pieces, the
+    byte-level alphabet of GPT-2-style tokenizers, or the piece with "▁" as a space.
+    """
+
+    _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, tuple[str, list[int]]] = {}
+        backend = getattr(tokenizer, "_tok", None) or getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = backend is not None and "ByteLevel" in repr(backend.decoder)
+        self.byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        if token_id not in self.cache:
+            piece = self.tokenizer.convert_ids_to_tokens([token_id])[0] or ""
+            match = self._BYTE_PIECE.fullmatch(piece)
+            if match:
+                raw = bytes([int(match.group(1), 16)])
+            elif self.byte_level and all(c in self.byte_decoder for c in piece):
+                raw = bytes(self.byte_decoder[c] for c in piece)
+            else:
+                raw = piece.replace("\u2581", " ").encode("utf-8")
+            self.cache[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return self.cache[token_id]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table (the byte-level BPE alphabet)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 # ---------------------------------------------------------------------------------------------
 # The engine
 
@@ -156,17 +299,28 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 class Engine:
-    """Streaming generation over one loaded causal LM (batch 1; serve batches on top of it)."""
+    """Streaming generation over one loaded causal LM, one request at a time in the caller's
+    thread: a batch of one over `batch.BatchEngine`'s step machinery (serve batches many)."""
 
     def __init__(self, model: Any, tokenizer: Any, context_length: int | None = None):
+        from .batch import BatchEngine
+
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.stop_token_ids = eos_token_ids(model, tokenizer)
+        self.batch = BatchEngine(model, tokenizer, self.context_length, max_batch_size=1)
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        return self.batch.stop_token_ids
+
+    @stop_token_ids.setter
+    def stop_token_ids(self, value: set[int]) -> None:
+        self.batch.stop_token_ids = set(value)
 
     @property
     def device(self) -> Any:
-        return next(self.model.parameters()).device
+        return self.batch.device
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
@@ -177,10 +331,7 @@ class Engine:
         params: SamplingParams = SamplingParams(),
         cancel: threading.Event | None = None,
     ) -> "Generation":
-        if len(prompt_ids) == 0:
-            raise VicunaError("the prompt is empty")
-        if len(prompt_ids) >= self.context_length:
-            raise ContextOverflow(len(prompt_ids), self.context_length)
+        check_prompt(prompt_ids, self.context_length)
         return Generation(self, list(prompt_ids), params, cancel or threading.Event())
 
 
@@ -193,72 +344,31 @@ class Generation:
     stats: GenerationStats = field(default_factory=GenerationStats)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def cancel(self) -> None:
         self.cancel_event.set()
 
     def __iter__(self) -> Iterator[str]:
-        start = time.perf_counter()
-        self.stats = GenerationStats(prompt_tokens=len(self.prompt_ids), finish_reason="cancelled")
+        batch = self.engine.batch
+        request = batch.submit(self.prompt_ids, self.params)
+        self.stats = request.stats
+        finished = False
         try:
-            for delta in self._stream(start):
-                self.text += delta
-                yield delta
-        finally:  # also on KeyboardInterrupt or when the consumer stops early
-            self.stats.output_tokens = len(self.output_ids)
-            self.stats.total_time = time.perf_counter() - start
-
-    def _stream(self, start: float) -> Iterator[str]:
-        import torch
-
-        engine, params = self.engine, self.params
-        detok = IncrementalDetokenizer(engine.tokenizer, self.prompt_ids)
-        stops = StopStringFilter(params.stop)
-        pick = make_picker(
-            params.temperature, params.top_p, params.top_k, params.repetition_penalty, params.seed, engine.device
-        )
-        budget = min(params.max_new_tokens, engine.context_length - len(self.prompt_ids))
-        ids = torch.tensor([self.prompt_ids], device=engine.device)
-        history = ids
-        cache = _new_cache(engine.model, len(self.prompt_ids) + budget)
-        reason = "length"
-        with torch.inference_mode():
-            logits = engine.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            for _ in range(budget):
+            while not finished:
                 if self.cancel_event.is_set():
-                    reason = "cancelled"
-                    break
-                token = pick(history, logits[:, -1, :])
-                token_id = int(token)
-                if self.stats.time_to_first_token is None:
-                    self.stats.time_to_first_token = time.perf_counter() - start
-                if token_id in engine.stop_token_ids:
-                    reason = "stop"
-                    break
-                self.output_ids.append(token_id)
-                if params.repetition_penalty != 1.0:  # the only processor that reads the history
-                    history = torch.cat([history, token.view(1, 1)], dim=1)
-                text = stops.feed(detok.push(token_id))
-                if text:
-                    yield text
-                if stops.stopped:
-                    reason = "stop"
-                    break
-                if len(self.output_ids) == budget:
-                    break
-                logits = engine.model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True).logits
-        if not stops.stopped:
-            tail = stops.feed(detok.flush())
-            tail += stops.flush()
-            if tail:
-                yield tail
-        self.stats.finish_reason = "stop" if stops.stopped else reason
-
-
-def _new_cache(model: Any, capacity: int) -> Any:
-    """The model's own KV cache when it has one (the native Llama path), else transformers'."""
-    if hasattr(model, "new_cache"):
-        return model.new_cache(capacity)
-    from transformers import DynamicCache
-
-    return DynamicCache(config=model.config)
+                    request.cancel()
+                batch.step()
+                for event in request.drain():
+                    self.output_ids.extend(event.token_ids)
+                    self.logprobs.extend(event.logprobs or ())
+                    finished = event.finish_reason is not None
+                    if event.finish_reason == "error":
+                        raise request.exception or VicunaError(f"generation failed: {event.error}")
+                    if event.text:
+                        self.text += event.text
+                        yield event.text
+        finally:  # also on KeyboardInterrupt or when the consumer stops early
+            if not finished:
+                request.cancel()
+                batch.reap()

@@ -20,30 +20,110 @@ def make_picker(
     device: Any,
 ) -> Callable[[Any, Any], Any]:
     """A function (token history [1, n], next-token logits [1, vocab]) -> token id tensor [1]."""
-    import torch
-
-    greedy = temperature <= 1e-5
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+    generator = new_generator(seed, device)
 
     def pick(history: Any, logits: Any) -> Any:
         scores = logits.float()
         if repetition_penalty != 1.0:
             scores = apply_repetition_penalty(history, scores, repetition_penalty)
-        if greedy:
-            return scores.argmax(dim=-1)
-        if temperature != 1.0:
-            scores = scores / temperature
-        if top_k > 0:
-            scores = apply_top_k(scores, top_k)
-        if top_p < 1.0:
-            scores = apply_top_p(scores, top_p)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).view(-1)
+        return choose(scores, temperature, top_p, top_k, generator)
 
     return pick
+
+
+def new_generator(seed: int | None, device: Any) -> Any:
+    """A private generator for a seeded request (its draws do not depend on other requests)."""
+    if seed is None:
+        return None
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def choose(scores: Any, temperature: float, top_p: float, top_k: int, generator: Any) -> Any:
+    """Greedy, or temperature -> top-k -> top-p -> a draw; scores [1, vocab] float -> ids [1]."""
+    import torch
+
+    if temperature <= 1e-5:
+        return scores.argmax(dim=-1)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k > 0:
+        scores = apply_top_k(scores, top_k)
+    if top_p < 1.0:
+        scores = apply_top_p(scores, top_p)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+class RequestSampler:
+    """Next-token choice for one request of a batch: its own seeded generator and penalty state.
+
+    Order: repetition penalty (prompt + output, transformers' maths), presence/frequency
+    penalties (output tokens only, OpenAI's formula: logit - presence * [count > 0] - frequency *
+    count, as vLLM applies them), then `choose`. Logprobs are those of the model's own
+    distribution (log-softmax of the raw logits, before any penalty or temperature), as vLLM's
+    default reports them.
+    """
+
+    def __init__(self, params: Any, prompt_ids: list[int], device: Any):
+        self.temperature = params.temperature
+        self.top_p = params.top_p
+        self.top_k = params.top_k
+        self.repetition_penalty = params.repetition_penalty
+        self.presence = params.presence_penalty
+        self.frequency = params.frequency_penalty
+        self.device = device
+        self.generator = new_generator(params.seed, device)
+        self.seen: set[int] = set(prompt_ids) if self.repetition_penalty != 1.0 else set()
+        self._seen_tensor: Any = None
+        self.counts: dict[int, int] = {}
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Greedy without penalties: the argmax of the raw logits (batched by the caller)."""
+        return (
+            self.temperature <= 1e-5 and self.repetition_penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0
+        )
+
+    def observe(self, token_id: int) -> None:
+        if self.repetition_penalty != 1.0 and token_id not in self.seen:
+            self.seen.add(token_id)
+            self._seen_tensor = None
+        if self.presence or self.frequency:
+            self.counts[token_id] = self.counts.get(token_id, 0) + 1
+
+    def pick(self, logits: Any) -> int:
+        """logits [1, vocab] -> the next token id."""
+        import torch
+
+        scores = logits.float()
+        if self.repetition_penalty != 1.0 and self.seen:
+            if self._seen_tensor is None:
+                self._seen_tensor = torch.tensor([sorted(self.seen)], device=scores.device)
+            scores = apply_repetition_penalty(self._seen_tensor, scores, self.repetition_penalty)
+        if self.counts:
+            ids = torch.tensor(list(self.counts), device=scores.device)
+            counts = torch.tensor(list(self.counts.values()), device=scores.device, dtype=scores.dtype)
+            scores = scores.clone()
+            scores[0, ids] -= self.presence + self.frequency * counts
+        return int(choose(scores, self.temperature, self.top_p, self.top_k, self.generator))
+
+
+def top_logprobs(logits: Any, chosen: list[int], top_n: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of logits [B, vocab]: the chosen token's logprob and the top_n (id, logprob)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, torch.tensor(chosen, device=logits.device)[:, None])[:, 0].tolist()
+    if top_n > 0:
+        values, ids = logprobs.topk(top_n, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+    else:
+        alternatives = [[] for _ in chosen]
+    return list(zip(picked, alternatives))
 
 
 def apply_repetition_penalty(history: Any, scores: Any, penalty: float) -> Any:

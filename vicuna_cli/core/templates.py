@@ -85,7 +85,10 @@ class Template:
                 head = f"{assistant_tag} "
                 start = len(text) + len(head)
                 text += head + message["content"] + self.sep2
-                spans.append((start, len(text)))
+                # The turn ends at "</s>": the "<s>" after it opens the next turn, so it is not
+                # part of what the assistant says (and must not be supervised in training).
+                end_of_turn = self.sep2.find("</s>") + len("</s>") if "</s>" in self.sep2 else len(self.sep2)
+                spans.append((start, len(text) - len(self.sep2) + end_of_turn))
         if add_generation_prompt:
             text += assistant_tag
         return Rendered(text, tuple(spans))

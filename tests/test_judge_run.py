@@ -1,0 +1,394 @@
+"""Judging runs against a real local HTTP server: a scripted OpenAI-compatible judge double.
+
+The double answers /v1/chat/completions like a judge that reads the answers: an answer that
+contains "correct" beats one that does not. It counts every request, so the tests can assert how
+many judge calls a run, a resumed run and a repeated run make, and it can be told to answer 429
+with Retry-After, 401, 403, refusals, garbage, slow replies or reject `response_format`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vicuna_cli.cli import app
+from vicuna_cli.core.errors import VicunaError
+from vicuna_cli.judge import judging
+from vicuna_cli.judge.client import ApiClient, Cache, Sampling
+from vicuna_cli.judge.questions import Question
+
+QUESTIONS = [
+    Question(1, "writing", ["Write a poem."]),
+    Question(2, "roleplay", ["Be a pirate."]),
+    Question(3, "math", ["What is 2+2?"], reference=["4"]),
+    Question(4, "coding", ["Reverse a list in Python."], reference=["xs[::-1]"]),
+    Question(5, "writing", ["Write a limerick.", "Now make it sadder."]),
+]
+
+
+class JudgeDouble:
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        self.mode = "smart"  # smart | first | garbage | refuse
+        self.fail: list[tuple[int, dict, dict]] = []  # queued (status, headers, body) replies
+        self.reject_schema = False
+        self.delay = 0.0
+        self.port = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def calls(self) -> int:
+        return len(self.requests)
+
+    def verdict(self, body: dict) -> dict:
+        user = body["messages"][1]["content"]
+        if body["messages"][-1]["content"].startswith("Your reply did not"):
+            user = "repair"
+        if self.mode == "refuse":
+            return {"role": "assistant", "content": None, "refusal": "I can't help with grading that."}
+        if self.mode == "garbage" or user == "repair":
+            return {"role": "assistant", "content": "Both answers have merits."}
+        schema = "response_format" in body
+        if "Assistant A's" in user:
+            a = re.search(r"\[Start of Assistant A's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
+            b = re.search(r"\[Start of Assistant B's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
+            win = "A" if self.mode == "first" else ("A" if "correct" in a and "correct" not in b else "B" if "correct" in b and "correct" not in a else "tie")
+            text = json.dumps({"explanation": "compared", "verdict": win}) if schema else f"Compared. [[{'C' if win == 'tie' else win}]]"
+        else:
+            ans = re.search(r"\[Start of (?:Assistant's Answer|Conversation)\]\n(.*?)\n\[End of", user, re.S).group(1)
+            score = 9 if "correct" in ans.split("### Assistant:")[-1] else 3
+            text = json.dumps({"explanation": "graded", "rating": score}) if schema else f"Rating: [[{score}]]"
+        return {"role": "assistant", "content": text}
+
+
+def _handler(state: JudgeDouble):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with state.lock:
+                state.requests.append(body)
+                queued = state.fail.pop(0) if state.fail else None
+            if state.delay:
+                time.sleep(state.delay)
+            if queued:
+                return self._send(queued[0], queued[2], queued[1])
+            if state.reject_schema and "response_format" in body:
+                return self._send(400, {"error": {"message": "response_format is not supported", "type": "invalid_request_error"}})
+            message = state.verdict(body)
+            self._send(200, {
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
+            })
+
+    return Handler
+
+
+@pytest.fixture
+def double():
+    state = JudgeDouble()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    httpd.daemon_threads = True
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def _answers(folder: Path, model: str, good: bool, skip: tuple = ()) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    word = "correct" if good else "wrong"
+    rows = [
+        {"question_id": q.question_id, "answer_id": f"{model}-{q.question_id}", "model_id": model,
+         "choices": [{"index": 0, "turns": [f"{word} answer {i} by {model}" for i in range(len(q.turns))]}], "tstamp": 0}
+        for q in QUESTIONS if q.question_id not in skip
+    ]
+    (folder / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    _answers(tmp_path / "answers", "good", True)
+    _answers(tmp_path / "answers", "bad", False)
+    _answers(tmp_path / "answers", "meh", False, skip=(2, 4))
+    bench = tmp_path / "question.jsonl"
+    bench.write_text("".join(json.dumps(q.as_dict()) + "\n" for q in QUESTIONS))
+    return tmp_path
+
+
+def _client(double, out: Path, **kw) -> ApiClient:
+    return ApiClient(double.base, "sk-test", "judge-x", Cache(out / "judge_cache.sqlite"), **kw)
+
+
+def _run(double, workdir, mode="pair", models=("good", "bad"), **kw):
+    settings = judging.JudgeSettings(mode, list(models), kw.pop("baseline", None), Sampling(), kw.pop("concurrency", 4), kw.pop("allow_missing", False))
+    answers = judging.load_model_answers(workdir / "answers", list(models))
+    games = judging.plan_games(QUESTIONS, answers, settings)
+    client = _client(double, workdir / "out", **kw)
+    return judging.run(games, answers, client, settings, workdir / "out"), client
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+FASTCHAT_PAIR_FIELDS = {
+    "question_id", "model_1", "model_2", "g1_winner", "g2_winner", "judge", "g1_user_prompt", "g1_judgment",
+    "g2_user_prompt", "g2_judgment", "turn", "tstamp",
+}
+
+
+def test_pairwise_both_orders_fastchat_records(double, workdir):
+    summary, client = _run(double, workdir)
+    # 5 questions, one with two turns: 6 matches, each judged in both orders
+    assert double.calls == 12 and summary.calls == 12 and summary.records == 6 and summary.errors == 0
+    assert all(r["response_format"]["type"] == "json_schema" for r in double.requests)
+    assert all(r["temperature"] == 0.0 for r in double.requests)
+    rows = _rows(summary.path)
+    assert summary.path.name == "judge-x_pair.jsonl"
+    assert all(set(r) == FASTCHAT_PAIR_FIELDS | {"category"} for r in rows)
+    assert {(r["question_id"], r["turn"], r["g1_winner"], r["g2_winner"]) for r in rows} == {
+        (1, 1, "model_1", "model_1"), (2, 1, "model_1", "model_1"), (3, 1, "model_1", "model_1"),
+        (4, 1, "model_1", "model_1"), (5, 1, "model_1", "model_1"), (5, 2, "model_1", "model_1"),
+    }
+    by_q = {(r["question_id"], r["turn"]): r for r in rows}
+    assert by_q[(3, 1)]["judge"] == ["judge-x", "vicuna-pair-ref-v1"]  # math: reference-guided
+    assert "[Start of Reference Answer]\n4\n" in by_q[(3, 1)]["g1_user_prompt"]
+    assert by_q[(5, 2)]["judge"] == ["judge-x", "vicuna-pair-multi-v1"]
+    assert "Now make it sadder." in by_q[(5, 2)]["g1_user_prompt"]
+    # game 2 shows model_2 as A: the "good" answer is second in g1 and first in g2
+    assert by_q[(1, 1)]["g1_user_prompt"].index("correct") < by_q[(1, 1)]["g1_user_prompt"].index("wrong")
+    assert by_q[(1, 1)]["g2_user_prompt"].index("correct") > by_q[(1, 1)]["g2_user_prompt"].index("wrong")
+    # a repeated run is served from the cache: no call, same verdicts, the file not duplicated
+    summary2, _ = _run(double, workdir)
+    assert double.calls == 12 and summary2.calls == 0 and summary2.cache_hits == 12
+    assert [(r["question_id"], r["g1_winner"]) for r in _rows(summary2.path)] == [(r["question_id"], r["g1_winner"]) for r in rows]
+
+
+def test_position_biased_judge_gives_ties_and_zero_consistency(double, workdir):
+    double.mode = "first"  # always prefers whatever is shown first
+    summary, _ = _run(double, workdir)
+    from vicuna_cli.judge import results
+
+    table = results.pairwise_tables(_rows(summary.path), {})
+    (pair,) = table["pairs"]
+    assert (pair["win"], pair["loss"], pair["tie"], pair["inconsistent"]) == (0, 0, 6, 6)
+    assert pair["position_consistency"] == 0.0
+
+
+def test_single_baseline_and_all_modes(double, workdir):
+    summary, _ = _run(double, workdir, mode="single", models=("good", "bad"))
+    rows = _rows(summary.path)
+    assert summary.path.name == "judge-x_single.jsonl" and double.calls == 12
+    assert {(r["model"], r["question_id"], r["turn"]): r["score"] for r in rows if r["question_id"] == 5} == {
+        ("good", 5, 1): 9.0, ("good", 5, 2): 9.0, ("bad", 5, 1): 3.0, ("bad", 5, 2): 3.0,
+    }
+    assert {r["judge"][1] for r in rows} == {"vicuna-single-v1", "vicuna-single-ref-v1", "vicuna-single-multi-v1"}
+    double.requests.clear()
+    summary, _ = _run(double, workdir, mode="pairwise-baseline", models=("good", "meh", "bad"), baseline="bad", allow_missing=True)
+    rows = _rows(summary.path)
+    # good vs bad: 6 matches; meh vs bad: 4 (meh lacks questions 2 and 4)
+    assert sorted({(r["model_1"], r["model_2"]) for r in rows}) == [("good", "bad"), ("meh", "bad")]
+    assert len(rows) == 10 and double.calls == 20
+    double.requests.clear()
+    settings = judging.JudgeSettings("pairwise-all", ["good", "bad", "meh"], allow_missing=True)
+    answers = judging.load_model_answers(workdir / "answers", settings.models)
+    games = judging.plan_games(QUESTIONS, answers, settings)
+    assert len(games) == 2 * (6 + 4 + 4)
+
+
+def test_missing_answers_and_unknown_model(double, workdir):
+    with pytest.raises(VicunaError, match=r"answers missing: meh lacks 2 \(2, 4\)") as exc:
+        _run(double, workdir, models=("good", "meh"))
+    assert "--allow-missing" in exc.value.hint
+    summary, _ = _run(double, workdir, models=("good", "meh"), allow_missing=True)
+    assert summary.records == 4  # questions 1, 3, 5 (two turns)
+    with pytest.raises(VicunaError, match="no answers for model 'gpt-9' in .*; available: bad, good, meh"):
+        _run(double, workdir, models=("good", "gpt-9"))
+
+
+def test_unreadable_verdicts_are_retried_then_counted(double, workdir):
+    double.mode = "garbage"
+    summary, _ = _run(double, workdir)
+    # each game: the first reply and one repair turn
+    assert double.calls == 24 and summary.errors == 6
+    assert double.requests[-1]["messages"][-1]["content"].startswith("Your reply did not contain a verdict")
+    rows = _rows(summary.path)
+    assert all(r["g1_winner"] == "error" and r["g2_winner"] == "error" for r in rows)
+    assert all("no readable verdict after 2 replies" in r["error"] for r in rows)
+    runner = CliRunner()
+    res = runner.invoke(app, ["judge", "show", str(summary.path), "--bootstrap", "5"])
+    assert "unreadable verdicts: 6 of 6 records" in res.stdout
+    # the command says so, and says what to do when the judge never produced a verdict
+    res = runner.invoke(app, ["judge", "--pair", "good", "bad", "--answers", str(workdir / "answers"), "-o", str(workdir / "cli"),
+                              "--bench", str(workdir / "question.jsonl"), "--judge-model", "judge-x", "--judge-api-base", double.base])
+    assert res.exit_code == 0, res.output
+    assert "6 of 6 judgments have no readable verdict" in res.stderr and "use a stronger --judge-model" in res.stderr
+
+
+def test_max_calls_stops_cleanly_and_resume_finishes(double, workdir):
+    summary, _ = _run(double, workdir, max_calls=5)
+    assert summary.stopped == "--max-calls 5 reached" and double.calls == 5
+    summary, _ = _run(double, workdir)
+    assert double.calls == 12 and summary.calls == 7 and summary.cache_hits == 5 and summary.records == 6
+    _run(double, workdir)
+    assert double.calls == 12
+
+
+def test_429_retry_after_is_honoured(double, workdir):
+    double.fail = [(429, {"Retry-After": "1"}, {"error": {"message": "slow down", "type": "rate_limit"}})]
+    client = _client(double, workdir / "out")
+    start = time.perf_counter()
+    reply = client.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "Rating please [Start of Assistant's Answer]\ncorrect\n[End of"}], Sampling())
+    assert time.perf_counter() - start >= 1.0
+    assert double.calls == 2 and client.retries == 1 and client.calls == 2
+    assert reply.text == "Rating: [[9]]"  # no schema was asked for
+
+
+def test_5xx_and_timeouts_back_off_then_give_up(double, workdir):
+    double.fail = [(503, {"retry-after-ms": "10"}, {"error": {"message": "overloaded"}})] * 2
+    client = _client(double, workdir / "out", timeout=0.5)
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "[Start of Assistant's Answer]\nx\n[End of"}]
+    assert client.complete(msgs, Sampling()).text
+    assert double.calls == 3
+    double.requests.clear()
+    double.delay = 1.5  # longer than the client's timeout: every attempt times out
+    client = _client(double, workdir / "out2", timeout=0.3, max_retries=1, sleep=lambda s: None)
+    with pytest.raises(VicunaError, match="kept failing after 1 retries .*APITimeoutError"):
+        client.complete(msgs, Sampling())
+    assert double.calls == 2
+
+
+def test_unreachable_endpoint(workdir):
+    with socket.socket() as sock:  # bound, not listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        client = ApiClient(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", "k", "m", max_retries=1, sleep=lambda s: None)
+        with pytest.raises(VicunaError, match=r"could not connect to http://127.0.0.1:\d+/v1 \(APIConnectionError") as exc:
+            client.complete([{"role": "user", "content": "hi"}], Sampling())
+    assert "is the server running" in exc.value.hint and client.calls == 2
+
+
+def test_401_403_and_refusal_are_clear_errors(double, workdir):
+    double.fail = [(401, {}, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})]
+    with pytest.raises(VicunaError, match=r"rejected the API key \(401\): Incorrect API key provided") as exc:
+        _run(double, workdir)
+    assert "OPENAI_API_KEY" in exc.value.hint
+    double.fail = [(403, {}, {"error": {"message": "not allowed"}})]
+    with pytest.raises(VicunaError, match=r"refused the request \(403\)"):
+        _run(double, workdir)
+    double.mode = "refuse"
+    with pytest.raises(VicunaError, match="refused to answer: I can't help with grading that") as exc:
+        _run(double, workdir, concurrency=1)
+    assert "--judge-model" in exc.value.hint
+
+
+def test_endpoint_without_response_format_falls_back_and_remembers(double, workdir):
+    double.reject_schema = True
+    summary, _ = _run(double, workdir)
+    assert summary.records == 6 and summary.errors == 0
+    rejected = [r for r in double.requests if "response_format" in r]
+    assert 1 <= len(rejected) <= 4  # the calls in flight when the first rejection came back
+    assert double.calls == 12 + len(rejected)
+    with sqlite3.connect(workdir / "out" / "judge_cache.sqlite") as db:
+        assert db.execute("SELECT value FROM capabilities").fetchone() == ("unsupported",)
+    double.requests.clear()
+    _run(double, workdir)
+    assert double.calls == 0  # the capability is remembered, so the cached keys match
+
+
+def _cli_env(double) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "VICUNA_JUDGE"))}
+    env.update(VICUNA_JUDGE_API_BASE=double.base, OPENAI_API_KEY="sk-test")
+    return env
+
+
+def _cli(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "vicuna_cli", "judge", "--answers", str(workdir / "answers"), "-o", str(workdir / "out"),
+            "--bench", str(workdir / "question.jsonl"), "--judge-model", "judge-x", *args]
+
+
+def test_cli_dry_run_then_interrupted_run_resumes(double, workdir):
+    env = _cli_env(double)
+    done = subprocess.run(_cli(workdir, "--pair", "good", "bad", "--dry-run", "--price", "2,8", "--est-output-tokens", "100"),
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    m = re.search(r"6 judgments planned, 12 judge calls: 12 needed \(0 in the cache\), ~(\d+) prompt tokens \+ ~1200 output tokens, ~\$([\d.]+)", done.stdout)
+    assert m, done.stdout
+    assert float(m.group(2)) == pytest.approx(round((int(m.group(1)) * 2 + 1200 * 8) / 1e6, 2))
+    assert double.calls == 0
+    # a real interruption: Ctrl-C (SIGINT) while calls are in flight
+    double.delay = 0.3
+    proc = subprocess.Popen(_cli(workdir, "--pair", "good", "bad", "-j", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while double.calls < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    first = double.calls
+    with sqlite3.connect(workdir / "out" / "judge_cache.sqlite") as db:
+        cached = db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+    assert 3 <= cached <= first < 12
+    double.delay = 0
+    done = subprocess.run(_cli(workdir, "--pair", "good", "bad"), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert double.calls - first == 12 - cached  # only what the first run had not finished
+    assert "good" in done.stdout and "position consistency: 100.0%" in done.stdout
+    again = subprocess.run(_cli(workdir, "--pair", "good", "bad", "--dry-run"), capture_output=True, text=True, env=env, timeout=60)
+    assert "12 judge calls: 0 needed (12 in the cache), ~0 prompt tokens" in again.stdout
+
+
+def test_cli_errors_are_one_line(double, workdir):
+    env = _cli_env(double)
+    double.fail = [(401, {}, {"error": {"message": "bad key"}})]
+    done = subprocess.run(_cli(workdir, "--pair", "good", "bad", "-j", "1"), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[0].startswith("error: the endpoint http://127.0.0.1:") and "(401): bad key" in done.stderr
+    done = subprocess.run(_cli(workdir, "--pair", "good", "nobody"), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and "no answers for model 'nobody'" in done.stderr and "available: bad, good, meh" in done.stderr
+    done = subprocess.run(_cli(workdir, "--mode", "sideways"), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and "unknown --mode 'sideways'" in done.stderr
+    done = subprocess.run(_cli(workdir, "--pair", "good", "meh"), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and "answers missing: meh lacks 2 (2, 4)" in done.stderr
+    done = subprocess.run(_cli(workdir, "--pair", "good", "bad", "--max-calls", "3"), capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0 and "stopped: --max-calls 3 reached" in done.stderr

@@ -1,0 +1,295 @@
+"""`vicuna serve` pieces in this process (fast): the controller's registry and dispatch, request
+validation, backend request mapping (vllm, openai proxy), the vllm import guard, moderation
+against a local fake endpoint, API keys, metrics, the OpenAPI schema and the launcher's plan."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from pydantic import ValidationError
+
+from vicuna_cli.core.errors import VicunaError
+from vicuna_cli.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateParams,
+    GenerateRequest,
+    HeartbeatRequest,
+    RegisterRequest,
+    ServeError,
+    WorkerModel,
+)
+
+
+def _worker(address: str, *models: str, running: int = 0, waiting: int = 0) -> RegisterRequest:
+    return RegisterRequest(worker_id=address, address=address, models=[WorkerModel(name=m, backend="hf") for m in models],
+                           max_batch_size=4, max_queue=8, running=running, waiting=waiting)
+
+
+# ---------------------------------------------------------------------------------------------
+# Controller registry
+
+
+def test_dispatch_prefers_the_least_loaded_and_spreads_a_burst():
+    from vicuna_cli.serve.controller import Registry
+
+    registry = Registry(expiry=60)
+    registry.register(_worker("http://a", "m", running=3))
+    registry.register(_worker("http://b", "m", running=1))
+    registry.register(_worker("http://c", "other"))
+    assert registry.dispatch("m") == ["http://b", "http://a"]
+    # Between heartbeats, dispatched requests count as load (b: 1 + 1 so far, a: 3); equal loads
+    # go to the worker chosen least recently.
+    picks = [registry.dispatch("m")[0] for _ in range(4)]
+    assert picks == ["http://b", "http://a", "http://b", "http://a"]
+    registry.heartbeat(HeartbeatRequest(worker_id="http://a", running=0, waiting=0))
+    assert registry.dispatch("m")[0] == "http://a"
+
+
+def test_expiry_unknown_model_and_gone_model():
+    from vicuna_cli.serve.controller import Registry
+
+    registry = Registry(expiry=0.2)
+    registry.register(_worker("http://a", "m"))
+    with pytest.raises(ServeError) as unknown:
+        registry.dispatch("nope")
+    assert unknown.value.status == 404 and unknown.value.code == "model_not_found" and "served: m" in unknown.value.message
+    time.sleep(0.3)
+    with pytest.raises(ServeError) as gone:
+        registry.dispatch("m")
+    assert gone.value.status == 503 and gone.value.code == "no_worker"
+    assert "its last worker (http://a) sent no heartbeat for" in gone.value.message
+    assert registry.heartbeat(HeartbeatRequest(worker_id="http://a")) is False  # -> it registers again
+    registry.register(_worker("http://a", "m"))
+    assert registry.dispatch("m") == ["http://a"]
+
+
+def test_a_worker_restarted_on_the_same_address_replaces_the_old_entry():
+    from vicuna_cli.serve.controller import Registry
+
+    registry = Registry(expiry=60)
+    registry.register(_worker("http://a", "m"))
+    registry.register(RegisterRequest(worker_id="new-id", address="http://a", models=[WorkerModel(name="m", backend="hf")]))
+    assert [s.worker_id for s in registry.status()] == ["new-id"]
+
+
+def test_controller_routes_need_the_secret_except_reads():
+    from fastapi.testclient import TestClient
+
+    from vicuna_cli.serve.controller import create_app
+
+    with TestClient(create_app(expiry=60, secret="s3")) as client:
+        body = _worker("http://a", "m").model_dump()
+        denied = client.post("/register", json=body)
+        assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_secret"
+        assert client.post("/register", json=body, headers={"x-vicuna-secret": "s3"}).status_code == 200
+        assert client.post("/dispatch", json={"model": "m"}).status_code == 401
+        assert client.post("/dispatch", json={"model": "m"}, headers={"x-vicuna-secret": "s3"}).json() == {"candidates": ["http://a"]}
+        assert [w["address"] for w in client.get("/workers").json()] == ["http://a"]  # open: `serve status`
+        bad = client.post("/heartbeat", json={"worker_id": 5}, headers={"x-vicuna-secret": "s3"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "worker_id"
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def test_request_validation():
+    ok = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+                               stop="x", max_completion_tokens=5, max_tokens=9, tools=[{"ignored": True}])
+    assert ok.messages[0].text() == "ab" and ok.stop_list() == ["x"] and ok.token_limit() == 5
+    for bad in ({"stop": [""]}, {"n": 17}, {"temperature": 2.5}, {"top_logprobs": 21}, {"messages": []}, {"seed": 2**63}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(**{"model": "m", "messages": [{"role": "user", "content": "a"}], **bad})
+    assert CompletionRequest(model="m", prompt=["a", "b"]).prompts() == ["a", "b"]
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt=[])
+
+
+def test_serve_error_from_an_upstream_body():
+    error = ServeError.from_body(429, {"error": {"message": "slow down", "code": "rate_limit_exceeded", "param": None}})
+    assert (error.status, error.message, error.code) == (429, "slow down", "rate_limit_exceeded")
+    assert error.body() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}
+    assert ServeError.from_body(502, "<html>bad gateway</html>").message == "upstream answered 502: <html>bad gateway</html>"
+
+
+def test_vllm_request_mapping():
+    from vicuna_cli.serve.backends import vllm_sampling_kwargs
+
+    p = GenerateParams(temperature=0.3, top_p=0.0, max_tokens=50, presence_penalty=0.5, frequency_penalty=-0.2,
+                       logprobs=True, top_logprobs=3, n=2)
+    assert vllm_sampling_kwargs(p, ["</s>", "USER:"], 40, 11) == {
+        "n": 1, "temperature": 0.3, "top_p": 1e-8, "max_tokens": 40, "seed": 11, "stop": ["</s>", "USER:"],
+        "presence_penalty": 0.5, "frequency_penalty": -0.2, "logprobs": 3,
+    }
+    assert vllm_sampling_kwargs(GenerateParams(), [], 16, None)["logprobs"] is None
+
+
+def test_vllm_backend_names_the_extra_when_vllm_is_missing(monkeypatch):
+    from vicuna_cli.serve.backends import VLLMBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails, installed or not
+    with pytest.raises(VicunaError) as info:
+        VLLMBackend("m", "some/model")
+    assert "the optional package 'vllm' is not installed (needed for the vllm worker backend)" in info.value.message
+    assert info.value.hint == "pip install 'vicuna-cli[vllm]'"
+
+
+def test_hf_engine_params_and_seeds_per_choice():
+    from vicuna_cli.core.generate import SamplingParams
+    from vicuna_cli.serve.backends import choice_seed, engine_params
+
+    p = GenerateParams(temperature=0.5, top_p=0, presence_penalty=1.0, logprobs=True, top_logprobs=2)
+    params = SamplingParams(**engine_params(p, ("</s>",), 10, choice_seed(7, 2)))
+    assert (params.seed, params.max_new_tokens, params.stop, params.presence_penalty, params.top_logprobs) == (9, 10, ("</s>",), 1.0, 2)
+    assert 0 < params.top_p < 1e-6
+    assert choice_seed(None, 3) is None
+
+
+def test_openai_proxy_payloads():
+    from vicuna_cli.serve.backends import OpenAIProxyBackend
+
+    backend = OpenAIProxyBackend("hosted", "https://up.example/v1/", "gpt-x")
+    p = GenerateParams(temperature=0, top_p=1, max_tokens=8, seed=3, stop=["\n"], logprobs=True, top_logprobs=2, n=2)
+    path, body = backend.payload(GenerateRequest(model="hosted", request_id="r", messages=[{"role": "user", "content": "hi"}], params=p))
+    assert path == "/chat/completions"
+    assert body == {"model": "gpt-x", "stream": True, "stream_options": {"include_usage": True}, "n": 2, "temperature": 0, "top_p": 1,
+                    "max_tokens": 8, "seed": 3, "stop": ["\n"], "logprobs": True, "top_logprobs": 2,
+                    "messages": [{"role": "user", "content": "hi"}]}
+    path, body = backend.payload(GenerateRequest(model="hosted", request_id="r", prompt="Once", params=p))
+    assert path == "/completions" and body["prompt"] == "Once" and body["logprobs"] == 2 and "messages" not in body
+
+
+# ---------------------------------------------------------------------------------------------
+# Moderation and keys
+
+
+class _FakeModeration:
+    def __init__(self):
+        self.flag = False
+        self.requests = []
+        handler = self._handler()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/moderations"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _handler(self):
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                state.requests.append((self.headers.get("authorization"), body))
+                results = [{"flagged": state.flag, "categories": {"violence": state.flag, "hate": False}} for _ in body["input"]]
+                data = json.dumps({"results": results}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler
+
+
+def test_openai_moderation_refuses_flagged_input_and_fails_closed(monkeypatch):
+    import asyncio
+
+    from vicuna_cli.serve.moderation import make_moderation
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    fake = _FakeModeration()
+    try:
+        moderation = make_moderation("openai", fake.url)
+        asyncio.run(moderation.check(["hello"]))
+        assert fake.requests == [("Bearer sk-test", {"input": ["hello"]})]
+        fake.flag = True
+        with pytest.raises(ServeError) as refused:
+            asyncio.run(make_moderation("openai", fake.url).check(["something violent"]))
+        assert refused.value.status == 400 and refused.value.code == "content_policy_violation"
+        assert "(flagged: violence)" in refused.value.message
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+    with pytest.raises(ServeError) as down:  # the endpoint is gone: refuse rather than let it through
+        asyncio.run(make_moderation("openai", fake.url).check(["hello"]))
+    assert down.value.status == 503 and down.value.code == "moderation_unavailable"
+
+
+def test_openai_moderation_needs_a_key(monkeypatch):
+    from vicuna_cli.serve.moderation import make_moderation
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(VicunaError, match="--moderation openai needs an API key"):
+        make_moderation("openai")
+
+
+def test_api_keys_from_flags_and_file(tmp_path):
+    from vicuna_cli.serve.security import load_api_keys
+
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\n  k2  \n\nk1\n")
+    assert load_api_keys(["k1", ""], keys) == ["k1", "k2"]
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(VicunaError, match="holds no keys"):
+        load_api_keys([], tmp_path / "empty")
+    with pytest.raises(VicunaError, match="must not contain spaces"):
+        load_api_keys(["a b"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, schema, launcher
+
+
+def test_request_timer_feeds_ttft_itl_and_counters():
+    from vicuna_cli.serve.metrics import ApiMetrics, RequestTimer
+
+    metrics = ApiMetrics()
+    timer = RequestTimer(metrics, "m")
+    timer.tokens(1)
+    timer.tokens(3)  # three tokens in one event: three gaps
+    timer.tokens(0)
+    timer.finish(["length"], prompt_tokens=5, completion_tokens=4)
+    text = metrics.render()[0].decode()
+    assert 'vicuna:time_to_first_token_seconds_count{model_name="m"} 1.0' in text
+    assert 'vicuna:inter_token_latency_seconds_count{model_name="m"} 3.0' in text
+    assert 'vicuna:generation_tokens_total{model_name="m"} 4.0' in text
+    assert 'vicuna:request_success_total{finished_reason="length",model_name="m"} 1.0' in text
+    metrics.set_load([{"models": [{"name": "m"}], "running": 2, "waiting": 1}, {"models": [{"name": "m"}], "running": 1, "waiting": 0}])
+    text = metrics.render()[0].decode()
+    assert 'vicuna:num_requests_running{model_name="m"} 3.0' in text and 'vicuna:num_workers{model_name="m"} 2.0' in text
+
+
+def test_openapi_schema_documents_the_error_statuses():
+    from fastapi.testclient import TestClient
+
+    from vicuna_cli.serve.api import create_app
+
+    with TestClient(create_app("http://127.0.0.1:9")) as client:
+        schema = client.get("/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= set(schema["paths"])
+    statuses = set(schema["paths"]["/v1/chat/completions"]["post"]["responses"])
+    assert {"200", "400", "401", "404", "413", "429", "503"} <= statuses
+
+
+def test_launcher_plan(tmp_path):
+    from vicuna_cli.serve.config import ServeConfig
+    from vicuna_cli.serve.launcher import plan
+
+    config = ServeConfig(model=["a", "b"], workers_per_model=2, port=9000, controller_port=9001, worker_port=9100,
+                         api_key=["k"], heartbeat=1, expiry=4, template="vicuna_v1.1")
+    roles = plan(config)
+    assert [r for r, _ in roles] == ["controller", "worker:9100", "worker:9101", "worker:9102", "worker:9103", "api"]
+    assert roles[0][1][:5] == ["controller", "--port", "9001", "--expiry", "4"]
+    worker = roles[3][1]
+    assert worker[worker.index("-m") + 1] == "b" and worker[worker.index("--controller") + 1] == "http://127.0.0.1:9001"
+    assert worker[worker.index("--template") + 1] == "vicuna_v1.1" and worker[worker.index("--heartbeat") + 1] == "1"
+    api = roles[-1][1]
+    assert api[api.index("--api-key") + 1] == "k" and api[api.index("--worker-timeout") + 1] == "4"

@@ -1,0 +1,492 @@
+"""Continuous batching: many requests share one model, joining and leaving between decode steps.
+
+    engine = BatchEngine(model, tokenizer, context_length, max_batch_size=16, max_queue=256)
+    engine.start()                                  # a daemon scheduler thread
+    request = engine.submit(prompt_ids, SamplingParams(temperature=0, max_new_tokens=64))
+    for event in request.events():                  # or `async for event in request.aevents()`
+        print(event.text, end="")                   # the last event has a finish_reason
+
+Each `step()` (the thread loops over it; tests call it directly):
+  1. finishes cancelled requests (their slot is free at once);
+  2. admits waiting requests while slots are free (FIFO);
+  3. prefills: whole `prefill_chunk`-token chunks of the admitted prompts, one forward per chunk,
+     until `prefill_chunk` tokens were processed in this step (so a long prompt does not stall
+     the running streams for long). Chunk boundaries depend only on the prompt, so a request's
+     output does not depend on what else is in the batch;
+  4. decodes one token for every running request in one batched forward.
+
+On the native Llama model (core/native_llama.py) a decode step is one forward over all rows,
+each at its own position in its own slot of a preallocated KV cache. Other models (transformers'
+implementations) run one forward per request per step with their own cache: interleaved, so
+requests still join and leave between steps, but without the batching speed-up (re-laying
+transformers' cache for joins and leaves on every step would cost more than it saves on CPU).
+
+Sampling, detokenizing, stop strings and stats are per request and shared with the batch-1
+`generate.Engine`, which runs this engine with one slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+from . import console
+from .errors import VicunaError
+from .generate import (
+    GenerationStats,
+    IncrementalDetokenizer,
+    SamplingParams,
+    StopStringFilter,
+    TokenEvent,
+    TokenLogprob,
+    TokenPieces,
+    check_prompt,
+    eos_token_ids,
+)
+from .sampling import RequestSampler, top_logprobs
+
+__all__ = ["BatchEngine", "BatchRequest", "QueueFull", "EngineStopped", "TokenEvent", "TokenLogprob"]
+
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class QueueFull(VicunaError):
+    def __init__(self, max_queue: int):
+        super().__init__(
+            f"the request queue is full ({max_queue} waiting)",
+            hint="retry later, or raise --max-queue / add workers",
+        )
+        self.max_queue = max_queue
+
+
+class EngineStopped(VicunaError):
+    def __init__(self) -> None:
+        super().__init__("the generation engine is shutting down", hint="retry on another worker")
+
+
+class BatchRequest:
+    """One submitted prompt: its events (a thread-safe queue) and its scheduling state."""
+
+    def __init__(self, engine: "BatchEngine", prompt_ids: list[int], params: SamplingParams):
+        self.id = f"req-{uuid.uuid4().hex[:16]}"
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        self.output_ids: list[int] = []
+        self.exception: BaseException | None = None  # what failed it, when finish_reason is "error"
+        self.finished = False
+        self._arrival = time.perf_counter()
+        self._cancelled = False
+        self._engine = engine
+        self._events: deque[TokenEvent] = deque()
+        self._cond = threading.Condition()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        # Scheduling state (touched by the stepping thread only).
+        self.slot: int | None = None
+        self.prefilled = 0  # prompt tokens in the KV cache
+        self.pending: int | None = None  # the last sampled token, fed at the next decode step
+        self.budget = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
+        self.stop_ids = engine.stop_token_ids | set(params.stop_token_ids)
+        self.sampler = RequestSampler(params, prompt_ids, engine.device)
+        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_ids)
+        self.stops = StopStringFilter(params.stop)
+
+    def cancel(self) -> None:
+        """Stop generating: the request ends with finish_reason "cancelled" at the next step."""
+        self._cancelled = True
+        self._engine._wake.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            waiters = list(self._waiters)
+            self._cond.notify_all()
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that event loop is closed: nobody listens there any more
+                pass
+
+    def drain(self) -> list[TokenEvent]:
+        """The events so far, without waiting."""
+        with self._cond:
+            events = list(self._events)
+            self._events.clear()
+        return events
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Events as they come, up to the one with a finish_reason. `timeout` bounds the wait
+        for each event (TimeoutError), None waits as long as it takes."""
+        while True:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._events, timeout):
+                    raise TimeoutError(f"no event from request {self.id} within {timeout} s")
+                event = self._events.popleft()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        """The same for asyncio: the engine thread wakes the loop (call_soon_threadsafe)."""
+        loop = asyncio.get_running_loop()
+        flag = asyncio.Event()
+        waiter = (loop, flag)
+        with self._cond:
+            self._waiters.add(waiter)
+        try:
+            while True:
+                flag.clear()
+                for event in self.drain():
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+                await flag.wait()
+        finally:
+            with self._cond:
+                self._waiters.discard(waiter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model runners: how one model runs prefills and decode steps for slots
+
+
+class NativeRunner:
+    """The native Llama model: one slot of a SlotKVCache per sequence, one forward per step."""
+
+    def __init__(self, model: Any, num_slots: int, context_length: int):
+        self.model = model
+        # The time dimension doubles on demand up to the context (see SlotKVCache).
+        self.cache = model.new_cache(min(context_length, 512), num_slots, context_length)
+
+    def prefill(self, slot: int, ids: list[int], start: int) -> Any:
+        import torch
+
+        assert self.cache.lengths[slot] == start, (self.cache.lengths[slot], start)
+        tokens = torch.tensor([ids], device=self.model.inv_freq.device)
+        return self.model(input_ids=tokens, past_key_values=self.cache, logits_to_keep=1, slot=slot).logits[:, -1]
+
+    def decode(self, slots: list[int], tokens: list[int]) -> Any:
+        return self.model.decode_rows(tokens, self.cache, slots)
+
+    def release(self, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+
+
+class SequentialRunner:
+    """Any HF-style causal LM (transformers' implementations): a cache per sequence, and one
+    forward per sequence per decode step."""
+
+    def __init__(self, model: Any, num_slots: int, context_length: int):
+        import inspect
+
+        self.model = model
+        self.caches: dict[int, Any] = {}
+        # transformers >= 5.2x renamed `past_key_values` to `cache` (the old name warns).
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+
+    def _cache(self, slot: int) -> Any:
+        if slot not in self.caches:
+            from transformers import DynamicCache
+
+            self.caches[slot] = DynamicCache(config=self.model.config)
+        return self.caches[slot]
+
+    def prefill(self, slot: int, ids: list[int], start: int) -> Any:
+        import torch
+
+        tokens = torch.tensor([ids], device=next(self.model.parameters()).device)
+        kwargs = {self.cache_arg: self._cache(slot)}
+        return self.model(input_ids=tokens, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+
+    def decode(self, slots: list[int], tokens: list[int]) -> Any:
+        import torch
+
+        device = next(self.model.parameters()).device
+        rows = [
+            self.model(input_ids=torch.tensor([[t]], device=device), use_cache=True, **{self.cache_arg: self.caches[s]}).logits[:, -1]
+            for s, t in zip(slots, tokens)
+        ]
+        return torch.cat(rows)
+
+    def release(self, slot: int) -> None:
+        self.caches.pop(slot, None)
+
+
+def make_runner(model: Any, num_slots: int, context_length: int) -> Any:
+    if hasattr(model, "decode_rows"):
+        return NativeRunner(model, num_slots, context_length)
+    return SequentialRunner(model, num_slots, context_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        context_length: int | None = None,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ):
+        if max_batch_size < 1:
+            raise VicunaError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise VicunaError(f"max_queue must be 0 or more, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.stop_token_ids = eos_token_ids(model, tokenizer)
+        self.runner = make_runner(model, max_batch_size, self.context_length)
+        self.batched = isinstance(self.runner, NativeRunner)
+        self._pieces: TokenPieces | None = None
+        self._waiting: deque[BatchRequest] = deque()
+        self._running: list[BatchRequest] = []  # admitted: prefilling or decoding
+        self._free_slots = list(range(max_batch_size))  # a heap: the lowest free slot first
+        self._lock = threading.Lock()  # guards _waiting and _accepting (submit is thread-safe)
+        self._step_lock = threading.Lock()  # one step at a time
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop_thread = False
+        self._accepting = True
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> BatchRequest:
+        """Queue a prompt (thread-safe). Raises ContextOverflow, QueueFull or EngineStopped."""
+        check_prompt(prompt_ids, self.context_length)
+        request = BatchRequest(self, list(prompt_ids), params)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped()
+            if len(self._running) + len(self._waiting) >= self.max_batch_size + self.max_queue:
+                raise QueueFull(self.max_queue)
+            self._waiting.append(request)
+        self._wake.set()
+        return request
+
+    def start(self) -> None:
+        """Run `step` in a daemon thread until `stop`. Calling it again does nothing."""
+        with self._lock:
+            self._accepting = True
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop_thread = False
+            self._thread = threading.Thread(target=self._loop, name="vicuna-batch-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, cancel_running: bool = True) -> None:
+        """Refuse new requests; cancel the queued and running ones (or, with cancel_running=False,
+        let them finish), then end the thread."""
+        with self._lock:
+            self._accepting = False
+            pending = list(self._waiting) + list(self._running)
+        if cancel_running:
+            for request in pending:
+                request.cancel()
+        thread = self._thread
+        if thread is not None:
+            self._stop_thread = True
+            self._wake.set()
+            thread.join()
+            self._thread = None
+        else:
+            while self.step():
+                pass
+
+    def step(self) -> bool:
+        """One iteration: reap cancelled requests, admit, prefill, one decode step for all
+        running. Returns False when there was nothing to do."""
+        with self._step_lock:
+            try:
+                busy = self._reap()
+                self._admit()
+                busy |= self._prefill()
+                busy |= self._decode()
+                return busy or bool(self._running)
+            except Exception as exc:  # a bug in the scheduler itself: fail everyone, keep running
+                console.warn(f"batch engine step failed: {exc!r}")
+                for request in list(self._running):
+                    self._fail(request, exc)
+                return True
+
+    def reap(self) -> None:
+        """Finish cancelled requests now (frees their slots) without running the model."""
+        with self._step_lock:
+            self._reap()
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            busy = self.step()
+            if self._stop_thread and not self._running and not self._waiting:
+                return
+            if not busy:
+                self._wake.wait(0.5)
+
+    def _reap(self) -> bool:
+        with self._lock:
+            cancelled = [r for r in self._waiting if r.cancelled]
+            for request in cancelled:
+                self._waiting.remove(request)
+        cancelled += [r for r in self._running if r.cancelled]
+        for request in cancelled:
+            self._finish(request, "cancelled")
+        return bool(cancelled)
+
+    def _admit(self) -> None:
+        with self._lock:
+            while self._waiting and self._free_slots:
+                request = self._waiting.popleft()
+                request.slot = heapq.heappop(self._free_slots)
+                request.stats.queue_time = time.perf_counter() - request._arrival
+                self._running.append(request)
+
+    def _prefill(self) -> bool:
+        budget = self.prefill_chunk
+        did = False
+        for request in [r for r in self._running if r.prefilled < len(r.prompt_ids)]:
+            while budget > 0 and request.prefilled < len(request.prompt_ids):
+                start = request.prefilled
+                chunk = request.prompt_ids[start : start + self.prefill_chunk]
+                try:
+                    logits = self.runner.prefill(request.slot, chunk, start)
+                except Exception as exc:
+                    self._fail(request, exc)
+                    break
+                did = True
+                budget -= len(chunk)
+                request.prefilled += len(chunk)
+                if request.prefilled == len(request.prompt_ids):
+                    self._sample([request], logits)
+            if budget <= 0:
+                break
+        return did
+
+    def _decode(self) -> bool:
+        rows = sorted((r for r in self._running if r.pending is not None), key=lambda r: r.slot)
+        if not rows:
+            return False
+        try:
+            logits = self.runner.decode([r.slot for r in rows], [r.pending for r in rows])
+        except Exception as exc:
+            for request in rows:
+                self._fail(request, exc)
+            return True
+        self._sample(rows, logits)
+        return True
+
+    def _sample(self, rows: list[BatchRequest], logits: Any) -> None:
+        """Pick each row's next token from logits [len(rows), vocab] and hand it on."""
+        greedy = [i for i, r in enumerate(rows) if r.sampler.is_plain_greedy]
+        chosen: list[int | None] = [None] * len(rows)
+        if greedy:  # one argmax for all plain-greedy rows
+            picks = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(rows) else logits.argmax(dim=-1).tolist()
+            for i, token in zip(greedy, picks):
+                chosen[i] = token
+        for i, request in enumerate(rows):
+            try:
+                if chosen[i] is None:
+                    chosen[i] = request.sampler.pick(logits[i : i + 1])
+                logprobs = None
+                if request.params.logprobs:
+                    logprobs = self._logprobs(logits[i : i + 1], chosen[i], request.params.top_logprobs)
+                self._accept(request, chosen[i], logprobs)
+            except Exception as exc:
+                self._fail(request, exc)
+
+    def _logprobs(self, logits: Any, token: int, top_n: int) -> list[TokenLogprob]:
+        if self._pieces is None:
+            self._pieces = TokenPieces(self.tokenizer)
+        (logprob, alternatives), = top_logprobs(logits, [token], top_n)
+
+        def entry(token_id: int, value: float, top: list[TokenLogprob]) -> TokenLogprob:
+            text, raw = self._pieces(token_id)
+            return TokenLogprob(token_id, text, value, raw, top)
+
+        return [entry(token, logprob, [entry(t, v, []) for t, v in alternatives])]
+
+    def _accept(self, request: BatchRequest, token: int, logprobs: list[TokenLogprob] | None) -> None:
+        """Stop tokens, detokenizing, stop strings and the length budget for one new token."""
+        stats = request.stats
+        if stats.time_to_first_token is None:
+            stats.time_to_first_token = time.perf_counter() - request._arrival
+        request.pending = None
+        if token in request.stop_ids:  # the stop token itself is not part of the answer
+            self._finish(request, "stop")
+            return
+        request.output_ids.append(token)
+        request.sampler.observe(token)
+        text = request.stops.feed(request.detok.push(token))
+        if request.stops.stopped:
+            self._finish(request, "stop", text, [token], logprobs)
+        elif len(request.output_ids) >= request.budget:
+            self._finish(request, "length", text, [token], logprobs)
+        else:
+            request.pending = token
+            request._push(TokenEvent(text, [token], logprobs))
+
+    def _finish(
+        self,
+        request: BatchRequest,
+        reason: str,
+        text: str = "",
+        token_ids: list[int] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+        error: str | None = None,
+    ) -> None:
+        if request.finished:
+            return
+        if reason != "error" and not request.stops.stopped:  # what the hold-back kept, minus a half character
+            text += request.stops.feed(request.detok.flush())
+            text += request.stops.flush()
+        request.finished = True
+        request.pending = None
+        stats = request.stats
+        stats.finish_reason = reason
+        stats.output_tokens = len(request.output_ids)
+        stats.total_time = time.perf_counter() - request._arrival
+        if request in self._running:
+            self._running.remove(request)
+        if request.slot is not None:
+            self.runner.release(request.slot)
+            heapq.heappush(self._free_slots, request.slot)
+            request.slot = None
+        request._push(TokenEvent(text, token_ids or [], logprobs, reason, error))
+
+    def _fail(self, request: BatchRequest, exc: BaseException) -> None:
+        request.exception = exc
+        message = str(exc).strip() or type(exc).__name__
+        self._finish(request, "error", error=message)

@@ -1,0 +1,1 @@
+"""LLM-as-a-judge evaluation: question sets, answers, judging, results (`vicuna judge`)."""

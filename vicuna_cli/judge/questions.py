@@ -1,0 +1,160 @@
+"""Question sets: the built-in 80 questions and FastChat's llm_judge files, loaded unchanged.
+
+A bench is one of
+  - a built-in name (`vicuna80`: 80 questions in 8 categories written for this project, with
+    reference answers for math and coding),
+  - a FastChat `question.jsonl` file (`{question_id, category, turns, reference?}`), or
+  - a FastChat bench directory (`data/mt_bench/`: `question.jsonl` plus, when present,
+    `reference_answer/gpt-4.jsonl` in the model-answer format).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import VicunaError
+
+BUILTIN = {"vicuna80": "vicuna80.jsonl"}
+DEFAULT_BENCH = "vicuna80"
+
+# Every category used by this project and by FastChat's benches (Vicuna bench, MT-bench, its
+# translations, arena-hard-200). A category outside this list is almost always a typo, and a
+# typo would silently send a math question to the judge without its reference.
+CATEGORIES = (
+    "writing", "roleplay", "common-sense", "fermi", "counterfactual", "coding", "math", "knowledge",
+    "generic", "reasoning", "extraction", "stem", "humanities", "arena-hard-200",
+)
+# Judges grade these badly without a reference answer (MT-bench paper, Table 4).
+REFERENCE_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
+
+
+@dataclass
+class Question:
+    question_id: int | str
+    category: str
+    turns: list[str]
+    reference: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.category in REFERENCE_CATEGORIES
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"question_id": self.question_id, "category": self.category, "turns": self.turns}
+        if self.reference:
+            d["reference"] = self.reference
+        return {**d, **self.extra}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON Lines records; a bad line is an error naming the file and line."""
+    rows = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise VicunaError(f"{path} does not exist") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise VicunaError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise VicunaError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def parse_question(row: dict[str, Any], where: str) -> Question:
+    qid = row.get("question_id")
+    if qid is None:
+        raise VicunaError(f"{where}: the question has no 'question_id'")
+    category = row.get("category")
+    if category not in CATEGORIES:
+        raise VicunaError(
+            f"{where}: question {qid} has unknown category {category!r}",
+            hint="known categories: " + ", ".join(CATEGORIES),
+        )
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+        raise VicunaError(
+            f"{where}: question {qid} has no 'turns' (a non-empty list of strings)",
+            hint='each line needs e.g. {"question_id": 1, "category": "writing", "turns": ["..."]}',
+        )
+    reference = row.get("reference")
+    if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
+        raise VicunaError(f"{where}: question {qid} has a 'reference' that is not a list of strings")
+    extra = {k: v for k, v in row.items() if k not in ("question_id", "category", "turns", "reference")}
+    return Question(qid, category, list(turns), list(reference) if reference else None, extra)
+
+
+def answer_turns(row: dict[str, Any], where: str) -> list[str]:
+    """The turns of a FastChat model-answer record (first choice)."""
+    try:
+        turns = row["choices"][0]["turns"]
+    except (KeyError, IndexError, TypeError):
+        raise VicunaError(f"{where}: answer for question {row.get('question_id')} has no choices[0].turns") from None
+    if not isinstance(turns, list):
+        raise VicunaError(f"{where}: answer for question {row.get('question_id')}: choices[0].turns is not a list")
+    return [str(t) for t in turns]
+
+
+def _load_file(path: Path) -> list[Question]:
+    rows = read_jsonl(path)
+    questions = [parse_question(row, f"{path}:{i}") for i, row in enumerate(rows, 1)]
+    ids = [q.question_id for q in questions]
+    dupes = sorted({str(i) for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise VicunaError(f"{path}: duplicate question ids: {', '.join(dupes)}")
+    if not questions:
+        raise VicunaError(f"{path} holds no questions")
+    return questions
+
+
+def _attach_references(questions: list[Question], ref_file: Path) -> None:
+    """FastChat keeps judge reference answers as a model-answer file; questions keep their own."""
+    refs = {row.get("question_id"): answer_turns(row, str(ref_file)) for row in read_jsonl(ref_file)}
+    for q in questions:
+        if not q.reference and q.question_id in refs:
+            q.reference = refs[q.question_id]
+
+
+def load_bench(bench: str | Path | None = None) -> list[Question]:
+    """Questions from a built-in name, a question.jsonl file or a FastChat bench directory."""
+    bench = str(bench or DEFAULT_BENCH)
+    if bench in BUILTIN:
+        data = resources.files("vicuna_cli.judge").joinpath("data", BUILTIN[bench])
+        with resources.as_file(data) as path:
+            return _load_file(path)
+    path = Path(bench).expanduser()
+    if path.is_dir():
+        question_file = path / "question.jsonl"
+        if not question_file.exists():
+            raise VicunaError(f"{path} has no question.jsonl", hint="pass a FastChat bench dir such as data/mt_bench")
+        questions = _load_file(question_file)
+        ref_dir = path / "reference_answer"
+        refs = sorted(ref_dir.glob("*.jsonl")) if ref_dir.is_dir() else []
+        if refs:
+            preferred = ref_dir / "gpt-4.jsonl"
+            _attach_references(questions, preferred if preferred.exists() else refs[0])
+        return questions
+    if path.is_file():
+        return _load_file(path)
+    raise VicunaError(
+        f"no question set {bench!r}",
+        hint=f"use a built-in name ({', '.join(BUILTIN)}), a question.jsonl file or a FastChat bench dir",
+    )
+
+
+def bench_name(bench: str | Path | None) -> str:
+    bench = str(bench or DEFAULT_BENCH)
+    if bench in BUILTIN:
+        return bench
+    path = Path(bench)
+    return path.parent.name if path.is_file() else path.name

@@ -1,0 +1,363 @@
+"""`vicuna judge show`: tables, ratios, Bradley-Terry ratings and a plot from judgment files.
+
+Reads FastChat's `*_single.jsonl` / `*_pair.jsonl` (its own files load unchanged) and ours.
+- Pairwise: a game pair counts as a win only when both orders agree; a disagreement is a tie
+  (FastChat's rule) and lowers the position-consistency rate (consistent / both orders read).
+  Records with an unreadable verdict are counted as errors, never scored.
+- Single: mean score per model and turn (score -1 = error, counted, not averaged in), per
+  category, and the total-score ratio to a reference model ("Vicuna reaches 92% of ChatGPT")
+  over the question turns every model has a valid score for.
+- Bradley-Terry ratings on the Elo scale (400 * log10 strength, mean 1000) with bootstrap
+  confidence intervals over the pairwise records.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import VicunaError
+from .questions import Question, read_jsonl
+
+
+def judgment_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            found = sorted(p.glob("*_single.jsonl")) + sorted(p.glob("*_pair.jsonl"))
+            if not found:
+                raise VicunaError(f"{p} holds no *_single.jsonl or *_pair.jsonl judgment files", hint="run `vicuna judge` first, or pass the files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise VicunaError(f"{p} does not exist", hint="pass judgment files or the directory that holds them")
+    return files
+
+
+def load(paths: list[Path], judge: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    single, pair = [], []
+    for path in judgment_files(paths):
+        for i, row in enumerate(read_jsonl(path), 1):
+            if "model" in row and "score" in row:
+                single.append(row)
+            elif "model_1" in row and "model_2" in row and ("winner" in row or ("g1_winner" in row and "g2_winner" in row)):
+                pair.append(row)
+            else:
+                raise VicunaError(f"{path}:{i}: not a judgment record (fields: {', '.join(sorted(row))})")
+    judges = sorted({str((r.get("judge") or ["?"])[0]) for r in single + pair})
+    if judge is not None:
+        single = [r for r in single if str((r.get("judge") or ["?"])[0]) == judge]
+        pair = [r for r in pair if str((r.get("judge") or ["?"])[0]) == judge]
+        if not single and not pair:
+            raise VicunaError(f"no judgments by {judge!r}; judges found: {', '.join(judges)}")
+    elif len(judges) > 1:
+        raise VicunaError(f"judgments from several judges: {', '.join(judges)}", hint="pick one with --judge")
+    return single, pair
+
+
+def _category(row: dict[str, Any], categories: dict[Any, str]) -> str:
+    return row.get("category") or categories.get(row.get("question_id")) or "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise
+
+
+def pair_outcome(row: dict[str, Any]) -> tuple[str, bool | None]:
+    """('model_1' | 'model_2' | 'tie' | 'error', consistent?) for one record, FastChat's rule."""
+    if "winner" in row:  # checked first, as FastChat's loader does
+        winner = row["winner"]
+        if winner == "inconsistent":
+            return "tie", False
+        return ("error", None) if winner == "error" else (winner, None)
+    g1, g2 = row["g1_winner"], row["g2_winner"]
+    if "error" in (g1, g2):
+        return "error", None
+    return (g1, True) if g1 == g2 else ("tie", False)
+
+
+def battles(pair_rows: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """(model_a, model_b, score of a: 1, 0.5 or 0) for every readable record."""
+    out = []
+    for row in pair_rows:
+        outcome, _ = pair_outcome(row)
+        if outcome != "error":
+            out.append((row["model_1"], row["model_2"], {"model_1": 1.0, "model_2": 0.0}.get(outcome, 0.5)))
+    return out
+
+
+def _tally() -> dict[str, int]:
+    return {"win": 0, "loss": 0, "tie": 0, "inconsistent": 0, "error": 0, "consistent": 0, "both_read": 0}
+
+
+def pairwise_tables(pair_rows: list[dict[str, Any]], categories: dict[Any, str]) -> dict[str, Any]:
+    per_pair: dict[tuple[str, str], dict[str, int]] = defaultdict(_tally)
+    per_cat: dict[tuple[str, str, str], dict[str, int]] = defaultdict(_tally)
+    per_model: dict[str, dict[str, int]] = defaultdict(_tally)
+    for row in pair_rows:
+        m1, m2 = row["model_1"], row["model_2"]
+        outcome, consistent = pair_outcome(row)
+        if m1 > m2:  # one row per unordered pair, named in sorted order
+            m1, m2 = m2, m1
+            outcome = {"model_1": "model_2", "model_2": "model_1"}.get(outcome, outcome)
+        key = (m1, m2)
+        for tally in (per_pair[key], per_cat[(m1, m2, _category(row, categories))]):
+            if outcome == "error":
+                tally["error"] += 1
+                continue
+            tally[{"model_1": "win", "model_2": "loss", "tie": "tie"}[outcome]] += 1
+            if consistent is not None:
+                tally["both_read"] += 1
+                tally["consistent"] += int(consistent)
+                tally["inconsistent"] += int(not consistent)
+        if outcome != "error":
+            for model, mine in ((m1, "model_1"), (m2, "model_2")):
+                t = per_model[model]
+                t["win" if outcome == mine else "tie" if outcome == "tie" else "loss"] += 1
+        else:
+            per_model[m1]["error"] += 1
+            per_model[m2]["error"] += 1
+
+    def rates(t: dict[str, int]) -> dict[str, Any]:
+        n = t["win"] + t["loss"] + t["tie"]
+        return {
+            **{k: t[k] for k in ("win", "loss", "tie", "inconsistent", "error")},
+            "win_rate": t["win"] / n if n else None,
+            "loss_rate": t["loss"] / n if n else None,
+            "win_rate_adjusted": (t["win"] + 0.5 * t["tie"]) / n if n else None,
+            "position_consistency": t["consistent"] / t["both_read"] if t["both_read"] else None,
+        }
+
+    both = sum(t["both_read"] for t in per_pair.values())
+    return {
+        "pairs": [{"model_1": a, "model_2": b, **rates(t)} for (a, b), t in sorted(per_pair.items())],
+        "categories": [{"model_1": a, "model_2": b, "category": c, **rates(t)} for (a, b, c), t in sorted(per_cat.items())],
+        "models": sorted(
+            ({"model": m, **rates(t)} for m, t in per_model.items()),
+            key=lambda r: -(r["win_rate_adjusted"] or 0),
+        ),
+        "position_consistency": sum(t["consistent"] for t in per_pair.values()) / both if both else None,
+        "errors": sum(t["error"] for t in per_pair.values()),
+        "records": len(pair_rows),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Bradley-Terry
+#
+# Fitted with the classic minorization-maximization iteration (Hunter 2004, "MM algorithms for
+# generalized Bradley-Terry models"), ties counted as half a win each way, in numpy: a few lines,
+# monotone convergence, and no scipy/sklearn dependency (neither is installed by vicuna's extras).
+
+
+def _strongly_connected(wins: Any) -> bool:
+    import numpy as np
+
+    n = len(wins)
+    reach = (wins > 0) | np.eye(n, dtype=bool)
+    for _ in range(max(1, int(np.ceil(np.log2(max(n, 2)))) + 1)):
+        reach = reach | ((reach.astype(np.int64) @ reach.astype(np.int64)) > 0)
+    return bool(reach.all())
+
+
+def fit_bt(models: list[str], games: list[tuple[str, str, float]], weights: Any = None, tol: float = 1e-10) -> tuple[Any, bool]:
+    """Elo-scale ratings (mean 1000) for `models`, and whether a prior was needed.
+
+    The MLE exists only when every model can be reached from every other through wins; when it
+    does not (a model that never won or never lost), one virtual tie per compared pair is added.
+    """
+    import numpy as np
+
+    index = {m: i for i, m in enumerate(models)}
+    n = len(models)
+    wins = np.zeros((n, n))
+    for k, (a, b, s) in enumerate(games):
+        w = 1.0 if weights is None else float(weights[k])
+        wins[index[a], index[b]] += w * s
+        wins[index[b], index[a]] += w * (1 - s)
+    regularized = False
+    if not _strongly_connected(wins):
+        compared = (wins + wins.T) > 0
+        wins = wins + 0.5 * compared
+        if not _strongly_connected(wins):
+            wins = wins + 0.01 * (1 - np.eye(n))
+        regularized = True
+    total = wins + wins.T
+    won = wins.sum(axis=1)
+    p = np.ones(n)
+    for _ in range(100_000):
+        denom = (total / (p[:, None] + p[None, :])).sum(axis=1)
+        new = won / denom
+        new /= np.exp(np.mean(np.log(new)))
+        if np.max(np.abs(new - p) / p) < tol:
+            p = new
+            break
+        p = new
+    return 400 * np.log10(p) + 1000, regularized
+
+
+def bradley_terry(games: list[tuple[str, str, float]], rounds: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Ratings with 95% bootstrap intervals (records resampled with replacement)."""
+    import numpy as np
+
+    models = sorted({m for g in games for m in g[:2]})
+    if len(models) < 2:
+        return []
+    ratings, regularized = fit_bt(models, games)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(rounds):
+        counts = np.bincount(rng.integers(0, len(games), len(games)), minlength=len(games))
+        samples.append(fit_bt(models, games, counts)[0])
+    low, high = np.percentile(np.array(samples), [2.5, 97.5], axis=0) if samples else (ratings, ratings)
+    rows = [
+        {"model": m, "rating": float(r), "ci_low": float(lo), "ci_high": float(hi), "regularized": regularized}
+        for m, r, lo, hi in zip(models, ratings, low, high)
+    ]
+    return sorted(rows, key=lambda r: -r["rating"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Single grading
+
+
+def single_tables(rows: list[dict[str, Any]], categories: dict[Any, str], reference: str | None = None) -> dict[str, Any]:
+    scores: dict[str, dict[tuple[Any, int], float]] = defaultdict(dict)
+    errors: dict[str, int] = defaultdict(int)
+    cat_of: dict[tuple[Any, int], str] = {}
+    for row in rows:
+        key = (row["question_id"], int(row.get("turn", 1)))
+        cat_of[key] = _category(row, categories)
+        score = row["score"]
+        if not isinstance(score, (int, float)) or score < 0:
+            errors[row["model"]] += 1
+            scores[row["model"]]  # the model still appears
+        else:
+            scores[row["model"]][key] = float(score)
+    models = sorted(scores, key=lambda m: -(_mean(list(scores[m].values())) or 0))
+    table = []
+    for m in models:
+        s = scores[m]
+        table.append({
+            "model": m,
+            "score": _mean(list(s.values())),
+            "turn_1": _mean([v for (q, t), v in s.items() if t == 1]),
+            "turn_2": _mean([v for (q, t), v in s.items() if t == 2]),
+            "n": len(s),
+            "error": errors[m],
+        })
+    cats = sorted({cat_of[k] for m in models for k in scores[m]})
+    per_cat = [{"category": c, **{m: _mean([v for k, v in scores[m].items() if cat_of[k] == c]) for m in models}} for c in cats]
+    common = set.intersection(*(set(s) for s in scores.values())) if scores else set()
+    ratio = None
+    if models:
+        reference = reference or models[0]
+        if reference not in scores:
+            raise VicunaError(f"no single-grading scores for reference model {reference!r}; models: {', '.join(models)}")
+        base = sum(scores[reference][k] for k in common)
+        ratio = {
+            "reference": reference,
+            "questions": len(common),
+            "ratios": {m: (sum(scores[m][k] for k in common) / base if base else None) for m in models},
+        }
+    return {"models": table, "categories": per_cat, "total_score_ratio": ratio, "errors": sum(errors.values()), "records": len(rows)}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(
+    paths: list[Path],
+    questions: list[Question] | None = None,
+    judge: str | None = None,
+    reference: str | None = None,
+    rounds: int = 200,
+) -> dict[str, Any]:
+    single, pair = load(paths, judge)
+    if not single and not pair:
+        raise VicunaError("the judgment files hold no records", hint="run `vicuna judge` first")
+    categories = {q.question_id: q.category for q in questions or []}
+    result: dict[str, Any] = {"judge": judge or str(((single + pair)[0].get("judge") or ["?"])[0])}
+    if single:
+        result["single"] = single_tables(single, categories, reference)
+    if pair:
+        result["pairwise"] = pairwise_tables(pair, categories)
+        result["pairwise"]["bradley_terry"] = bradley_terry(battles(pair), rounds=rounds)
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Relative scores (total-score ratio, else BT ratings with CIs) and per-category scores."""
+    from ..core.extras import require
+
+    matplotlib = require("matplotlib", "judge", "--plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    single, pairwise = result.get("single"), result.get("pairwise")
+    if single and single["total_score_ratio"]:
+        ratio = single["total_score_ratio"]
+        names = list(ratio["ratios"])
+        values = [100 * (ratio["ratios"][m] or 0) for m in names]
+        left.barh(names, values, color="#4c72b0")
+        left.set_xlabel(f"% of {ratio['reference']}'s total score ({ratio['questions']} question turns)")
+        for y, v in enumerate(values):
+            left.text(v, y, f" {v:.0f}%", va="center")
+        cats = single["categories"]
+        models = [row["model"] for row in single["models"]]
+        ylabel = "mean score (1-10)"
+        series = {m: [c.get(m) or 0 for c in cats] for m in models}
+    elif pairwise["bradley_terry"]:
+        bt = pairwise["bradley_terry"]
+        names = [r["model"] for r in bt]
+        values = [r["rating"] for r in bt]
+        err = [[r["rating"] - r["ci_low"] for r in bt], [r["ci_high"] - r["rating"] for r in bt]]
+        left.barh(names, values, xerr=err, color="#4c72b0", capsize=4)
+        left.set_xlim(min(r["ci_low"] for r in bt) - 50, max(r["ci_high"] for r in bt) + 50)
+        left.set_xlabel("Bradley-Terry rating (Elo scale, 95% bootstrap CI)")
+        cats, models, series = _category_win_rates(pairwise)
+        ylabel = "adjusted win rate (tie = 1/2)"
+    else:  # every verdict was unreadable: say so instead of drawing empty axes
+        left.text(0.5, 0.5, "no readable verdicts", ha="center", va="center", transform=left.transAxes)
+        cats, models, series = [], [], {}
+        ylabel = ""
+    left.invert_yaxis()
+    left.set_title("Relative score")
+    x = np.arange(len(cats))
+    width = 0.8 / max(1, len(models))
+    for i, m in enumerate(models):
+        right.bar(x + i * width - 0.4 + width / 2, series[m], width, label=m)
+    right.set_xticks(x, [c["category"] for c in cats], rotation=30, ha="right")
+    right.set_ylabel(ylabel)
+    right.set_title("By category")
+    if models:  # room above the bars for the legend
+        right.set_ylim(0, 1.3 * max([v for m in models for v in series[m]] + [1e-9]))
+        right.legend(fontsize="small", loc="upper left", ncol=min(3, len(models)))
+    fig.suptitle(f"judge: {result['judge']}")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _category_win_rates(pairwise: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str], dict[str, list[float]]]:
+    """Per category and model: adjusted win rate over all its pairwise records."""
+    tally: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for row in pairwise["categories"]:
+        n = row["win"] + row["loss"] + row["tie"]
+        for model, points in ((row["model_1"], row["win"] + 0.5 * row["tie"]), (row["model_2"], row["loss"] + 0.5 * row["tie"])):
+            tally[(row["category"], model)][0] += points
+            tally[(row["category"], model)][1] += n
+    cats = [{"category": c} for c in sorted({c for c, _ in tally})]
+    models = sorted({m for _, m in tally})
+    series = {m: [(tally[(c["category"], m)][0] / tally[(c["category"], m)][1]) if tally[(c["category"], m)][1] else 0 for c in cats] for m in models}
+    return cats, models, series

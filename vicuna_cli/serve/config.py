@@ -1,0 +1,178 @@
+"""The typed configs of `vicuna serve` and its roles (defaults < --config YAML < flags), checked
+here once with messages that name the flag, and the functions that run each role."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, model_validator
+
+from ..core.config import CommandConfig
+from ..core.errors import VicunaError
+
+
+class _Common(CommandConfig):
+    host: str = "127.0.0.1"
+    secret: Optional[str] = None  # shared between the roles; also read from VICUNA_SERVE_SECRET
+    shutdown_timeout: float = Field(30.0, ge=0)
+
+
+class _Timing(CommandConfig):
+    heartbeat: float = Field(2.0, gt=0, le=3600)
+    expiry: float = Field(6.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _expiry_after_heartbeat(self):
+        if self.expiry <= self.heartbeat:
+            raise ValueError(f"--expiry ({self.expiry:g} s) must be longer than --heartbeat ({self.heartbeat:g} s)")
+        return self
+
+
+class ControllerConfig(_Common):
+    port: int = Field(21001, ge=0, le=65535)
+    expiry: float = Field(6.0, gt=0, le=86400)
+
+
+class WorkerConfig(_Common):
+    model: list[str] = []
+    name: list[str] = []  # served names, one per -m (default: the model argument)
+    port: int = Field(21002, ge=0, le=65535)
+    controller: Optional[str] = "http://127.0.0.1:21001"
+    advertise: Optional[str] = None  # the URL others reach this worker at (default http://host:port)
+    backend: str = "hf"
+    template: Optional[str] = None
+    device: str = "auto"
+    dtype: str = "auto"
+    implementation: str = "auto"
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(256, ge=1, le=100000)
+    heartbeat: float = Field(2.0, gt=0, le=3600)
+    upstream: Optional[str] = None  # openai backend: base URL of the upstream API (…/v1)
+    upstream_model: Optional[str] = None
+    upstream_key_env: str = "OPENAI_API_KEY"
+
+    @model_validator(mode="after")
+    def _check(self):
+        from .backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend == "openai" and not self.upstream:
+            raise ValueError("--backend openai needs --upstream URL (an OpenAI-compatible base URL ending in /v1)")
+        if self.backend == "openai" and not (self.model or self.name):
+            raise ValueError("--backend openai needs -m MODEL (the upstream model id)")
+        if self.name and len(self.name) != len(self.model or [None]):
+            raise ValueError("give one --name per -m")
+        return self
+
+
+class ApiConfig(_Common):
+    port: int = Field(8000, ge=0, le=65535)
+    controller: str = "http://127.0.0.1:21001"
+    api_key: list[str] = []
+    api_keys_file: Optional[Path] = None
+    cors_origin: list[str] = []
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    moderation: str = "off"
+    moderation_url: Optional[str] = None
+    worker_timeout: float = Field(6.0, gt=0, le=3600)
+
+
+class ServeConfig(ApiConfig, _Timing):
+    """`vicuna serve -m M [-m M2]`: everything on one machine."""
+
+    model: list[str] = []
+    template: Optional[str] = None
+    backend: str = "hf"
+    device: str = "auto"
+    dtype: str = "auto"
+    implementation: str = "auto"
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(256, ge=1, le=100000)
+    controller_port: int = Field(21001, ge=0, le=65535)
+    worker_port: int = Field(21002, ge=0, le=65535)
+    workers_per_model: int = Field(1, ge=1, le=16)
+
+
+def require_serve() -> None:
+    """The `serve` extra, named in the error when a piece of it is missing."""
+    from ..core.extras import require
+
+    for module in ("fastapi", "uvicorn", "sse_starlette", "prometheus_client", "httpx"):
+        require(module, "serve", "vicuna serve")
+
+
+def resolve_secret(secret: str | None) -> str | None:
+    import os
+
+    return secret or os.environ.get("VICUNA_SERVE_SECRET") or None
+
+
+def run_controller(config: ControllerConfig) -> None:
+    require_serve()
+    from .common import run_app
+    from .controller import create_app
+
+    run_app(create_app(config.expiry, resolve_secret(config.secret)), config.host, config.port, config.shutdown_timeout)
+
+
+def run_worker(config: WorkerConfig) -> None:
+    require_serve()
+    from .backends import HFBackend, OpenAIProxyBackend, VLLMBackend
+    from .common import run_app
+    from .worker import create_app
+
+    refs = config.model or [None]
+    names = config.name or [ref or _default_model_name() for ref in refs]
+    backends = []
+    for ref, name in zip(refs, names):
+        if config.backend == "openai":
+            import os
+
+            backends.append(OpenAIProxyBackend(name, config.upstream, config.upstream_model or ref,
+                                               os.environ.get(config.upstream_key_env), config.max_queue))
+        elif config.backend == "vllm":
+            backends.append(VLLMBackend(name, ref, config.template, config.max_batch_size, config.max_queue, config.dtype))
+        else:
+            backends.append(HFBackend(name, ref, config.template, config.device, config.dtype, config.implementation,
+                                      config.max_batch_size, config.max_queue))
+    address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
+    if config.port == 0 and not config.advertise:
+        raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")
+    app = create_app(backends, config.controller, address.rstrip("/"), resolve_secret(config.secret), config.heartbeat,
+                     config.max_batch_size, config.max_queue)
+    run_app(app, config.host, config.port, config.shutdown_timeout)
+
+
+def run_api(config: ApiConfig) -> None:
+    require_serve()
+    from .api import create_app
+    from .common import run_app
+    from .moderation import make_moderation
+    from .security import load_api_keys
+
+    keys = load_api_keys(config.api_key, config.api_keys_file)
+    app = create_app(
+        config.controller, resolve_secret(config.secret), keys, config.cors_origin, config.max_body_bytes,
+        make_moderation(config.moderation, config.moderation_url), config.worker_timeout, config.shutdown_timeout,
+    )
+    run_app(app, config.host, config.port, config.shutdown_timeout)
+
+
+def _default_model_name() -> str:
+    from ..core.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def _connectable(host: str) -> str:
+    """A bind-all address is not one others can connect to: advertise this machine's address."""
+    if host not in ("0.0.0.0", "", "::"):
+        return host
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

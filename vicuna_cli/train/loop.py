@@ -1,0 +1,216 @@
+"""THE training loop, over accelerate (one process, DDP, FSDP or DeepSpeed alike).
+
+Method-specific parts come in as arguments: the samples, the collate function and the loss module
+(`LossModule(model, loss_fn)`), so SFT, reward modelling or DPO share this loop.
+
+Loss normalisation (../shared/specs/masking.md): an optimizer step's loss is the sum of its token
+losses divided by the number of supervised tokens of the WHOLE global batch, across micro-batches,
+accumulation and ranks. Every rank knows that number before the step (the plan is the same
+everywhere), so each micro-batch backpropagates sum * world_size / n (DDP and FSDP average the
+gradients over ranks), and packing, micro-batch size, accumulation or world size do not reweight
+samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..core import console
+from . import checkpoint
+from .checkpoint import TrainerState
+from .packing import plan_epoch, split_step, supervised_tokens
+from .rundir import Metrics, Progress, log_line
+
+
+@dataclass
+class LoopSpec:
+    samples: Sequence[Any]
+    eval_samples: Sequence[Any]
+    collate: Callable[[Sequence[Any]], dict]
+    lengths: list[int]
+    supervised: Callable[[Sequence[Any]], int] = supervised_tokens
+    packing: bool = True
+    capacity: int = 2048
+    micro_batch_size: int = 1
+    batch_size: int | None = 128
+    batch_tokens: int | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    save_every_minutes: float = 0.0
+    keep_checkpoints: int = 3
+    max_grad_norm: float = 1.0
+    eval_lengths: list[int] = field(default_factory=list)
+
+    def plans(self) -> list[list[list[int]]]:
+        """The steps of each epoch: `epochs` of them, or as many as `max_steps` needs (it wins,
+        as in HF Trainer)."""
+        plans: list[list[list[int]]] = []
+        while (len(plans) < self.epochs) if not self.max_steps else (sum(map(len, plans)) < self.max_steps):
+            plans.append(plan_epoch(self.lengths, len(plans), self.seed, self.batch_size, self.batch_tokens))
+        return plans
+
+    def total_steps(self) -> int:
+        return self.max_steps or sum(len(plan) for plan in self.plans())
+
+
+class Stop(Exception):
+    """Training stopped early on a signal, after saving a checkpoint."""
+
+    def __init__(self, step: int, path: Path | None, signame: str):
+        super().__init__(signame)
+        self.step, self.path, self.signame = step, path, signame
+
+
+class _Signals:
+    """SIGTERM (a spot instance's notice) and the first Ctrl-C finish the current step, save a
+    checkpoint and stop; a second Ctrl-C aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Signals":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        console.warn(f"{self.received}: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, state: TrainerState,
+          run_dir: Path, metrics: Metrics, track: bool = False) -> TrainerState:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    plans = spec.plans()
+    total = spec.total_steps()
+    params = [p for p in module.parameters() if p.requires_grad]
+    progress = Progress(total, state.global_step, accelerator.is_main_process)
+    last_save = time.monotonic()
+    window = _window()
+    module.train()
+    try:
+        with _Signals() as signals:
+            while state.global_step < total:
+                step = plans[state.epoch][state.step_in_epoch]
+                started = time.perf_counter()
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
+                loss, grad_norm, tokens, n_sup = _step(accelerator, module, optimizer, scheduler, spec, step,
+                                                       world, rank, params)
+                seconds = time.perf_counter() - started
+                state.global_step += 1
+                state.step_in_epoch += 1
+                if state.step_in_epoch == len(plans[state.epoch]):
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                state.seconds += seconds
+                state.tokens += tokens
+                state.supervised_tokens += n_sup
+                for key, value in (("loss", loss), ("steps", 1), ("tokens", tokens), ("supervised", n_sup),
+                                   ("seconds", seconds)):
+                    window[key] += value
+                record = {"step": state.global_step, "total_steps": total, "epoch": state.epoch, "loss": loss,
+                          "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                          "supervised_tokens": n_sup, "tokens_per_s": tokens / seconds,
+                          "supervised_tokens_per_s": n_sup / seconds, "step_s": seconds, "elapsed_s": state.seconds}
+                if spec.eval_samples and spec.eval_every and state.global_step % spec.eval_every == 0:
+                    record["eval_loss"] = evaluate(accelerator, module, spec, world, rank)
+                metrics.write(record)
+                if track:
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
+                progress.update(state.global_step, f"loss {loss:.4f}")
+                if state.global_step % spec.log_every == 0 or state.global_step == total or "eval_loss" in record:
+                    progress.line(log_line({**record, "loss": window["loss"] / window["steps"],
+                                            "tokens_per_s": window["tokens"] / window["seconds"],
+                                            "supervised_tokens": window["supervised"]})
+                                  + (f" | eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+                    window = _window()
+                due = bool(spec.save_every and state.global_step % spec.save_every == 0)
+                timed = bool(spec.save_every_minutes and time.monotonic() - last_save >= spec.save_every_minutes * 60)
+                stop, timed = _agree(accelerator, bool(signals.received), timed)
+                if due or timed or stop:
+                    path = checkpoint.save(accelerator, run_dir, state, spec.keep_checkpoints)
+                    last_save = time.monotonic()
+                    if stop:
+                        raise Stop(state.global_step, path, signals.received or "SIGTERM")
+            checkpointing = spec.save_every or spec.save_every_minutes
+            if checkpointing and not (checkpoint.checkpoints_dir(run_dir) / f"step-{state.global_step:06d}").is_dir():
+                checkpoint.save(accelerator, run_dir, state, spec.keep_checkpoints)
+    finally:
+        progress.close()
+    return state
+
+
+def _window() -> dict[str, Any]:
+    return {"loss": 0.0, "steps": 0, "tokens": 0, "supervised": 0, "seconds": 0.0}
+
+
+def _agree(accelerator: Any, stop: bool, timed: bool) -> tuple[bool, bool]:
+    """Every rank must stop or save at the same step: the main process's clock decides the timed
+    save, and a signal seen by any rank stops all of them."""
+    if accelerator.num_processes == 1:
+        return stop, timed
+    flags = torch.tensor([float(stop), float(timed and accelerator.is_main_process)], device=accelerator.device)
+    flags = accelerator.reduce(flags, "sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, step: list[int],
+          world: int, rank: int, params: list) -> tuple[float, float | None, int, int]:
+    n_sup = spec.supervised([spec.samples[i] for i in step])
+    tokens = sum(spec.lengths[i] for i in step)
+    micro = split_step(step, spec.lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
+    scale = world / max(n_sup, 1)
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for k, group in enumerate(micro):
+        last = k == len(micro) - 1
+        accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
+        context = contextlib.nullcontext() if last else accelerator.no_sync(module)
+        with context:
+            batch = {key: value.to(accelerator.device) for key, value in spec.collate([spec.samples[i] for i in group]).items()}
+            loss_sum = module(batch)
+            accelerator.backward(loss_sum * scale)
+        total += loss_sum.detach().double()
+    grad_norm = None
+    if spec.max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+        grad_norm = float(norm) if norm is not None else None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    total = accelerator.reduce(total, "sum") if world > 1 else total
+    return float(total) / max(n_sup, 1), grad_norm, tokens, n_sup
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, module: Any, spec: LoopSpec, world: int, rank: int) -> float:
+    """Mean token loss over the eval samples (all ranks take part)."""
+    module.eval()
+    everything = list(range(len(spec.eval_samples)))
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for group in split_step(everything, spec.eval_lengths, world, rank, spec.packing, spec.capacity,
+                            spec.micro_batch_size):
+        samples = [spec.eval_samples[i] for i in group]
+        batch = {key: value.to(accelerator.device) for key, value in spec.collate(samples).items()}
+        total[0] += module(batch).double()
+        total[1] += spec.supervised(samples)
+    module.train()
+    total = accelerator.reduce(total, "sum") if world > 1 else total
+    return float(total[0] / total[1]) if total[1] else math.nan

@@ -1,0 +1,219 @@
+"""The model side of training: load for training (precision, attention, LoRA/QLoRA, gradient
+checkpointing, kernels), the per-method loss wrapped as a module, and the final save."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import console, models
+from ..core.errors import VicunaError
+from ..core.extras import require
+from .config import TrainConfig
+from .labels import IGNORE
+
+LossFn = Callable[[nn.Module, dict], torch.Tensor]
+
+
+@dataclass
+class Setup:
+    model: nn.Module  # the HF model (peft-wrapped with --lora)
+    tokenizer: Any
+    path: Path  # the resolved base model dir
+    attention: str
+    mixed_precision: str  # accelerate's name: "no", "bf16", "fp16"
+    notes: list[str]  # what was chosen and why, for the log
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """bf16 where the hardware has it (CUDA with bf16), else fp32; fp16 only on request."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def pick_training_attention(requested: str, device: str, packing: bool) -> tuple[str, str]:
+    if requested != "auto":
+        if requested == "flash_attention_2":
+            require("flash_attn", "gpu", "--attention flash_attention_2")
+        return requested, "requested"
+    if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2", "varlen kernels over packed rows" if packing else "CUDA with flash-attn"
+    why = "block-diagonal causal mask from the reset position ids" if packing else "padded rows"
+    return "sdpa", why + ("" if device != "cuda" else "; pip install 'vicuna-cli[gpu]' for flash-attn 2 varlen")
+
+
+def load_for_training(config: TrainConfig, device: str) -> Setup:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = models.resolve(config.model)
+    mixed = resolve_precision(config.precision, device)
+    attention, why = pick_training_attention(config.attention, device, config.packing)
+    notes = [f"attention {attention} ({why})", f"precision {mixed if mixed != 'no' else 'fp32'}"]
+    kwargs: dict[str, Any] = {"attn_implementation": attention}
+    # Full fine-tuning keeps fp32 master weights (autocast does the bf16 math); frozen LoRA bases
+    # are stored in the compute dtype to save memory; QLoRA stores them in 4 bits.
+    kwargs["dtype"] = torch.bfloat16 if config.lora and mixed == "bf16" else torch.float32
+    if config.qlora:
+        if device != "cuda":
+            raise VicunaError("--qlora needs a CUDA GPU (bitsandbytes 4-bit)", hint="use --lora on this machine")
+        require("bitsandbytes", "train", "--qlora")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if mixed == "bf16" else torch.float16)
+    with models._quiet_transformers():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        except VicunaError:
+            raise
+        except Exception as exc:
+            raise VicunaError(f"could not load {config.model} for training: {models._first_line(exc)}") from exc
+    check_model_fits(model, tokenizer, config)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        notes.append("gradient checkpointing on")
+    if config.lora:
+        model = add_lora(model, config)
+        notes.append(f"LoRA r={config.lora_r} alpha={config.lora_alpha}" + (" on 4-bit weights (QLoRA)" if config.qlora else ""))
+    return Setup(model, tokenizer, resolved.path, attention, mixed, notes)
+
+
+def check_model_fits(model: Any, tokenizer: Any, config: TrainConfig) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise VicunaError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+            "token ids past the embedding would crash or train garbage",
+            hint="use the tokenizer that came with this model (or resize the embeddings first)",
+        )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and config.max_length > positions:
+        raise VicunaError(
+            f"--max-length {config.max_length} is beyond this model's {positions} positions",
+            hint=f"use --max-length {positions} or less",
+        )
+
+
+def apply_kernels(model: nn.Module, mode: str) -> tuple[list[str], str]:
+    """THE one place the kernels/ patches (Triton RMSNorm, SwiGLU, RoPE) go into the model: the
+    ops applied and the reason (none on CPU). Called once the model sits on its device, since
+    the kernels pick themselves by device. The fused linear cross-entropy is not a patch:
+    `sft_loss` calls it directly."""
+    import vicuna_kernels
+
+    ops = vicuna_kernels.apply_kernels(model, mode)
+    return ops, vicuna_kernels.kernel_plan(model, mode).describe()
+
+
+def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+    peft = require("peft", "train", "--lora")
+    if config.qlora:
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+    target: Any = config.lora_target[0] if config.lora_target == ["all-linear"] else config.lora_target
+    lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                           target_modules=target, task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, lora)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper, if any."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sft_loss(fused: bool) -> LossFn:
+    """Sum of token losses over the supervised targets of one micro-batch.
+
+    Only the rows that carry a label go through the output head, and with `fused` (kernels on)
+    the [tokens x vocab] logits are never materialised (`vicuna_kernels.linear_cross_entropy`)."""
+    from vicuna_kernels import linear_cross_entropy
+
+    def loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        lm = causal_lm(model)
+        targets = batch["targets"]
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        keep = targets != IGNORE
+        head = lm.get_output_embeddings()
+        if _has_custom_head(lm, head):  # softcapped / scaled logits: let the model compute them
+            return _cross_entropy_sum(model(**inputs, use_cache=False).logits[keep], targets[keep])
+        # No attention mask on packed rows: transformers then reads sample boundaries from position_ids.
+        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[keep]
+        if fused:
+            return linear_cross_entropy(hidden, head.weight, targets[keep])
+        return _cross_entropy_sum(head(hidden), targets[keep])
+
+    return loss
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax in at least fp32 (bf16 logits lose the loss's precision; fp64 stays fp64)."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+
+
+def _has_custom_head(lm: nn.Module, head: nn.Module) -> bool:
+    config = lm.config
+    return (getattr(head, "bias", None) is not None or not isinstance(head, nn.Linear)
+            or bool(getattr(config, "final_logit_softcapping", None)) or getattr(config, "logit_scale", None) not in (None, 1.0))
+
+
+class LossModule(nn.Module):
+    """The model plus its loss, as one module: DDP/FSDP/DeepSpeed wrap this, so the output head's
+    weight is gathered (FSDP) inside forward even when the loss uses it directly."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    @property
+    def _no_split_modules(self) -> Any:  # accelerate's FSDP auto-wrap reads this
+        return getattr(causal_lm(self.model), "_no_split_modules", None)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def save_final(accelerator: Any, module: nn.Module, tokenizer: Any, run_dir: Path, config: TrainConfig,
+               base_path: Path) -> list[str]:
+    """The trained model in HF format (safetensors + tokenizer) at the run dir's root, so
+    `vicuna chat -m RUN_DIR` loads it; with --lora the adapter goes to RUN_DIR/adapter and
+    --merge also writes the merged model at the root. Returns the files written."""
+    # Sharded (FSDP/ZeRO-3) weights are gathered into one full state dict on the main process.
+    state = accelerator.get_state_dict(module)
+    if not accelerator.is_main_process:
+        return []
+    inner = accelerator.unwrap_model(module).model
+    state = {k.removeprefix("model."): v for k, v in state.items()} if state else None
+    target = run_dir / "adapter" if config.lora else run_dir
+    with models._quiet_transformers():
+        inner.save_pretrained(target, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+    written = sorted(p.name for p in target.iterdir() if p.is_file())
+    if config.lora and config.merge:
+        written = merge_adapter(base_path, target, run_dir)
+    return written
+
+
+def merge_adapter(base_path: Path, adapter: Path, run_dir: Path) -> list[str]:
+    """Merge with the streaming `vicuna merge-lora` code, then move the model to the run dir root."""
+    from ..delta.apply import DeltaConfig, run
+
+    staging = run_dir / ".merged"
+    shutil.rmtree(staging, ignore_errors=True)
+    run(DeltaConfig(base=str(base_path), lora=str(adapter), output=staging, dtype="auto"))
+    names = []
+    for path in staging.iterdir():
+        shutil.move(str(path), run_dir / path.name)
+        names.append(path.name)
+    staging.rmdir()
+    return sorted(names)

@@ -1,0 +1,197 @@
+"""`vicuna train sft`: multi-turn supervised fine-tuning, loss on the assistant's turns only."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..core import console
+from ..core.errors import VicunaError
+from ..core.templates import template_for_model
+from .checkpoint import TrainerState
+from .config import TrainConfig
+from .dataset import read_conversations, split_eval
+from .labels import LabelBuilder, Sample
+
+
+@dataclass
+class SftResult:
+    run_dir: Path
+    steps: int
+    final_loss: float | None
+    eval_loss: float | None
+    samples: int
+    eval_samples: int
+    notes: dict[str, int]
+    files: list[str] = field(default_factory=list)
+    resumed_from: Path | None = None
+    seconds: float = 0.0
+
+
+def build_samples(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], list[Sample], Counter, str]:
+    """Masked training and eval samples; what was skipped, dropped or truncated is counted."""
+    if not config.data:
+        raise VicunaError("no training data: pass --data FILE (ShareGPT, OpenAI messages or Alpaca)")
+    template = template_for_model(tokenizer, config.template)
+    notes: Counter = Counter()
+    conversations = read_conversations(config.data, notes)
+    if config.eval_data:
+        train, held = conversations, read_conversations(config.eval_data, Counter())
+    else:
+        train, held = split_eval(conversations, config.eval_split, config.seed)
+    builder = LabelBuilder(tokenizer, template, config.max_length)
+    samples = builder.build_many(train, notes)
+    eval_samples = builder.build_many(held, Counter())
+    if not samples:
+        raise VicunaError(
+            f"no training sample has a supervised token after masking and --max-length {config.max_length} "
+            f"({len(conversations)} conversations read; {_describe(notes) or 'none usable'})",
+            hint="check the data with `vicuna train inspect-data`, raise --max-length, or split long "
+            "conversations with `vicuna data clean --max-length`",
+        )
+    return samples, eval_samples, notes, template.name
+
+
+def _describe(notes: Counter) -> str:
+    return ", ".join(f"{reason}: {count}" for reason, count in sorted(notes.items()))
+
+
+def run_sft(config: TrainConfig) -> SftResult:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from . import checkpoint, rundir
+    from .loop import LoopSpec, train
+    from .modeling import LossModule, apply_kernels, load_for_training, save_final, sft_loss
+    from .packing import collate
+
+    started = time.perf_counter()
+    if config.output is None:
+        raise VicunaError("no output dir: pass -o RUN_DIR")
+    run_dir = config.output.expanduser()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ and config.precision == "auto"
+    device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
+    from .modeling import resolve_precision
+
+    accelerator = Accelerator(
+        cpu=device == "cpu", mixed_precision=None if launched else resolve_precision(config.precision, device),
+        log_with=config.report_to or None, project_dir=str(run_dir),
+    )
+    main = accelerator.is_main_process
+    rundir.prepare(run_dir, config, delete=main)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
+    setup = load_for_training(config, accelerator.device.type)
+    samples, eval_samples, notes, template_name = build_samples(config, setup.tokenizer)
+    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id or 0
+    spec = LoopSpec(
+        samples=samples, eval_samples=eval_samples, lengths=[len(s) for s in samples],
+        eval_lengths=[len(s) for s in eval_samples],
+        collate=lambda batch: collate(batch, config.packing, pad_id),
+        packing=config.packing, capacity=config.row_capacity, micro_batch_size=config.micro_batch_size,
+        batch_size=config.batch_size(), batch_tokens=config.global_batch_tokens, epochs=config.epochs,
+        max_steps=config.max_steps, seed=config.seed, log_every=config.log_every, eval_every=config.eval_every,
+        save_every=config.save_every, save_every_minutes=config.save_every_minutes,
+        keep_checkpoints=config.keep_checkpoints, max_grad_norm=config.max_grad_norm,
+    )
+    total = spec.total_steps()
+    module = LossModule(setup.model, sft_loss(fused=config.kernels != "off"))
+    # The fused AdamW kernel (CPU and CUDA) steps ~6x faster than the default on this CPU.
+    optimizer = torch.optim.AdamW(_param_groups(module, config.weight_decay), lr=config.learning_rate,
+                                  fused=all(p.is_floating_point() for p in module.parameters() if p.requires_grad))
+    warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total)
+    schedule = {"constant": "constant_with_warmup"}.get(config.lr_schedule, config.lr_schedule)
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    # The scheduler is stepped by the loop once per optimizer step (accelerate would step a
+    # prepared one once per process), and saved with the checkpoints.
+    if accelerator.state.deepspeed_plugin is not None:
+        # No dataloader goes through prepare(): tell DeepSpeed what one micro-batch is (one packed
+        # row or --micro-batch-size sequences); the loop itself marks accumulation boundaries.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["train_micro_batch_size_per_gpu"] = 1 if config.packing else config.micro_batch_size
+    module, optimizer = accelerator.prepare(module, optimizer)
+    kernel_ops, kernel_note = apply_kernels(accelerator.unwrap_model(module).model, config.kernels)
+    accelerator.register_for_checkpointing(scheduler)
+    state, resumed_from = TrainerState(), None
+    if config.resume:
+        state, resumed_from = checkpoint.resume(accelerator, run_dir, config.resume)
+    _log_plan(config, setup, samples, eval_samples, notes, template_name, total, accelerator, resumed_from, state,
+              kernel_note, spec)
+    if main:
+        rundir.write_config(run_dir, config, {
+            "template": template_name, "device": accelerator.device.type, "processes": accelerator.num_processes,
+            "distributed": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
+            "attention": setup.attention, "kernels": kernel_ops, "total_steps": total,
+            "warmup_steps": warmup, "samples": len(samples), "eval_samples": len(eval_samples),
+            "data_notes": dict(notes), "base_model_path": str(setup.path),
+        })
+    metrics = rundir.Metrics(run_dir, state.global_step if resumed_from else None, main)
+    track = bool(config.report_to)
+    if track:
+        accelerator.init_trackers(config.run_name or os.environ.get("SKYPILOT_TASK_ID") or run_dir.name,
+                                  config=config.model_dump(mode="json"))
+    state = train(accelerator, module, optimizer, scheduler, spec, state, run_dir, metrics, track)
+    final_eval = None
+    if eval_samples:
+        from .loop import evaluate
+
+        final_eval = evaluate(accelerator, module, spec, accelerator.num_processes, accelerator.process_index)
+        metrics.write({"step": state.global_step, "eval_loss": final_eval})
+        if main:
+            console.info(f"eval loss {final_eval:.4f} over {len(eval_samples)} samples")
+    accelerator.wait_for_everyone()
+    files = save_final(accelerator, module, setup.tokenizer, run_dir, config, setup.path)
+    accelerator.wait_for_everyone()
+    if track:
+        accelerator.end_training()
+    losses = [m["loss"] for m in rundir.read_metrics(run_dir) if "loss" in m] if main else []
+    return SftResult(run_dir, state.global_step, losses[-1] if losses else None, final_eval, len(samples),
+                     len(eval_samples), dict(notes), files, resumed_from, time.perf_counter() - started)
+
+
+def _param_groups(module: Any, weight_decay: float) -> list[dict]:
+    """Decay matrices only (not norms or biases), as HF Trainer does."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _log_plan(config: TrainConfig, setup: Any, samples: list, eval_samples: list, notes: Counter, template: str,
+              total: int, accelerator: Any, resumed_from: Path | None, state: TrainerState, kernel_note: str,
+              spec: Any) -> None:
+    from .packing import split_step
+
+    if not accelerator.is_main_process:
+        return
+    tokens = sum(len(s) for s in samples)
+    supervised = sum(s.n_supervised for s in samples)
+    console.info(f"model {config.model} · {accelerator.device.type} × {accelerator.num_processes} "
+                 f"({accelerator.distributed_type}) · " + " · ".join(setup.notes))
+    console.info(kernel_note)
+    batch = f"{config.batch_size()} sequences" if config.batch_size() else f"{config.global_batch_tokens} tokens"
+    console.info(f"data: {len(samples)} samples ({tokens} tokens, {supervised} supervised = "
+                 f"{supervised / max(tokens, 1):.0%}), template {template}, {len(eval_samples)} eval samples; "
+                 f"global batch {batch}, {'packed' if config.packing else 'padded'}, {total} steps")
+    first = spec.plans()[0][0]
+    micro = len(split_step(first, spec.lengths, accelerator.num_processes, 0, spec.packing, spec.capacity,
+                           spec.micro_batch_size))
+    console.info(f"gradient accumulation: {micro} micro-batch(es) per process in the first step "
+                 f"({'rows of ' + str(spec.capacity) + ' tokens' if spec.packing else str(spec.micro_batch_size) + ' sequences each'})")
+    if notes:
+        console.info("data notes: " + _describe(notes))
+    dropped = sum(v for k, v in notes.items() if not k.startswith("truncated"))
+    if dropped > 0.1 * (len(samples) + dropped):
+        console.warn(f"{dropped} of {len(samples) + dropped} records were not used ({_describe(notes)})")
+    if resumed_from:
+        console.info(f"resumed from {resumed_from} at step {state.global_step} (epoch {state.epoch})")
