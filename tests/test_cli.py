@@ -27,14 +27,13 @@ def test_help_and_version_do_not_import_torch():
     assert out.strip() == "False False"
 
 
-def test_help_is_fast_and_lists_commands():
-    start = time.perf_counter()
+def test_help_lists_every_command():
+    # Speed is measured in BENCHMARKS.md (bench_cold_start.py), not by a timed test; that --help
+    # stays instant is guarded by the test that torch is not imported at start-up.
     result = vicuna("--help")
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0
-    for command in ("chat", "templates", "models"):
+    for command in ("chat", "templates", "models", "data", "train", "apply-delta", "serve", "judge"):
         assert command in result.stdout
-    assert elapsed < 3.0  # generous bound for a loaded CI machine; BENCHMARKS.md has the real figure
 
 
 def test_version():

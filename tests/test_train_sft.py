@@ -228,3 +228,17 @@ def test_timed_checkpoints_keep_the_last_k(sp_model_dir, data, tmp_path):
     assert manifest["step"] == 3
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "trainer_state.json"} <= set(manifest["files"])
     assert json.loads((out / "checkpoints" / "step-000003" / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_a_fixed_template_is_recorded_so_chat_uses_it(sp_model_dir, data, tmp_path):
+    """Trained with --template alpaca, the model must chat in alpaca, not in the default vicuna_v1.1."""
+    from vicuna_cli.core import models
+
+    out = tmp_path / "alpaca-run"
+    result = run_sft(config(sp_model_dir, data, out, max_steps=1, template="alpaca"))
+    assert models.TEMPLATE_RECORD in result.files
+    assert models.resolve(str(out)).template == "alpaca"
+    assert models.resolve(str(sp_model_dir)).template is None  # a plain model dir carries no record
+    (out / models.TEMPLATE_RECORD).write_text("{not json")
+    with pytest.raises(VicunaError, match="not valid JSON"):
+        models.resolve(str(out))

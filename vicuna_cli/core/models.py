@@ -23,7 +23,7 @@ from typing import Any
 
 from . import console
 from .errors import VicunaError, unknown_choice
-from .store import atomic_dir, dir_size, human_size, models_dir
+from .store import atomic_dir, atomic_write_text, dir_size, human_size, models_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -88,7 +88,7 @@ def resolve(name: str | None = None, progress: bool = True) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.is_dir():
         check_model_dir(path)
-        return ResolvedModel(name, path, None)
+        return ResolvedModel(name, path, recorded_template(path))
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise VicunaError(
@@ -104,6 +104,27 @@ def resolve(name: str | None = None, progress: bool = True) -> ResolvedModel:
         list(ALIASES),
         hint="or pass a local model directory, a .gguf file, or a Hugging Face Hub id (owner/name)",
     )
+
+
+# A model trained with a fixed template (`vicuna train sft --template alpaca`) must chat in it too;
+# its tokenizer may carry no chat template (or another one), so the trainer records the name here.
+TEMPLATE_RECORD = "vicuna_template.json"
+
+
+def record_template(model_dir: Path, template: str) -> None:
+    atomic_write_text(model_dir / TEMPLATE_RECORD, json.dumps({"template": template}) + "\n")
+
+
+def recorded_template(model_dir: Path) -> str | None:
+    record = model_dir / TEMPLATE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        name = json.loads(record.read_text()).get("template")
+    except (ValueError, AttributeError) as exc:
+        raise VicunaError(f"{record} is not valid JSON: {exc}",
+                          hint='it should read {"template": "<name>"}; fix or delete it') from exc
+    return name if isinstance(name, str) and name else None
 
 
 def _resolve_alias(name: str, alias: Alias, progress: bool) -> ResolvedModel:

@@ -184,7 +184,7 @@ class LossModule(nn.Module):
 
 
 def save_final(accelerator: Any, module: nn.Module, tokenizer: Any, run_dir: Path, config: TrainConfig,
-               base_path: Path) -> list[str]:
+               base_path: Path, template: str) -> list[str]:
     """The trained model in HF format (safetensors + tokenizer) at the run dir's root, so
     `vicuna chat -m RUN_DIR` loads it; with --lora the adapter goes to RUN_DIR/adapter and
     --merge also writes the merged model at the root. Returns the files written."""
@@ -201,6 +201,10 @@ def save_final(accelerator: Any, module: nn.Module, tokenizer: Any, run_dir: Pat
     written = sorted(p.name for p in target.iterdir() if p.is_file())
     if config.lora and config.merge:
         written = merge_adapter(base_path, target, run_dir)
+    if template != "auto":  # "auto" is the tokenizer's own chat template, saved with it
+        for model_dir in {target, run_dir} if config.merge else {target}:
+            models.record_template(model_dir, template)
+        written = sorted({*written, models.TEMPLATE_RECORD})
     return written
 
 

@@ -151,7 +151,7 @@ def run_sft(config: TrainConfig) -> SftResult:
         if main:
             console.info(f"eval loss {final_eval:.4f} over {len(eval_samples)} samples")
     accelerator.wait_for_everyone()
-    files = save_final(accelerator, module, setup.tokenizer, run_dir, config, setup.path)
+    files = save_final(accelerator, module, setup.tokenizer, run_dir, config, setup.path, template_name)
     accelerator.wait_for_everyone()
     if track:
         accelerator.end_training()
