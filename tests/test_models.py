@@ -139,3 +139,22 @@ def test_embedded_model_is_converted_once_and_reused(embedded_model_home, monkey
     # A second resolve must not convert again (the conversion function is never reached).
     monkeypatch.setattr(models, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert models.resolve(models.DEFAULT_MODEL).path == resolved.path
+
+
+def test_cpu_dtype_follows_native_bf16_flags(tmp_path, monkeypatch):
+    """oneDNN calls bf16 'supported' on plain AVX-512 where it is emulated and slower than fp32;
+    the default dtype must follow the CPU's own bf16 flags."""
+    from vicuna_cli.core import models as m
+
+    emulated = tmp_path / "xeon"
+    emulated.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n")
+    native = tmp_path / "epyc"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert m.cpu_has_native_bf16(emulated) is False
+    assert m.cpu_has_native_bf16(native) is True
+    assert m.cpu_has_native_bf16(tmp_path / "missing") is None
+    monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: False)
+    assert m.pick_dtype("cpu") == "float32"
+    monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: True)
+    assert m.pick_dtype("cpu") == "bfloat16"
+    assert m.pick_dtype("cpu", "float16") == "float16"

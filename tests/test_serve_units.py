@@ -111,6 +111,17 @@ def test_request_validation():
         CompletionRequest(model="m", prompt=[])
 
 
+def test_lone_surrogates_are_refused_naming_the_field():
+    """Valid JSON ("\\ud800") but not encodable text: found by fuzzing as a 500 at the worker hop."""
+    with pytest.raises(ValidationError, match=r"messages\.0\.content holds an unpaired UTF-16 surrogate"):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "\udc00x"}])
+    with pytest.raises(ValidationError, match=r"stop\.0 holds"):
+        CompletionRequest(model="m", prompt="hi", stop=["\ud800"])
+    with pytest.raises(ValidationError, match=r"prompt holds"):
+        CompletionRequest(model="m", prompt="\ud800")
+    assert CompletionRequest(model="m", prompt="한국어 😀").prompts() == ["한국어 😀"]
+
+
 def test_serve_error_from_an_upstream_body():
     error = ServeError.from_body(429, {"error": {"message": "slow down", "code": "rate_limit_exceeded", "param": None}})
     assert (error.status, error.message, error.code) == (429, "slow down", "rate_limit_exceeded")

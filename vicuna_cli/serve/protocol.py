@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # ---------------------------------------------------------------------------------------------
 # Errors (OpenAI's shape)
@@ -82,6 +82,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # OpenAI requests
 
 
+def _first_unencodable(value: Any, path: str = "") -> str | None:
+    """The dotted path of the first string that is not valid UTF-8-encodable text, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _first_unencodable(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class _Request(BaseModel):
     # Unknown fields (tools, logit_bias, user, ...) are ignored, as OpenAI-compatible servers do.
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
@@ -97,6 +113,16 @@ class _Request(BaseModel):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     stream: Optional[bool] = False
     stream_options: Optional["StreamOptions"] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _utf8_only(cls, data: Any) -> Any:
+        # JSON allows lone UTF-16 surrogates ("\\ud800"); they cannot be encoded as UTF-8 for the
+        # tokenizer or the worker hop, so refuse them here as a 400 naming the field.
+        bad = _first_unencodable(data)
+        if bad is not None:
+            raise ValueError(f"{bad or 'the request'} holds an unpaired UTF-16 surrogate; text must be valid Unicode")
+        return data
 
     @field_validator("stop")
     @classmethod
