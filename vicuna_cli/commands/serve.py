@@ -25,7 +25,8 @@ MODELS = typer.Option(None, "-m", "--model", help="Model to serve (alias, dir, .
 TEMPLATE = typer.Option(None, "--template", "-t", help="Conversation template for all models (default: each model's own).")
 BACKEND = typer.Option("hf", "--backend", help="hf (batching, default), vllm (GPU extra) or openai (proxy to --upstream).")
 HEARTBEAT = typer.Option(2.0, "--heartbeat", help="Seconds between worker heartbeats.")
-EXPIRY = typer.Option(6.0, "--expiry", help="Seconds of silence after which the controller drops a worker.")
+# A 2-core box under load was seen missing 6 s of heartbeats from a busy worker: 15 s by default.
+EXPIRY = typer.Option(15.0, "--expiry", help="Seconds of silence after which the controller drops a worker.")
 BATCH = typer.Option(16, "--max-batch-size", help="Most requests decoded together per worker.")
 QUEUE = typer.Option(256, "--max-queue", help="Most requests waiting per worker beyond its running batch; beyond it: 429.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.")
@@ -148,7 +149,7 @@ def api(
     max_body_bytes: int = BODY,
     moderation: str = MODERATION,
     moderation_url: Optional[str] = MODERATION_URL,
-    worker_timeout: float = typer.Option(6.0, "--worker-timeout", help="Seconds of worker silence before a request fails (use the controller's --expiry)."),
+    worker_timeout: float = typer.Option(15.0, "--worker-timeout", help="Seconds of worker silence before a request fails (use the controller's --expiry)."),
     secret: Optional[str] = SECRET,
     shutdown_timeout: float = SHUTDOWN,
     config: Optional[Path] = CONFIG,

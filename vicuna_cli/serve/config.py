@@ -20,7 +20,7 @@ class _Common(CommandConfig):
 
 class _Timing(CommandConfig):
     heartbeat: float = Field(2.0, gt=0, le=3600)
-    expiry: float = Field(6.0, gt=0, le=86400)
+    expiry: float = Field(15.0, gt=0, le=86400)
 
     @model_validator(mode="after")
     def _expiry_after_heartbeat(self):
@@ -31,7 +31,7 @@ class _Timing(CommandConfig):
 
 class ControllerConfig(_Common):
     port: int = Field(21001, ge=0, le=65535)
-    expiry: float = Field(6.0, gt=0, le=86400)
+    expiry: float = Field(15.0, gt=0, le=86400)
 
 
 class WorkerConfig(_Common):
@@ -76,7 +76,7 @@ class ApiConfig(_Common):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     moderation: str = "off"
     moderation_url: Optional[str] = None
-    worker_timeout: float = Field(6.0, gt=0, le=3600)
+    worker_timeout: float = Field(15.0, gt=0, le=3600)
 
 
 class ServeConfig(ApiConfig, _Timing):
