@@ -24,6 +24,7 @@ tokens/s here with its figures at the same concurrency.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -48,7 +49,9 @@ def start_server(model: str, dtype: str, log: Path) -> tuple[subprocess.Popen, s
     port, cport, wport = free_port(), free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "vicuna_cli", "serve", "-m", model, "--port", str(port), "--controller-port", str(cport),
-         "--worker-port", str(wport), "--dtype", dtype],
+         "--worker-port", str(wport), "--dtype", dtype,
+         # a worker starved of CPU by its own batch misses 2-s heartbeats on a loaded 2-core box
+         "--heartbeat", "5", "--expiry", "120"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}/v1"
@@ -149,10 +152,14 @@ def main() -> None:
         last = workdir / f"round{args.rounds - 1}-c{high}"
         cached = judge_round(base, args.model, answers, last, high, args.judge_tokens, args.first_n)
         print(f"cached re-run (in process): {cached['wall_s']:.2f} s, {cached['calls']} calls, {cached['cache_hits']} cache hits", flush=True)
+        from vicuna_cli.judge.questions import load_bench
+
+        bench = workdir / f"question-{args.first_n}.jsonl"  # the same questions as the timed rounds
+        bench.write_text("".join(json.dumps(q.as_dict()) + "\n" for q in load_bench("vicuna80")[: args.first_n]))
         t0 = time.perf_counter()
         cli = subprocess.run(
             [sys.executable, "-m", "vicuna_cli", "judge", "--pair", "a", "b", "--answers", str(answers), "-o", str(last),
-             "--allow-missing",
+             "--bench", str(bench),
              "--judge-model", args.model, "--judge-api-base", base, "--max-tokens", str(args.judge_tokens), "--parse-retries", "0",
              "-j", str(high), "--json"],
             capture_output=True, text=True, timeout=600,

@@ -101,7 +101,10 @@ class FastChatStack:
         self.port = port or free_port()
         self.log_dir = Path(log_dir or Path("/tmp") / f"fastchat-serve-{os.getpid()}")
         self.start_timeout = start_timeout
-        self.env = {**os.environ, "FASTCHAT_WORKER_API_TIMEOUT": f"{worker_timeout:.0f}", **(env or {})}
+        # LOGDIR: FastChat's own log files (controller.log, model_worker_*.log, ...) go to the current
+        # directory unless told otherwise; keep them beside ours, out of the checkout.
+        self.env = {**os.environ, "FASTCHAT_WORKER_API_TIMEOUT": f"{worker_timeout:.0f}", "LOGDIR": str(self.log_dir),
+                    **(env or {})}
         self.procs: list[subprocess.Popen] = []
 
     @property
@@ -113,7 +116,7 @@ class FastChatStack:
         log = open(self.log_dir / f"{name}.log", "ab")
         cmd = [str(self.venv / "bin" / "python"), "-m", f"fastchat.serve.{name}", *args]
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=self.env, start_new_session=True))
+                                           env=self.env, cwd=self.log_dir, start_new_session=True))
         log.close()
 
     def start(self) -> "FastChatStack":
