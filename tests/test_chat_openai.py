@@ -20,10 +20,11 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+from local_http import serving
 
 MODEL_ID = "fake-echo-1"
 CLI_TIMEOUT = 60  # seconds; a CLI run here takes ~1 s, so a hang fails instead of blocking CI
@@ -176,17 +177,9 @@ def _make_handler(state: FakeOpenAI):
 @pytest.fixture
 def server():
     state = FakeOpenAI()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(state))
-    httpd.daemon_threads = True
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(_make_handler(state)) as port:
+        state.port = port
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.fixture

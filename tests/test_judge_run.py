@@ -18,10 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from local_http import serving
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app
@@ -117,17 +118,9 @@ def _handler(state: JudgeDouble):
 @pytest.fixture
 def double():
     state = JudgeDouble()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    httpd.daemon_threads = True
-    state.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(_handler(state)) as port:
+        state.port = port
         yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
 
 
 def _answers(folder: Path, model: str, good: bool, skip: tuple = ()) -> None:
