@@ -69,10 +69,12 @@ def run_sft(config: TrainConfig) -> SftResult:
 
     from . import checkpoint, rundir
     from .loop import LoopSpec, train
+    from .memory import return_freed_memory
     from .modeling import LossModule, apply_kernels, load_for_training, save_final, sft_loss
     from .packing import collate
 
     started = time.perf_counter()
+    return_freed_memory()  # before the model loads: see memory.py (peak RSS 3.76 -> 2.74 GB measured)
     if config.output is None:
         raise VicunaError("no output dir: pass -o RUN_DIR")
     run_dir = config.output.expanduser()

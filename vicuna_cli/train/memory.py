@@ -1,0 +1,40 @@
+"""Stop glibc's malloc from hoarding the memory that training frees.
+
+Measured on `vicuna train sft` (SmolLM2-135M, fp32, CPU, --max-length 2048, 3 steps of batch 2):
+with glibc's default *dynamic* mmap threshold, the first freed multi-MB tensor raises the
+threshold to its size (up to 32 MB), so from then on the activations, recomputed layers and
+gradients of every step are carved out of the heap. `zero_grad(set_to_none=True)` and the end of
+each backward free them, but the heap keeps the holes (748 MB free inside a 2.3 GB heap when the
+longest step's backward began) and grows again: peak RSS 3,761 MB. Fixing the threshold (which
+turns the dynamic adjustment off) puts every block of 128 KiB or more in its own mapping, given
+back to the kernel on free: the same run peaked at 2,735 MB, with identical losses (3 steps: 247 s
+vs 225 s without the fix, in concurrent runs on a loaded shared machine, i.e. within its noise).
+
+glibc only (`mallopt` with these options is glibc's; elsewhere this does nothing). Users who tune
+malloc themselves (MALLOC_*_ variables or glibc.malloc tunables) are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
+M_MMAP_THRESHOLD = -3
+THRESHOLD = 128 * 1024  # glibc's own starting value, made fixed
+_TUNING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds for this process; True when they were set."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in _TUNING_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
