@@ -13,7 +13,7 @@ from .commands import apply_delta, chat, data, judge, models, serve, templates, 
 
 app = typer.Typer(
     name="vicuna",
-    help="Make a chat model the Vicuna way: data, templates, models, chat and weight deltas.",
+    help="Make a chat model the Vicuna way: data, training, weight deltas, serving, chat and judging.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
