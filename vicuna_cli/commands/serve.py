@@ -29,6 +29,7 @@ HEARTBEAT = typer.Option(2.0, "--heartbeat", help="Seconds between worker heartb
 EXPIRY = typer.Option(15.0, "--expiry", help="Seconds of silence after which the controller drops a worker.")
 BATCH = typer.Option(16, "--max-batch-size", help="Most requests decoded together per worker.")
 QUEUE = typer.Option(256, "--max-queue", help="Most requests waiting per worker beyond its running batch; beyond it: 429.")
+PREFIX_CACHE = typer.Option(256, "--prefix-cache-mb", help="Memory per model for reusing repeated prompt prefixes (hf backend, native models); 0: off.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.")
 DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
 IMPL = typer.Option("auto", "--implementation", help="auto, native or transformers (hf backend).")
@@ -68,6 +69,7 @@ def serve(
     expiry: float = EXPIRY,
     max_batch_size: int = BATCH,
     max_queue: int = QUEUE,
+    prefix_cache_mb: int = PREFIX_CACHE,
     device: str = DEVICE,
     dtype: str = DTYPE,
     implementation: str = IMPL,
@@ -125,6 +127,7 @@ def worker(
     implementation: str = IMPL,
     max_batch_size: int = BATCH,
     max_queue: int = QUEUE,
+    prefix_cache_mb: int = PREFIX_CACHE,
     heartbeat: float = HEARTBEAT,
     upstream: Optional[str] = typer.Option(None, "--upstream", help="openai backend: upstream base URL, e.g. https://api.openai.com/v1."),
     upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="openai backend: model id upstream (default: -m)."),

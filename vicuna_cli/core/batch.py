@@ -48,6 +48,8 @@ from .generate import (
     check_prompt,
     eos_token_ids,
 )
+from .prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
+from .prefix_cache import PrefixCache
 from .sampling import RequestSampler, top_logprobs
 
 __all__ = ["BatchEngine", "BatchRequest", "QueueFull", "EngineStopped", "TokenEvent", "TokenLogprob"]
@@ -162,12 +164,32 @@ class BatchRequest:
 
 
 class NativeRunner:
-    """The native Llama model: one slot of a SlotKVCache per sequence, one forward per step."""
+    """The native Llama model: one slot of a SlotKVCache per sequence, one forward per step,
+    and a PrefixCache of finished sequences' keys/values for prompts that repeat a prefix."""
 
-    def __init__(self, model: Any, num_slots: int, context_length: int):
+    def __init__(self, model: Any, num_slots: int, context_length: int, prefix_cache_bytes: int):
         self.model = model
         # The time dimension doubles on demand up to the context (see SlotKVCache).
         self.cache = model.new_cache(min(context_length, 512), num_slots, context_length)
+        self.prefix = PrefixCache(prefix_cache_bytes)
+
+    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
+        """Load the longest cached prefix of `ids` into `slot` (at least one prompt token is
+        left to prefill: its logits pick the first answer token). Returns its length."""
+        import torch
+
+        if not self.prefix.enabled:
+            return 0
+        blocks = self.prefix.match(ids, len(ids) - 1)
+        if not blocks:
+            return 0
+        self.cache.write_prefix(slot, torch.cat([block.kv for block in blocks], dim=3))
+        return self.cache.lengths[slot]
+
+    def remember(self, slot: int, ids: list[int]) -> None:
+        """Offer what `slot` holds (the first tokens of `ids`) to the prefix cache."""
+        held = min(self.cache.lengths[slot], len(ids))
+        self.prefix.insert(ids[:held], lambda start, end: self.cache.read(slot, start, end))
 
     def prefill(self, slot: int, ids: list[int], start: int) -> Any:
         import torch
@@ -223,10 +245,18 @@ class SequentialRunner:
     def release(self, slot: int) -> None:
         self.caches.pop(slot, None)
 
+    # No prefix cache: transformers' cache classes would need copying in and out per layer
+    # type (sliding windows, hybrid caches); the native path covers the CPU serving case.
+    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
+        return 0
 
-def make_runner(model: Any, num_slots: int, context_length: int) -> Any:
+    def remember(self, slot: int, ids: list[int]) -> None:
+        pass
+
+
+def make_runner(model: Any, num_slots: int, context_length: int, prefix_cache_bytes: int) -> Any:
     if hasattr(model, "decode_rows"):
-        return NativeRunner(model, num_slots, context_length)
+        return NativeRunner(model, num_slots, context_length, prefix_cache_bytes)
     return SequentialRunner(model, num_slots, context_length)
 
 
@@ -243,6 +273,7 @@ class BatchEngine:
         max_batch_size: int = 16,
         max_queue: int = 256,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ):
         if max_batch_size < 1:
             raise VicunaError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -255,7 +286,7 @@ class BatchEngine:
         self.max_queue = max_queue
         self.prefill_chunk = max(1, prefill_chunk)
         self.stop_token_ids = eos_token_ids(model, tokenizer)
-        self.runner = make_runner(model, max_batch_size, self.context_length)
+        self.runner = make_runner(model, max_batch_size, self.context_length, prefix_cache_bytes)
         self.batched = isinstance(self.runner, NativeRunner)
         self._pieces: TokenPieces | None = None
         self._waiting: deque[BatchRequest] = deque()
@@ -367,12 +398,21 @@ class BatchEngine:
         return bool(cancelled)
 
     def _admit(self) -> None:
+        admitted = []
         with self._lock:
             while self._waiting and self._free_slots:
                 request = self._waiting.popleft()
                 request.slot = heapq.heappop(self._free_slots)
                 request.stats.queue_time = time.perf_counter() - request._arrival
                 self._running.append(request)
+                admitted.append(request)
+        for request in admitted:
+            try:
+                request.prefilled = self.runner.reuse_prefix(request.slot, request.prompt_ids)
+            except Exception as exc:
+                self._fail(request, exc)
+                continue
+            request.stats.cached_tokens = request.prefilled
 
     def _prefill(self) -> bool:
         budget = self.prefill_chunk
@@ -481,6 +521,11 @@ class BatchEngine:
         if request in self._running:
             self._running.remove(request)
         if request.slot is not None:
+            if reason != "error":
+                try:
+                    self.runner.remember(request.slot, request.prompt_ids + request.output_ids)
+                except Exception as exc:  # only a lost cache entry: the request itself is done
+                    console.warn(f"prefix cache: could not store a finished sequence: {exc!r}")
             self.runner.release(request.slot)
             heapq.heappush(self._free_slots, request.slot)
             request.slot = None

@@ -99,6 +99,7 @@ class GenerationStats:
     total_time: float = 0.0
     finish_reason: str = ""  # stop | length | cancelled | error
     queue_time: float | None = None  # batch engine: seconds waiting for a slot, before the prefill
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
 
     @property
     def completion_tokens(self) -> int:  # OpenAI's name

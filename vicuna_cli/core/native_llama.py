@@ -151,6 +151,22 @@ class SlotKVCache:
         return buf_k[rows.slots, :, : rows.length], buf_v[rows.slots, :, : rows.length]
 
 
+    def read(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """Positions start..end of `slot` for every layer: [layers, 2, kv_heads, end - start, d]."""
+        return torch.stack(
+            [torch.stack((k[slot, :, start:end], v[slot, :, start:end])) for k, v in zip(self.keys, self.values)]
+        )
+
+    def write_prefix(self, slot: int, kv: torch.Tensor) -> None:
+        """Fill positions 0..n of `slot` from `read`'s layout (a reused prefix); the slot then holds n."""
+        n = kv.shape[3]
+        for layer in range(len(self.keys)):
+            buf_k, buf_v = self._reserve(layer, kv[layer, 0][None], n)
+            buf_k[slot, :, :n] = kv[layer, 0]
+            buf_v[slot, :, :n] = kv[layer, 1]
+        self.lengths[slot] = n
+
+
 KVCache = SlotKVCache  # the batch-1 name
 
 
@@ -372,4 +388,23 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str) -> NativeLlama
         raise ValueError(f"checkpoint does not match a Llama model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if model.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device == "cpu" and dtype == torch.float32:
+        use_column_major_weights(model)
+    return model
+
+
+def use_column_major_weights(model: NativeLlamaForCausalLM) -> None:
+    """Store the decoder layers' fp32 weights transposed in memory (same values and shapes).
+
+    F.linear then runs MKL's NN GEMM instead of NT, which on CPU is 1.4-2x faster for the 4-32
+    rows of a batched decode step (576->1536 at 16 rows: 0.52 -> 0.37 ms; whole SmolLM2 step at
+    batch 16: 285 -> 237 ms) and no slower for batch 1 or a prefill. Not for fp16 (7-9x slower)
+    nor bf16 (no gain), and not for lm_head: it is tied to the embedding, whose row gathers want
+    the row-major layout.
+    """
+    for layer in model.model.layers:
+        for linear in layer.modules():
+            if isinstance(linear, Linear):
+                linear.weight.data = linear.weight.data.t().contiguous().t()
+

@@ -78,6 +78,7 @@ class HFBackend:
         implementation: str = "auto",
         max_batch_size: int = 16,
         max_queue: int = 256,
+        prefix_cache_mb: int = 256,
     ):
         from ..core import models
         from ..core.templates import template_for_model
@@ -88,7 +89,8 @@ class HFBackend:
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.tokenizer = self.loaded.tokenizer
         self.engine = BatchEngine(
-            self.loaded.model, self.loaded.tokenizer, self.loaded.context_length, max_batch_size=max_batch_size, max_queue=max_queue
+            self.loaded.model, self.loaded.tokenizer, self.loaded.context_length, max_batch_size=max_batch_size, max_queue=max_queue,
+            prefix_cache_bytes=prefix_cache_mb * 2**20,
         )
         self.context_length = self.loaded.context_length
         self.model = WorkerModel(name=name, backend="hf", context_length=self.context_length, template=self.template.name)

@@ -47,6 +47,7 @@ class WorkerConfig(_Common):
     implementation: str = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
+    prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
     heartbeat: float = Field(2.0, gt=0, le=3600)
     upstream: Optional[str] = None  # openai backend: base URL of the upstream API (…/v1)
     upstream_model: Optional[str] = None
@@ -90,6 +91,7 @@ class ServeConfig(ApiConfig, _Timing):
     implementation: str = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
+    prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
     controller_port: int = Field(21001, ge=0, le=65535)
     worker_port: int = Field(21002, ge=0, le=65535)
     workers_per_model: int = Field(1, ge=1, le=16)
@@ -136,7 +138,7 @@ def run_worker(config: WorkerConfig) -> None:
             backends.append(VLLMBackend(name, ref, config.template, config.max_batch_size, config.max_queue, config.dtype))
         else:
             backends.append(HFBackend(name, ref, config.template, config.device, config.dtype, config.implementation,
-                                      config.max_batch_size, config.max_queue))
+                                      config.max_batch_size, config.max_queue, config.prefix_cache_mb))
     address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
     if config.port == 0 and not config.advertise:
         raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")

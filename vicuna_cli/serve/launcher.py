@@ -66,7 +66,7 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
         for _ in range(config.workers_per_model):
             args = ["worker", "--port", str(port), "--controller", controller, "--backend", config.backend,
                     "--heartbeat", f"{config.heartbeat:g}", "--max-batch-size", str(config.max_batch_size),
-                    "--max-queue", str(config.max_queue), "--device", config.device, "--dtype", config.dtype,
+                    "--max-queue", str(config.max_queue), "--prefix-cache-mb", str(config.prefix_cache_mb), "--device", config.device, "--dtype", config.dtype,
                     "--implementation", config.implementation, *_common(config)]
             if model:
                 args += ["-m", model]
