@@ -490,7 +490,7 @@ class BatchEngine:
         request.output_ids.append(token)
         request.sampler.observe(token)
         text = request.stops.feed(request.detok.push(token))
-        if request.stops.stopped:
+        if request.stops.stopped or request.sampler.grammar_complete:  # grammar: the response_format value is whole
             self._finish(request, "stop", text, [token], logprobs)
         elif len(request.output_ids) >= request.budget:
             self._finish(request, "length", text, [token], logprobs)

@@ -51,6 +51,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS tokens
     logprobs: bool = False  # report the chosen token's logprob ...
     top_logprobs: int = 0  # ... and this many alternatives (0-20)
+    grammar: Any = None  # a structured.Grammar (a compiled response_format): constrains every token
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

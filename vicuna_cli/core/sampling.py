@@ -63,7 +63,8 @@ class RequestSampler:
 
     Order: repetition penalty (prompt + output, transformers' maths), presence/frequency
     penalties (output tokens only, OpenAI's formula: logit - presence * [count > 0] - frequency *
-    count, as vLLM applies them), then `choose`. Logprobs are those of the model's own
+    count, as vLLM applies them), the response_format constraint (structured.py: disallowed
+    tokens to -inf), then `choose`. Logprobs are those of the model's own
     distribution (log-softmax of the raw logits, before any penalty or temperature), as vLLM's
     default reports them.
     """
@@ -80,15 +81,25 @@ class RequestSampler:
         self.seen: set[int] = set(prompt_ids) if self.repetition_penalty != 1.0 else set()
         self._seen_tensor: Any = None
         self.counts: dict[int, int] = {}
+        grammar = getattr(params, "grammar", None)
+        self.constraint = grammar.start() if grammar is not None else None  # structured.Constraint
 
     @property
     def is_plain_greedy(self) -> bool:
-        """Greedy without penalties: the argmax of the raw logits (batched by the caller)."""
+        """Greedy without penalties or constraint: the argmax of the raw logits (batched by the caller)."""
         return (
             self.temperature <= 1e-5 and self.repetition_penalty == 1.0 and self.presence == 0.0 and self.frequency == 0.0
+            and self.constraint is None
         )
 
+    @property
+    def grammar_complete(self) -> bool:
+        """The response_format's value is complete: the request ends here ("stop")."""
+        return self.constraint is not None and self.constraint.complete
+
     def observe(self, token_id: int) -> None:
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
         if self.repetition_penalty != 1.0 and token_id not in self.seen:
             self.seen.add(token_id)
             self._seen_tensor = None
@@ -109,6 +120,8 @@ class RequestSampler:
             counts = torch.tensor(list(self.counts.values()), device=scores.device, dtype=scores.dtype)
             scores = scores.clone()
             scores[0, ids] -= self.presence + self.frequency * counts
+        if self.constraint is not None:  # before temperature/top-k/top-p, so they only see allowed tokens
+            scores = self.constraint.mask(scores if scores is not logits else scores.clone())
         return int(choose(scores, self.temperature, self.top_p, self.top_k, self.generator))
 
 

@@ -233,6 +233,7 @@ def _params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         n=body.n,
+        response_format=body.response_format,
     )
 
 

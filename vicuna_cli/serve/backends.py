@@ -131,10 +131,13 @@ class HFBackend:
                 "messages" if request.messages is not None else "prompt",
             )
         stop = tuple(dict.fromkeys((*template_stops, *p.stop)))
+        grammar = await asyncio.to_thread(self.grammar, p.response_format) if p.response_format else None
         handles = []
         try:
             for index in range(p.n):
-                params = SamplingParams(**engine_params(p, stop, min(p.max_tokens or room, room), choice_seed(p.seed, index)))
+                params = SamplingParams(
+                    **engine_params(p, stop, min(p.max_tokens or room, room), choice_seed(p.seed, index)), grammar=grammar
+                )
                 handles.append(self.engine.submit(ids, params))
         except BaseException as exc:
             _cancel_all(handles)
@@ -149,6 +152,17 @@ class HFBackend:
             raise
         sources = [self._events(index, handle, p) for index, handle in enumerate(handles)]
         return Generation(len(ids), sources, lambda: _cancel_all(handles))
+
+    def grammar(self, response_format: dict[str, Any] | None) -> Any:
+        """response_format -> a compiled structured.Grammar (cached per schema), or None for text."""
+        from ..core.structured import ResponseFormatError, StructuredOutputUnavailable, compile_response_format
+
+        try:
+            vocab_size = int(self.loaded.model.config.vocab_size)
+            return compile_response_format(response_format, self.tokenizer, vocab_size, self.engine.stop_token_ids)
+        except ResponseFormatError as exc:
+            code = "response_format_unavailable" if isinstance(exc, StructuredOutputUnavailable) else "invalid_value"
+            raise ServeError(400, exc.message, code, "response_format") from None
 
     async def _events(self, index: int, handle: Any, p: GenerateParams) -> AsyncIterator[dict]:
         async for event in handle.aevents():
@@ -211,6 +225,26 @@ def vllm_sampling_kwargs(p: GenerateParams, stop: list[str], max_tokens: int, se
     }
 
 
+def vllm_structured_outputs(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """OpenAI's response_format -> keyword arguments of vLLM's StructuredOutputsParams (>= 0.12;
+    GuidedDecodingParams before, same fields), as vLLM's own OpenAI server maps it."""
+    if not response_format or response_format.get("type") == "text":
+        return None
+    if response_format["type"] == "json_object":
+        return {"json_object": True}
+    return {"json": response_format["json_schema"]["schema"]}
+
+
+def vllm_structured_kwargs(vllm_sampling_params: Any, structured: dict[str, Any] | None) -> dict[str, Any]:
+    """The vllm.SamplingParams keyword carrying the constraint on the installed vLLM release."""
+    if structured is None:
+        return {}
+    params_class = getattr(vllm_sampling_params, "StructuredOutputsParams", None)
+    if params_class is not None:
+        return {"structured_outputs": params_class(**structured)}
+    return {"guided_decoding": vllm_sampling_params.GuidedDecodingParams(**structured)}
+
+
 class VLLMBackend:
     """vLLM's AsyncLLM (V1 engine; AsyncLLMEngine on older releases) fed our rendered token ids,
     so templates stay the ones from core/templates.py."""
@@ -247,6 +281,7 @@ class VLLMBackend:
     async def open(self, request: GenerateRequest) -> Generation:
         import uuid
 
+        from vllm import sampling_params
         from vllm.sampling_params import RequestOutputKind
 
         ids, template_stops = self.prompt_ids(request)
@@ -257,9 +292,10 @@ class VLLMBackend:
         if self.active + p.n > self.max_queue:
             raise ServeError(429, f"the worker's queue is full ({self.max_queue} requests); retry later", "queue_full")
         stop = list(dict.fromkeys((*template_stops, *p.stop)))
+        structured = vllm_structured_kwargs(sampling_params, vllm_structured_outputs(p.response_format))
         sources = []
         for index in range(p.n):
-            kwargs = vllm_sampling_kwargs(p, stop, min(p.max_tokens or room, room), choice_seed(p.seed, index))
+            kwargs = {**vllm_sampling_kwargs(p, stop, min(p.max_tokens or room, room), choice_seed(p.seed, index)), **structured}
             params = self.vllm.SamplingParams(**kwargs, output_kind=RequestOutputKind.DELTA)
             sources.append(self._events(index, ids, params, f"{request.request_id}-{index}-{uuid.uuid4().hex[:6]}"))
         return Generation(len(ids), sources)
@@ -333,6 +369,8 @@ class OpenAIProxyBackend:
                 body[key] = getattr(p, key)
         if p.stop:
             body["stop"] = p.stop
+        if p.response_format is not None:  # unchanged: the upstream enforces it (or refuses it with a 400)
+            body["response_format"] = p.response_format
         if request.messages is not None:
             if p.logprobs:
                 body.update(logprobs=True, top_logprobs=p.top_logprobs)

@@ -15,6 +15,7 @@ import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # ---------------------------------------------------------------------------------------------
 # Errors (OpenAI's shape)
@@ -113,6 +114,9 @@ class _Request(BaseModel):
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     stream: Optional[bool] = False
     stream_options: Optional["StreamOptions"] = None
+    # OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}; kept as sent
+    # (the openai backend forwards it unchanged), checked here so a bad one is a 400 before dispatch.
+    response_format: Optional[dict[str, Any]] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +136,17 @@ class _Request(BaseModel):
             raise ValueError("at most 16 stop sequences")
         if any(not s for s in stops):
             raise ValueError("stop sequences must not be empty")
+        return value
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _response_format(cls, value: Any) -> Any:
+        from ..core.structured import ResponseFormatError, check_response_format
+
+        try:
+            check_response_format(value)
+        except ResponseFormatError as exc:  # a plain message (pydantic would prefix "Value error, ")
+            raise PydanticCustomError("response_format", exc.message.removeprefix("response_format: ")) from None
         return value
 
     def stop_list(self) -> list[str]:
@@ -270,6 +285,7 @@ class GenerateParams(BaseModel):
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    response_format: Optional[dict[str, Any]] = None  # as the client sent it (validated)
 
 
 class GenerateRequest(BaseModel):
