@@ -243,27 +243,34 @@ class HttpTarget:
         }
 
     async def run(self, prompts: list[str], concurrency: int, args: argparse.Namespace) -> tuple[list[Result], float]:
-        import httpx
+        bodies = [self.body(p, args.max_tokens) for p in prompts]
+        return await run_requests(f"{self.base_url}/v1/chat/completions", bodies, concurrency, args.request_timeout, args.level_timeout)
 
-        url = f"{self.base_url}/v1/chat/completions"
-        semaphore = asyncio.Semaphore(concurrency)
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(args.request_timeout), limits=limits) as client:
 
-            async def one(prompt: str) -> Result:
-                async with semaphore:
-                    return await stream_chat(client, url, self.body(prompt, args.max_tokens), args.request_timeout)
+async def run_requests(url: str, bodies: list[dict], concurrency: int, request_timeout: float,
+                       level_timeout: float) -> tuple[list[Result], float]:
+    """Stream every body to `url`, at most `concurrency` at once; (results in order, wall time).
+    Also the raw load client of bench_judge.py, which replays a judge run's requests."""
+    import httpx
 
-            start = time.perf_counter()
-            tasks = [asyncio.create_task(one(p)) for p in prompts]
-            done, pending = await asyncio.wait(tasks, timeout=args.level_timeout)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            duration = time.perf_counter() - start
-        results = [t.result() if t in done else Result(ok=False, error=f"level bound {args.level_timeout:.0f} s hit")
-                   for t in tasks]
-        return results, duration
+    semaphore = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(request_timeout), limits=limits) as client:
+
+        async def one(body: dict) -> Result:
+            async with semaphore:
+                return await stream_chat(client, url, body, request_timeout)
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(one(b)) for b in bodies]
+        done, pending = await asyncio.wait(tasks, timeout=level_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        duration = time.perf_counter() - start
+    results = [t.result() if t in done else Result(ok=False, error=f"level bound {level_timeout:.0f} s hit")
+               for t in tasks]
+    return results, duration
 
 
 class DirectTarget:

@@ -380,8 +380,27 @@ def test_cli_errors_are_one_line(double, workdir):
     done = subprocess.run(_cli(workdir, "--pair", "good", "nobody"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "no answers for model 'nobody'" in done.stderr and "available: bad, good, meh" in done.stderr
     done = subprocess.run(_cli(workdir, "--mode", "sideways"), capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 1 and "unknown --mode 'sideways'" in done.stderr
+    assert done.returncode == 1 and "error: --mode: unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, single\n" == done.stderr
     done = subprocess.run(_cli(workdir, "--pair", "good", "meh"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "answers missing: meh lacks 2 (2, 4)" in done.stderr
     done = subprocess.run(_cli(workdir, "--pair", "good", "bad", "--max-calls", "3"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0 and "stopped: --max-calls 3 reached" in done.stderr
+
+
+def test_cli_run_from_the_cache_makes_no_call_and_does_not_import_openai(double, workdir):
+    _run(double, workdir)
+    assert double.calls == 12
+    # the `vicuna judge` process, with a probe that reports at exit (after the results are printed)
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('openai imported:', 'openai' in sys.modules, 'torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+        f"sys.argv = ['vicuna'] + {_cli(workdir, '--pair', 'good', 'bad')[3:]!r}\n"
+        "from vicuna_cli.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_cli_env(double), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert double.calls == 12  # not one more
+    assert "6 judgments written" in done.stderr and "0 judge calls, 12 from cache" in done.stderr
+    assert "openai imported: False torch imported: False" in done.stderr
+    assert "position consistency: 100.0%" in done.stdout

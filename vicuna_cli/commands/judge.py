@@ -9,6 +9,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from ..judge import ANSWERS, JUDGMENTS
+
 app = typer.Typer(
     help="LLM-as-a-judge: `vicuna judge --pair A B` judges answers pairwise (both orders); "
     "see also the questions, answer and show subcommands.",
@@ -16,8 +18,6 @@ app = typer.Typer(
     invoke_without_command=True,
 )
 
-ANSWERS = Path("judge/model_answer")
-JUDGMENTS = Path("judge/model_judgment")
 BENCH_HELP = "Built-in set name (vicuna80), a FastChat question.jsonl, or a FastChat bench dir (e.g. data/mt_bench)."
 
 
@@ -30,69 +30,68 @@ def judge(
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models to judge (default: every answer file)."),
     bench: Optional[str] = typer.Option(None, "--bench", help=BENCH_HELP),
     answers: Path = typer.Option(ANSWERS, "--answers", help="Directory of model-answer files ({model}.jsonl)."),
-    output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files and the judge cache."),
+    output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml."),
     judge_model: str = typer.Option("gpt-4.1", "--judge-model", help="The judge's model id."),
     judge_api_base: str = typer.Option("https://api.openai.com/v1", "--judge-api-base", envvar="VICUNA_JUDGE_API_BASE", help="OpenAI-compatible endpoint of the judge [env: VICUNA_JUDGE_API_BASE]."),
     judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Env var holding the judge's key (default VICUNA_JUDGE_API_KEY, else OPENAI_API_KEY)."),
-    concurrency: int = typer.Option(8, "--concurrency", "-j", min=1, help="Judge calls in flight at once."),
-    max_calls: Optional[int] = typer.Option(None, "--max-calls", min=0, help="Stop cleanly after this many judge calls (re-run to continue)."),
+    concurrency: int = typer.Option(8, "--concurrency", "-j", help="Judge calls in flight at once."),
+    max_calls: Optional[int] = typer.Option(None, "--max-calls", help="Stop cleanly after this many judge calls (re-run to continue)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the calls, estimated tokens and cost, then stop."),
     price: Optional[str] = typer.Option(None, "--price", help="USD per million tokens, INPUT,OUTPUT (e.g. 2,8), for --dry-run's cost."),
     est_output_tokens: int = typer.Option(300, "--est-output-tokens", help="Expected tokens per judge reply, for --dry-run."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Judge on the questions that have answers from every model."),
     temperature: float = typer.Option(0.0, "--temperature", help="Judge sampling temperature."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", min=1, help="Longest judge reply."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest judge reply."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds per judge call before it is retried."),
-    retries: int = typer.Option(6, "--retries", min=0, help="Retries of a failed call (429, 5xx, timeouts)."),
-    parse_retries: int = typer.Option(1, "--parse-retries", min=0, help="Ask again this many times for an unreadable verdict."),
+    retries: int = typer.Option(6, "--retries", help="Retries of a failed call (429, 5xx, timeouts)."),
+    parse_retries: int = typer.Option(1, "--parse-retries", help="Ask again this many times for an unreadable verdict."),
     structured: str = typer.Option("auto", "--structured", help="Send a JSON-schema response_format: auto (off once rejected), on, off."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of the options above (e.g. `concurrency: 4`); flags override it."),
 ) -> None:
     """Judge model answers with an LLM judge; results are cached, so a re-run resumes."""
     if ctx.invoked_subcommand is not None:
         return
+    from ..core.config import build_config, save_config
     from ..core.console import err, info, warn
-    from ..core.errors import VicunaError, unknown_choice
+    from ..core.errors import VicunaError
     from ..judge import answers as answers_mod
     from ..judge import judging, report, results
-    from ..judge.client import ApiClient, Cache, CACHE_FILE, Sampling
+    from ..judge.client import ApiClient, Cache, CACHE_FILE
+    from ..judge.config import JudgeConfig
     from ..judge.questions import load_bench
+    from ._common import given_flags
 
-    run_mode = "pair" if pair else (mode or "single")
-    if run_mode not in judging.MODES:
-        raise unknown_choice("--mode", run_mode, list(judging.MODES))
-    if structured not in ("auto", "on", "off"):
-        raise unknown_choice("--structured", structured, ["auto", "on", "off"])
-    chosen = list(pair) if pair else [m.strip() for m in models.split(",") if m.strip()] if models else answers_mod.available_models(answers)
-    if run_mode == "pairwise-baseline" and baseline and baseline not in chosen:
-        chosen.append(baseline)
+    cfg = build_config(JudgeConfig, given_flags(ctx, exclude=("config", "dry_run", "json_output")), config)
+    run_mode = cfg.run_mode
+    chosen = list(cfg.pair or cfg.models or answers_mod.available_models(cfg.answers))
+    if run_mode == "pairwise-baseline" and cfg.baseline and cfg.baseline not in chosen:
+        chosen.append(cfg.baseline)
     if not chosen:
-        raise VicunaError(f"no model answers in {answers}", hint="generate them with `vicuna judge answer -m MODEL`")
-    settings = judging.JudgeSettings(run_mode, chosen, baseline, Sampling(temperature, max_tokens), concurrency, allow_missing, parse_retries)
-    questions = load_bench(bench)
-    model_answers = judging.load_model_answers(answers, chosen)
+        raise VicunaError(f"no model answers in {cfg.answers}", hint="generate them with `vicuna judge answer -m MODEL`")
+    settings = judging.JudgeSettings(run_mode, chosen, cfg.baseline, cfg.sampling, cfg.concurrency, cfg.allow_missing, cfg.parse_retries)
+    questions = load_bench(cfg.bench)
+    model_answers = judging.load_model_answers(cfg.answers, chosen)
     games = judging.plan_games(questions, model_answers, settings)
-    key_env = judge_api_key_env or ("VICUNA_JUDGE_API_KEY" if os.environ.get("VICUNA_JUDGE_API_KEY") else "OPENAI_API_KEY")
-    if not dry_run and "api.openai.com" in judge_api_base and not os.environ.get(key_env):
-        raise VicunaError(f"no API key for the judge at {judge_api_base}: ${key_env} is empty",
+    key_env = cfg.judge_api_key_env or ("VICUNA_JUDGE_API_KEY" if os.environ.get("VICUNA_JUDGE_API_KEY") else "OPENAI_API_KEY")
+    if not dry_run and "api.openai.com" in cfg.judge_api_base and not os.environ.get(key_env):
+        raise VicunaError(f"no API key for the judge at {cfg.judge_api_base}: ${key_env} is empty",
                           hint="export OPENAI_API_KEY=... (or --judge-api-key-env NAME), or point --judge-api-base at another server")
-    cache = Cache(output / CACHE_FILE)
-    client = ApiClient(judge_api_base, os.environ.get(key_env), judge_model, cache, timeout=timeout, max_retries=retries, max_calls=max_calls, schema=structured)
+    cache = Cache(cfg.output / CACHE_FILE)
+    client = ApiClient(cfg.judge_api_base, os.environ.get(key_env), cfg.judge_model, cache, timeout=cfg.timeout,
+                       max_retries=cfg.retries, max_calls=cfg.max_calls, schema=cfg.structured)
     if dry_run:
         est = judging.estimate(games, model_answers, client, settings.sampling)
-        out_tokens = est["calls"] * min(est_output_tokens, max_tokens)
+        out_tokens = est["calls"] * min(cfg.est_output_tokens, cfg.max_tokens)
         records = est["games"] // (1 if run_mode == "single" else 2)
         line = f"{records} judgments planned, {est['games']} judge calls: {est['calls']} needed ({est['cached']} in the cache), ~{est['prompt_tokens']} prompt tokens + ~{out_tokens} output tokens"
-        if price:
-            try:
-                p_in, p_out = (float(x) for x in price.split(","))
-            except ValueError:
-                raise VicunaError(f"--price {price!r}: expected INPUT,OUTPUT in USD per million tokens, e.g. 2,8") from None
-            line += f", ~${(est['prompt_tokens'] * p_in + out_tokens * p_out) / 1e6:.2f}"
+        if cfg.price:
+            line += f", ~${(est['prompt_tokens'] * cfg.price[0] + out_tokens * cfg.price[1]) / 1e6:.2f}"
         typer.echo(line + " (retries of unreadable verdicts not included)")
         return
-    with err.status(f"judging {len(games)} games with {judge_model} ...") as status:
-        summary = judging.run(games, model_answers, client, settings, output, lambda d, n: status.update(f"judging: {d}/{n} games"))
+    save_config(cfg, cfg.output / "config.yaml")
+    with err.status(f"judging {len(games)} games with {cfg.judge_model} ...") as status:
+        summary = judging.run(games, model_answers, client, settings, cfg.output, lambda d, n: status.update(f"judging: {d}/{n} games"))
     report.run_summary(summary)
     if summary.errors:
         every = summary.errors == summary.records
@@ -100,9 +99,9 @@ def judge(
              + ("; this judge never answered in the verdict format: use a stronger --judge-model" if every else ""))
     if summary.stopped:
         warn(f"stopped: {summary.stopped}; run the same command again to continue (finished calls are cached)")
-    result = results.summarize([summary.path], questions, judge_model)
+    result = results.summarize([summary.path], questions, cfg.judge_model)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
-    info(f"see `vicuna judge show {output}` for all judgments in {output}")
+    info(f"see `vicuna judge show {cfg.output}` for all judgments in {cfg.output}")
 
 
 @app.command("questions")

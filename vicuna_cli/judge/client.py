@@ -155,16 +155,25 @@ class ApiClient:
         max_backoff: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        import openai
-
         self.api_base, self.model, self.cache = api_base, model, cache
-        self.client = openai.OpenAI(base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=0)
+        self._api_key, self._timeout, self._client = api_key or "none", timeout, None
         self.max_retries, self.max_calls, self.schema_mode = max_retries, max_calls, schema
         self.max_backoff, self.sleep = max_backoff, sleep
         self.calls = self.cache_hits = self.retries = 0
         self.prompt_tokens = self.completion_tokens = 0
         self._lock = threading.Lock()
         self._capability = f"{api_base}|{model}|response_format"
+
+    @property
+    def client(self) -> Any:
+        """The `openai` client, made at the first cache miss: importing `openai` takes most of a
+        second, which a run served entirely from the cache should not pay."""
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                self._client = openai.OpenAI(base_url=self.api_base, api_key=self._api_key, timeout=self._timeout, max_retries=0)
+            return self._client
 
     # -- structured output support, remembered per endpoint and model
 

@@ -42,14 +42,16 @@ def run_pool(items: Iterable[T], fn: Callable[[T], R], concurrency: int, on_resu
     for t in threads:
         t.start()
     first_error: BaseException | None = None
+    received = 0
     try:
-        while True:
+        while received < count:  # every item reports once, unless an error stopped the rest
             try:
                 item, result, exc = done.get(timeout=0.1)
             except queue.Empty:
                 if not any(t.is_alive() for t in threads) and done.empty():
                     break
                 continue
+            received += 1
             if exc is not None:
                 if first_error is None:
                     first_error = exc
