@@ -139,3 +139,28 @@ def test_decode_rows_at_the_same_position(sp_native):
         logits = model.decode_rows([5, 6], cache, [0, 1])
         alone = [model(input_ids=torch.tensor([ids + [t]]), use_cache=False).logits[0, -1] for t in (5, 6)]
     assert torch.allclose(logits, torch.stack(alone), atol=1e-5, rtol=1e-4)
+
+
+def test_ragged_prefill_of_several_sequences_matches_each_alone(sp_native):
+    """prefill_segments: chunks of several sequences in one forward, from a fresh slot, after a
+    cached prefix, and a single token, give each sequence's own logits and fill its slot."""
+    model, tok = sp_native.model, sp_native.tokenizer
+    texts = ["Hello there, how are you today?", "The capital of France is Paris.", "USER: hi", "안녕하세요 반갑습니다."]
+    seqs = [tok(t)["input_ids"] for t in texts]
+    split = {0: 0, 1: 4, 2: len(seqs[2]) - 1, 3: 2}  # tokens already in the slot before the ragged step
+    with torch.inference_mode():
+        cache = model.new_cache(4, num_slots=4, max_capacity=256)
+        for slot, ids in enumerate(seqs):
+            if split[slot]:
+                model(input_ids=torch.tensor([ids[: split[slot]]]), past_key_values=cache, logits_to_keep=1, slot=slot)
+        order = [2, 0, 3, 1]  # slots in any order
+        logits = model.prefill_segments([(s, seqs[s][split[s] :]) for s in order], cache)
+        for row, slot in enumerate(order):
+            alone = model(input_ids=torch.tensor([seqs[slot]]), use_cache=False).logits[0, -1]
+            assert torch.allclose(logits[row], alone, atol=1e-5, rtol=1e-4), slot
+        assert cache.lengths == [len(s) for s in seqs]
+        # The slots hold the right keys: one more decode step per slot matches the full forward.
+        step = model.decode_rows([5, 6, 7, 8], cache, [0, 1, 2, 3])
+        for slot, t in enumerate([5, 6, 7, 8]):
+            alone = model(input_ids=torch.tensor([seqs[slot] + [t]]), use_cache=False).logits[0, -1]
+            assert torch.allclose(step[slot], alone, atol=1e-5, rtol=1e-4), slot

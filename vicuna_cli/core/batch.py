@@ -9,10 +9,12 @@
 Each `step()` (the thread loops over it; tests call it directly):
   1. finishes cancelled requests (their slot is free at once);
   2. admits waiting requests while slots are free (FIFO);
-  3. prefills: whole `prefill_chunk`-token chunks of the admitted prompts, one forward per chunk,
-     until `prefill_chunk` tokens were processed in this step (so a long prompt does not stall
-     the running streams for long). Chunk boundaries depend only on the prompt, so a request's
-     output does not depend on what else is in the batch;
+  3. prefills: the next `prefill_chunk`-token chunk of every admitted prompt, all in one ragged
+     forward (native models: the weights are read once for all of them, which is what a CPU
+     prefill of a short prompt is bound by), until `prefill_chunk` tokens were processed in this
+     step (so a long prompt does not stall the running streams for long). Chunk boundaries
+     depend only on the prompt (and on what the prefix cache supplied), so a request's output
+     does not depend on what else is in the batch;
   4. decodes one token for every running request in one batched forward.
 
 On the native Llama model (core/native_llama.py) a decode step is one forward over all rows,
@@ -198,6 +200,14 @@ class NativeRunner:
         tokens = torch.tensor([ids], device=self.model.inv_freq.device)
         return self.model(input_ids=tokens, past_key_values=self.cache, logits_to_keep=1, slot=slot).logits[:, -1]
 
+    def prefill_many(self, chunks: list[tuple[int, list[int], int]]) -> Any:
+        """Chunks (slot, ids, start) of several sequences in one ragged forward."""
+        if len(chunks) == 1:
+            return self.prefill(*chunks[0])
+        for slot, _, start in chunks:
+            assert self.cache.lengths[slot] == start, (self.cache.lengths[slot], start)
+        return self.model.prefill_segments([(slot, ids) for slot, ids, _ in chunks], self.cache)
+
     def decode(self, slots: list[int], tokens: list[int]) -> Any:
         return self.model.decode_rows(tokens, self.cache, slots)
 
@@ -231,6 +241,11 @@ class SequentialRunner:
         tokens = torch.tensor([ids], device=next(self.model.parameters()).device)
         kwargs = {self.cache_arg: self._cache(slot)}
         return self.model(input_ids=tokens, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+
+    def prefill_many(self, chunks: list[tuple[int, list[int], int]]) -> Any:
+        import torch
+
+        return torch.cat([self.prefill(*chunk) for chunk in chunks])
 
     def decode(self, slots: list[int], tokens: list[int]) -> Any:
         import torch
@@ -415,25 +430,52 @@ class BatchEngine:
             request.stats.cached_tokens = request.prefilled
 
     def _prefill(self) -> bool:
+        """Up to `prefill_chunk` prompt tokens per step: the next chunk of each admitted prompt
+        (FIFO) in one ragged forward, again while the budget lasts."""
         budget = self.prefill_chunk
         did = False
-        for request in [r for r in self._running if r.prefilled < len(r.prompt_ids)]:
-            while budget > 0 and request.prefilled < len(request.prompt_ids):
-                start = request.prefilled
-                chunk = request.prompt_ids[start : start + self.prefill_chunk]
-                try:
-                    logits = self.runner.prefill(request.slot, chunk, start)
-                except Exception as exc:
-                    self._fail(request, exc)
+        while budget > 0:
+            batch: list[tuple[BatchRequest, list[int]]] = []
+            for request in self._running:
+                if budget <= 0:
                     break
-                did = True
-                budget -= len(chunk)
+                if request.prefilled < len(request.prompt_ids):
+                    chunk = request.prompt_ids[request.prefilled : request.prefilled + self.prefill_chunk]
+                    batch.append((request, chunk))
+                    budget -= len(chunk)
+            if not batch:
+                break
+            did = True
+            done, rows = [], []
+            for request, chunk, logits in self._prefill_forward(batch):
                 request.prefilled += len(chunk)
                 if request.prefilled == len(request.prompt_ids):
-                    self._sample([request], logits)
-            if budget <= 0:
-                break
+                    done.append(request)
+                    rows.append(logits)
+            if done:
+                import torch
+
+                self._sample(done, torch.cat(rows))
         return did
+
+    def _prefill_forward(self, batch: list[tuple[BatchRequest, list[int]]]) -> list[tuple[BatchRequest, list[int], Any]]:
+        """(request, chunk, next-token logits [1, vocab]) for the chunks that went through; when
+        the ragged forward fails, each chunk is retried alone so that only a request that
+        breaks the model on its own fails (a chunk rewrites the same cache positions)."""
+        try:
+            logits = self.runner.prefill_many([(r.slot, chunk, r.prefilled) for r, chunk in batch])
+            return [(r, chunk, logits[i : i + 1]) for i, (r, chunk) in enumerate(batch)]
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0][0], exc)
+                return []
+        passed = []
+        for request, chunk in batch:
+            try:
+                passed.append((request, chunk, self.runner.prefill(request.slot, chunk, request.prefilled)))
+            except Exception as exc:
+                self._fail(request, exc)
+        return passed
 
     def _decode(self) -> bool:
         rows = sorted((r for r in self._running if r.pending is not None), key=lambda r: r.slot)
