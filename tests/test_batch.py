@@ -342,3 +342,27 @@ def test_embedded_model_batched_equals_batch_one(embedded_model_home, monkeypatc
         requests.append(engine.submit(prompt, params))
     run_to_end(engine)
     assert [collect(r) for r in requests] == expected
+
+
+@pytest.mark.parametrize("which", ["sp_native", "sp_loaded"])
+def test_steps_build_no_autograd_graph(which, request):
+    """A graph would chain every step's activations to the KV cache (in-place writes), and the
+    worker grew by ~20 MB per decode step until the machine swapped."""
+    loaded = request.getfixturevalue(which)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=2)
+    seen = []
+    real_decode = engine.runner.decode
+
+    def recording_decode(slots, tokens):
+        logits = real_decode(slots, tokens)
+        seen.append(logits.requires_grad or logits.grad_fn is not None)
+        if which == "sp_native":
+            keys = [k for k in engine.runner.cache.keys if k is not None]
+            seen.extend(k.requires_grad or k.grad_fn is not None for k in keys)
+        return logits
+
+    engine.runner.decode = recording_decode
+    ids = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    engine.submit(ids, GREEDY), engine.submit(ids, GREEDY)
+    run_to_end(engine)
+    assert seen and not any(seen)

@@ -77,7 +77,7 @@ def shape_from_config(config: dict[str, Any]) -> LlamaShape:
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)  # inference only, like Linear
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
