@@ -378,3 +378,36 @@ def test_dispatch_spreads_load_over_both_workers(cluster):
     after = {p.url: sum(1 for r in p.log_records() if r.get("path") == "/generate") for p in cluster.worker_procs[:2]}
     served = [after[u] - before[u] for u in after]
     assert sum(served) == 6 and min(served) >= 2, served
+
+
+def test_a_repeated_prompt_reports_its_prefix_cache_reuse_in_usage(cluster):
+    # "chatml" is served by one worker only, so both requests meet the same prefix cache.
+    messages = [{"role": "system", "content": "Zebra quartz xylophone: you are the prefix cache test's assistant."},
+                {"role": "user", "content": "Say something about caches."}]
+    usages = []
+    for _ in range(2):
+        response = httpx.post(f"{cluster.api.url}/v1/chat/completions", timeout=60,
+                              json={"model": "chatml", "messages": messages, "temperature": 0, "max_tokens": 4})
+        assert response.status_code == 200, response.text
+        usages.append(response.json()["usage"])
+    prompt = usages[0]["prompt_tokens"]
+    full = (prompt - 1) // 8 * 8  # all but the last prompt token (fed for its logits), in whole 8-token blocks
+    # The first time only the template's opening (shared with earlier tests' prompts) can be cached.
+    assert usages[0]["prompt_tokens_details"]["cached_tokens"] <= 8 < full
+    assert usages[1]["prompt_tokens_details"] == {"cached_tokens": full}
+    assert usages[1]["prompt_tokens"] == prompt
+
+
+@pytest.mark.parametrize("penalty", [{"frequency_penalty": 1.5}, {"presence_penalty": 1.5}])
+def test_penalties_change_the_answer_exactly_as_the_engine_applies_them(cluster, reference, sp_native, penalty):
+    from vicuna_cli.core.generate import Engine, SamplingParams
+    from vicuna_cli.core.templates import template_for_model
+
+    template = template_for_model(sp_native.tokenizer)
+    ids = sp_native.tokenizer(template.render(reference["messages"]).text)["input_ids"]
+    engine = Engine(sp_native.model, sp_native.tokenizer, sp_native.context_length)
+    expected = "".join(engine.generate(ids, SamplingParams(temperature=0, max_new_tokens=12, stop=template.stop, **penalty)))
+    assert expected != reference["text"]  # the penalty matters for this prompt (else the test proves nothing)
+    response = chat(cluster, temperature=0, max_tokens=12, **penalty)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"] == expected

@@ -164,6 +164,7 @@ class Job:
         self.upstream, self.timer, self.requests = upstream, timer, requests
         self.streams: list[tuple[str, Any]] = []
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.completion_tokens = 0
         self.reasons: dict[int, str | None] = {}
 
@@ -184,6 +185,7 @@ class Job:
             if "usage" in event:
                 self.prompt_tokens += int(event["usage"].get("prompt_tokens", 0))
                 self.completion_tokens += int(event["usage"].get("completion_tokens", 0))
+                self.cached_tokens += int(event["usage"].get("cached_tokens", 0))
                 continue
             event["index"] = offset + int(event.get("index", 0))
             yield event
@@ -217,8 +219,10 @@ class Job:
         return {i: "".join(parts) for i, parts in texts.items()}, logprobs
 
     def usage(self) -> dict[str, int]:
+        # prompt_tokens_details.cached_tokens: OpenAI's (and vLLM's) report of prefix-cache reuse.
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def _params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerateParams:

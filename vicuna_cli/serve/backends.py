@@ -24,10 +24,12 @@ from .protocol import GenerateParams, GenerateRequest, ServeError, WorkerModel
 class Generation:
     """Several choice streams (n) merged into one stream of events, then a usage event."""
 
-    def __init__(self, prompt_tokens: int, sources: list[AsyncIterator[dict]], on_cancel: Any = None):
+    def __init__(self, prompt_tokens: int, sources: list[AsyncIterator[dict]], on_cancel: Any = None,
+                 cached_tokens: Any = None):
         self.prompt_tokens = prompt_tokens
         self.sources = sources
         self.on_cancel = on_cancel
+        self.cached_tokens = cached_tokens  # () -> prompt tokens served from the prefix cache
         self.completion_tokens = 0
         self.usage: dict[str, int] | None = None  # set by backends that know better (openai)
 
@@ -37,6 +39,8 @@ class Generation:
                 self.completion_tokens += len(item.get("token_ids") or ())
                 yield item
             usage = self.usage or {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+            if self.cached_tokens is not None:
+                usage = {**usage, "cached_tokens": int(self.cached_tokens())}
             yield {"usage": usage}
         finally:
             self.cancel()
@@ -151,7 +155,8 @@ class HFBackend:
                 raise ServeError(400, exc.message, "invalid_value", exc.param) from None
             raise
         sources = [self._events(index, handle, p) for index, handle in enumerate(handles)]
-        return Generation(len(ids), sources, lambda: _cancel_all(handles))
+        # n choices share one prompt, counted once (as OpenAI does): the first choice's reuse.
+        return Generation(len(ids), sources, lambda: _cancel_all(handles), lambda: handles[0].stats.cached_tokens)
 
     def grammar(self, response_format: dict[str, Any] | None) -> Any:
         """response_format -> a compiled structured.Grammar (cached per schema), or None for text."""
@@ -417,7 +422,9 @@ class OpenAIProxyBackend:
                     raise ServeError.from_body(502, chunk)
                 if chunk.get("usage"):
                     u = chunk["usage"]
-                    generation.usage = {"prompt_tokens": u.get("prompt_tokens", 0), "completion_tokens": u.get("completion_tokens", 0)}
+                    cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                    generation.usage = {"prompt_tokens": u.get("prompt_tokens", 0), "completion_tokens": u.get("completion_tokens", 0),
+                                        "cached_tokens": cached}
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                     yield {

@@ -301,7 +301,7 @@ class GenerateRequest(BaseModel):
 
 # Worker -> API: one JSON object per line, each one of
 #   {"index": i, "text": str, "token_ids": [...], "logprobs": [...] | null, "finish_reason": str | null}
-#   {"usage": {"prompt_tokens": int, "completion_tokens": int}}     (last line of a generation)
+#   {"usage": {"prompt_tokens": int, "completion_tokens": int, "cached_tokens": int}}  (last line; cached_tokens optional)
 #   {"keepalive": true}                                              (while nothing else is sent)
 #   {"error": {...OpenAI error...}, "status": int}                  (a failure after the start)
 
