@@ -70,8 +70,9 @@ def test_json_lines_from_stdin(embedded_model_home):
         assert isinstance(record["answer"], str) and record["answer"].strip()
         stats = record["stats"]
         assert set(stats) == {"prompt_tokens", "output_tokens", "time_to_first_token", "total_time",
-                              "finish_reason", "tokens_per_second", "queue_time"}
+                              "finish_reason", "tokens_per_second", "queue_time", "cached_tokens"}
         assert 0 <= stats["queue_time"] <= stats["time_to_first_token"]
+        assert 0 <= stats["cached_tokens"] < stats["prompt_tokens"]
         assert 0 < stats["output_tokens"] <= 12
         assert stats["finish_reason"] in ("stop", "length")
     assert "Paris" in records[0]["answer"]

@@ -304,3 +304,14 @@ def test_launcher_plan(tmp_path):
     assert worker[worker.index("--template") + 1] == "vicuna_v1.1" and worker[worker.index("--heartbeat") + 1] == "1"
     api = roles[-1][1]
     assert api[api.index("--api-key") + 1] == "k" and api[api.index("--worker-timeout") + 1] == "4"
+
+
+def test_servers_keep_idle_connections_longer_than_clients_do():
+    """The API reuses pooled connections to workers (httpx drops idle ones after 5 s); if a server
+    closed them at the same moment, a request could land on a closing socket (a ReadError that
+    dropped a healthy worker in a fuzz run)."""
+    import httpx
+
+    from vicuna_cli.serve.common import SERVER_KEEPALIVE_S
+
+    assert SERVER_KEEPALIVE_S >= 2 * httpx.Limits().keepalive_expiry

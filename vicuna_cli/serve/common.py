@@ -147,6 +147,13 @@ class AccessLogMiddleware:
 # Running
 
 
+# How long a server keeps an idle connection open. It must exceed every client's idle expiry
+# (httpx's, which the API, workers and the openai client use, is 5 s): uvicorn's default is also
+# 5 s, and when both ends time out together the client can send a request on a socket the server
+# is closing; the reset surfaced as a ReadError that made the API drop a healthy worker.
+SERVER_KEEPALIVE_S = 30.0
+
+
 def run_app(app: Any, host: str, port: int, shutdown_timeout: float, on_exit: Callable[[], Any] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, give in-flight requests `shutdown_timeout`
     seconds, cancel the rest, and run the app's lifespan shutdown (e.g. deregistering)."""
@@ -159,6 +166,7 @@ def run_app(app: Any, host: str, port: int, shutdown_timeout: float, on_exit: Ca
         access_log=False,  # AccessLogMiddleware writes structured lines instead
         log_level="warning",
         timeout_graceful_shutdown=max(shutdown_timeout, 0.1),
+        timeout_keep_alive=SERVER_KEEPALIVE_S,
         lifespan="on",
     )
     class Server(uvicorn.Server):
