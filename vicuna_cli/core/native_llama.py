@@ -10,8 +10,9 @@ by `unsupported_reason`, and models.py then loads with transformers instead.
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -208,10 +209,10 @@ class Segments:
     slots: list[int]
     starts: list[int]
     lengths: list[int]
+    offsets: list[int] = field(init=False)  # computed once: every layer iterates the segments
 
-    @property
-    def offsets(self) -> list[int]:
-        return [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+    def __post_init__(self) -> None:
+        self.offsets = list(itertools.accumulate(self.lengths, initial=0))[:-1]
 
     def __iter__(self):
         return iter(zip(self.slots, self.starts, self.lengths, self.offsets))

@@ -48,7 +48,6 @@ class PrefixCache:
         self.blocks: OrderedDict[Key, Block] = OrderedDict()  # least recently used first
         self.bytes = 0
         self._next_id = 1  # 0 is the root (the empty prefix)
-        self.hit_tokens = 0  # tokens served from the cache over its life (for logs and tests)
 
     @property
     def enabled(self) -> bool:
@@ -71,7 +70,6 @@ class PrefixCache:
         """The stored blocks that cover the longest prefix of ids[:limit] (whole blocks only)."""
         path = self._walk(ids, limit)
         self._touch(path)
-        self.hit_tokens += BLOCK * len(path)
         return [self.blocks[key] for key in path]
 
     def insert(self, ids: list[int], read_kv: Any) -> None:
