@@ -92,6 +92,24 @@ def test_vicuna_chat_against_the_api(cluster, answer):
     assert record["stats"]["output_tokens"] == answer.usage.completion_tokens
 
 
+def test_client_gone_mid_stream_frees_the_workers_and_keeps_them(cluster):
+    """A client that stops reading a multi-prompt stream: the API closes its worker streams, the
+    workers cancel those generations, and no worker is reported as lost (closing a stream ourselves
+    once surfaced as a ReadError that made the controller drop a healthy worker)."""
+    prompts = ["Once upon a time", "The dragon said", "In the kitchen"]
+    with httpx.stream("POST", f"{cluster.api.url}/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": prompts, "max_tokens": 300, "temperature": 0.7, "seed": 1, "stream": True}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break  # one event, then hang up
+    idle = lambda: all((get_json(f"{p.url}/health") or {}).get("running", 1) == 0 for p in cluster.pool)  # noqa: E731
+    wait_until(idle, 15, "the workers to cancel the abandoned generations", cluster.pool)
+    assert sorted(w["address"] for w in cluster.workers()) == sorted(p.url for p in cluster.pool)
+    assert not [r for r in cluster.controller.log_records() if r.get("event") == "worker_removed"]
+    assert not [r for r in cluster.api.log_records() if r.get("path") == "/v1/completions" and (r.get("status") or 0) >= 500]
+
+
 def _open_story(cluster, max_tokens: int = 300):
     """A streaming request, read up to its first content chunk; returns (stream ctx, response, lines)."""
     ctx = httpx.stream("POST", f"{cluster.api.url}/v1/chat/completions", timeout=60, json={

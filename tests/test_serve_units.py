@@ -315,3 +315,53 @@ def test_servers_keep_idle_connections_longer_than_clients_do():
     from vicuna_cli.serve.common import SERVER_KEEPALIVE_S
 
     assert SERVER_KEEPALIVE_S >= 2 * httpx.Limits().keepalive_expiry
+
+
+class _WorkerStream:
+    """A worker's streamed response as the API reads it: one event line, then silence until the
+    API closes it; a read in flight then breaks as a closed socket's does (httpx.ReadError)."""
+
+    def __init__(self, index: int):
+        import asyncio
+
+        self.index, self.closed = index, asyncio.Event()
+
+    async def aiter_lines(self):
+        import httpx
+
+        yield json.dumps({"index": 0, "text": f"t{self.index}", "token_ids": [1], "finish_reason": None})
+        await self.closed.wait()
+        raise httpx.ReadError("the connection was closed")
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+@pytest.mark.parametrize("prompts", [1, 4])
+def test_a_client_that_leaves_closes_the_worker_streams_without_reporting_a_lost_worker(prompts):
+    import asyncio
+
+    from vicuna_cli.serve.api import Job, Upstream
+    from vicuna_cli.serve.metrics import ApiMetrics, RequestTimer
+
+    reports = []
+
+    class Recording(Upstream):
+        async def report(self, address: str, reason: str) -> None:
+            reports.append((address, reason))
+
+    async def scenario() -> list[dict]:
+        upstream = Recording("http://127.0.0.1:9", None, worker_timeout=5.0)
+        requests = [GenerateRequest(model="m", request_id=f"r-{i}", prompt="hi") for i in range(prompts)]
+        job = Job(upstream, RequestTimer(ApiMetrics(), "m"), requests)
+        job.streams = [(f"http://worker-{i}", _WorkerStream(i)) for i in range(prompts)]
+        events = job.events()
+        first = [await events.__anext__()]
+        await events.aclose()  # what sse-starlette does when the client hangs up
+        await asyncio.sleep(0.1)  # time for any reader still running to fail and report
+        await upstream.close()
+        return first + [{"closed": all(s.closed.is_set() for _, s in job.streams)}]
+
+    events = asyncio.run(scenario())
+    assert events[0]["text"].startswith("t") and events[-1] == {"closed": True}
+    assert reports == []

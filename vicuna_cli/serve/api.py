@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -109,8 +109,10 @@ class Upstream:
         assert last is not None
         raise last
 
-    async def events(self, address: str, response: Any) -> AsyncIterator[dict]:
-        """Worker events, keepalives dropped; a lost worker becomes a 503 ServeError."""
+    async def events(self, address: str, response: Any, abandoned: Callable[[], bool] = lambda: False) -> AsyncIterator[dict]:
+        """Worker events, keepalives dropped; a lost worker becomes a 503 ServeError. Once the
+        caller has `abandoned` the stream (its client left), a broken read is our own doing: the
+        stream just ends, and the worker is not reported."""
         import httpx
 
         finished = False
@@ -131,12 +133,14 @@ class Upstream:
                 if "usage" in event:
                     finished = True
                 yield event
-        except (asyncio.TimeoutError, httpx.ReadTimeout):
+        except (asyncio.TimeoutError, httpx.TransportError) as exc:
+            if abandoned():
+                return
+            if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.ReadTimeout):
+                await self.report(address, type(exc).__name__)
+                raise ServeError(503, f"worker {address} went away in the middle of the answer ({type(exc).__name__})", "worker_lost") from None
             await self.report(address, f"silent for {self.worker_timeout:g} s")
             raise ServeError(503, f"worker {address} stopped answering for {self.worker_timeout:g} s in the middle of the answer", "worker_lost") from None
-        except httpx.TransportError as exc:
-            await self.report(address, type(exc).__name__)
-            raise ServeError(503, f"worker {address} went away in the middle of the answer ({type(exc).__name__})", "worker_lost") from None
         finally:
             await response.aclose()
         if not finished:
@@ -167,6 +171,7 @@ class Job:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.reasons: dict[int, str | None] = {}
+        self.closed = False  # set before we close the worker streams ourselves
 
     async def start(self) -> None:
         try:
@@ -177,11 +182,12 @@ class Job:
             raise
 
     async def close(self) -> None:
+        self.closed = True
         for _, response in self.streams:
             await response.aclose()
 
     async def _tagged(self, offset: int, address: str, response: Any) -> AsyncIterator[dict]:
-        async for event in self.upstream.events(address, response):
+        async for event in self.upstream.events(address, response, lambda: self.closed):
             if "usage" in event:
                 self.prompt_tokens += int(event["usage"].get("prompt_tokens", 0))
                 self.completion_tokens += int(event["usage"].get("completion_tokens", 0))
@@ -193,14 +199,17 @@ class Job:
     async def events(self) -> AsyncIterator[dict]:
         n = self.requests[0].params.n
         sources = [self._tagged(i * n, a, r) for i, (a, r) in enumerate(self.streams)]
+        # aclosing: a client that leaves closes this chain from the outside in, so the merge's
+        # readers stop before close() shuts their streams (rather than whenever the GC gets to it).
         try:
-            async for item in merge_streams(sources):
-                if item.get("finish_reason") == "cancelled":
-                    raise ServeError(503, "the worker stopped before the answer was complete (it is shutting down)", "worker_cancelled")
-                self.timer.tokens(len(item.get("token_ids") or ()))
-                if item.get("finish_reason"):
-                    self.reasons[item["index"]] = item["finish_reason"]
-                yield item
+            async with aclosing(merge_streams(sources)) as items:
+                async for item in items:
+                    if item.get("finish_reason") == "cancelled":
+                        raise ServeError(503, "the worker stopped before the answer was complete (it is shutting down)", "worker_cancelled")
+                    self.timer.tokens(len(item.get("token_ids") or ()))
+                    if item.get("finish_reason"):
+                        self.reasons[item["index"]] = item["finish_reason"]
+                    yield item
             self.timer.finish(list(self.reasons.values()), self.prompt_tokens, self.completion_tokens)
         finally:
             await self.close()
@@ -210,9 +219,10 @@ class Job:
         texts: dict[int, list[str]] = {i: [(prefix or {}).get(i, "")] for i in range(total)}
         logprobs: dict[int, list[dict]] = {i: [] for i in range(total)}
         try:
-            async for event in self.events():
-                texts[event["index"]].append(event.get("text") or "")
-                logprobs[event["index"]].extend(event.get("logprobs") or [])
+            async with aclosing(self.events()) as events:
+                async for event in events:
+                    texts[event["index"]].append(event.get("text") or "")
+                    logprobs[event["index"]].extend(event.get("logprobs") or [])
         except ServeError as exc:
             self.timer.failed(exc.status)
             raise
@@ -346,8 +356,9 @@ def create_app(
     def sse(request: Request, job: Job, chunks: AsyncIterator[dict]) -> Any:
         async def body() -> AsyncIterator[dict]:
             try:
-                async for chunk in chunks:
-                    yield {"data": json.dumps(chunk, separators=(",", ":"))}
+                async with aclosing(chunks):
+                    async for chunk in chunks:
+                        yield {"data": json.dumps(chunk, separators=(",", ":"))}
             except Exception as exc:  # after the first byte, a failure can only be an event
                 error = exc if isinstance(exc, ServeError) else ServeError(500, f"internal error: {type(exc).__name__}", "internal_error")
                 if not isinstance(exc, ServeError):
@@ -424,13 +435,14 @@ async def _chat_chunks(job: Job, base: dict, n: int, include_usage: bool) -> Asy
     extra = {"usage": None} if include_usage else {}
     for i in range(n):  # the role comes first, as OpenAI sends it
         yield {**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}], **extra}
-    async for event in job.events():
-        i = event["index"]
-        if event.get("text") or event.get("logprobs"):
-            logprobs = {"content": event["logprobs"]} if event.get("logprobs") else None
-            yield {**chunk, "choices": [{"index": i, "delta": {"content": event.get("text") or ""}, "logprobs": logprobs, "finish_reason": None}], **extra}
-        if event.get("finish_reason"):
-            yield {**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": event["finish_reason"]}], **extra}
+    async with aclosing(job.events()) as events:
+        async for event in events:
+            i = event["index"]
+            if event.get("text") or event.get("logprobs"):
+                logprobs = {"content": event["logprobs"]} if event.get("logprobs") else None
+                yield {**chunk, "choices": [{"index": i, "delta": {"content": event.get("text") or ""}, "logprobs": logprobs, "finish_reason": None}], **extra}
+            if event.get("finish_reason"):
+                yield {**chunk, "choices": [{"index": i, "delta": {}, "logprobs": None, "finish_reason": event["finish_reason"]}], **extra}
     if include_usage:
         yield {**chunk, "choices": [], "usage": job.usage()}
 
@@ -441,10 +453,11 @@ async def _completion_chunks(job: Job, base: dict, include_usage: bool, want_log
     for i, text in echo.items():
         if text:
             yield {**chunk, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": None}], **extra}
-    async for event in job.events():
-        logprobs = _completion_logprobs(event.get("logprobs") or []) if want_logprobs and event.get("logprobs") else None
-        if event.get("text") or logprobs or event.get("finish_reason"):
-            yield {**chunk, "choices": [{"index": event["index"], "text": event.get("text") or "", "logprobs": logprobs,
-                                         "finish_reason": event.get("finish_reason")}], **extra}
+    async with aclosing(job.events()) as events:
+        async for event in events:
+            logprobs = _completion_logprobs(event.get("logprobs") or []) if want_logprobs and event.get("logprobs") else None
+            if event.get("text") or logprobs or event.get("finish_reason"):
+                yield {**chunk, "choices": [{"index": event["index"], "text": event.get("text") or "", "logprobs": logprobs,
+                                             "finish_reason": event.get("finish_reason")}], **extra}
     if include_usage:
         yield {**chunk, "choices": [], "usage": job.usage()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Protocol
 
 from ..core.errors import VicunaError
@@ -35,9 +36,10 @@ class Generation:
 
     async def events(self) -> AsyncIterator[dict]:
         try:
-            async for item in merge_streams(self.sources):
-                self.completion_tokens += len(item.get("token_ids") or ())
-                yield item
+            async with aclosing(merge_streams(self.sources)) as items:
+                async for item in items:
+                    self.completion_tokens += len(item.get("token_ids") or ())
+                    yield item
             usage = self.usage or {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
             if self.cached_tokens is not None:
                 usage = {**usage, "cached_tokens": int(self.cached_tokens())}

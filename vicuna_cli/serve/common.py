@@ -92,6 +92,9 @@ async def merge_streams(sources: list[AsyncIterator[Any]]) -> AsyncIterator[Any]
     finally:
         for task in tasks:
             task.cancel()
+        # Let the readers stop before whoever closes their sources next pulls the connection from
+        # under a read in flight (a broken read would look like a lost worker).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # ---------------------------------------------------------------------------------------------
