@@ -65,6 +65,26 @@ def test_batched_greedy_equals_batch_one_with_staggered_arrivals(which, request)
     assert {r.stats.finish_reason for r in requests} == {"length"} or any(e[2] == "stop" for e in expected)
 
 
+@pytest.mark.parametrize("which", ["sp_native", "bpe_native"])
+def test_running_sequences_stay_in_the_lowest_slots_and_answers_do_not_change(which, request, monkeypatch):
+    """Sequences in low slots finish first; the others move down, so every decode step's rows are
+    consecutive slots, one slice of the cache (no gather), and each answer is what it is alone."""
+    loaded = request.getfixturevalue(which)
+    encode = lambda text: loaded.tokenizer(text)["input_ids"]  # noqa: E731
+    params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (3, 6, 40, 9, 30)]
+    expected = [batch_one(loaded, encode(p), sp) for p, sp in zip(PROMPTS, params)]
+    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=5, prefill_chunk=8)
+    decoded_slots, moves = [], []
+    decode, move = engine.runner.decode, engine.runner.move
+    monkeypatch.setattr(engine.runner, "decode", lambda slots, tokens: decoded_slots.append(list(slots)) or decode(slots, tokens))
+    monkeypatch.setattr(engine.runner, "move", lambda src, dst: moves.append((src, dst)) or move(src, dst))
+    requests = [engine.submit(encode(p), sp) for p, sp in zip(PROMPTS, params)]
+    run_to_end(engine)
+    assert [collect(r) for r in requests] == expected
+    assert moves and all(dst < src for src, dst in moves)
+    assert all(slots == list(range(slots[0], slots[0] + len(slots))) for slots in decoded_slots), decoded_slots
+
+
 def test_chunked_prefill_gives_the_same_answer(sp_native):
     ids = sp_native.tokenizer(PROMPTS[1])["input_ids"]
     outputs = []
@@ -120,8 +140,8 @@ def test_cancel_frees_the_slot_at_once(sp_native):
     waiting_cancelled = engine.submit(ids, long)
     waiting_cancelled.cancel()
     engine.step()
-    assert (engine.num_running, engine.num_waiting) == (2, 0)  # third took first's slot
-    assert third.slot == 0
+    assert (engine.num_running, engine.num_waiting) == (2, 0)  # third took the freed slot
+    assert (second.slot, third.slot) == (0, 1)  # second moved down into slot 0 (see _compact)
     events = first.drain()
     assert events[-1].finish_reason == "cancelled" and first.stats.finish_reason == "cancelled"
     assert 1 <= first.stats.completion_tokens <= 3

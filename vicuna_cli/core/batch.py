@@ -214,6 +214,9 @@ class NativeRunner:
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
 
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+
 
 class SequentialRunner:
     """Any HF-style causal LM (transformers' implementations): a cache per sequence, and one
@@ -381,6 +384,7 @@ class BatchEngine:
         with self._step_lock, torch.inference_mode():
             try:
                 busy = self._reap()
+                self._compact()
                 self._admit()
                 busy |= self._prefill()
                 busy |= self._decode()
@@ -418,6 +422,24 @@ class BatchEngine:
         for request in cancelled:
             self._finish(request, "cancelled")
         return bool(cancelled)
+
+    def _compact(self) -> None:
+        """Keep the running sequences in the lowest slots. A decode step's rows are then one slice
+        of the KV cache (a view); rows with a gap between them are gathered, which copies every
+        row's keys and values in every layer at every step. A move copies one sequence once."""
+        if not self.batched:
+            return
+        n = len(self._running)
+        holes = sorted(set(range(n)) - {r.slot for r in self._running})
+        if not holes:
+            return
+        # Decoding sequences take the lowest holes, so that one still prefilling (not in the
+        # decode rows yet) does not split the rows.
+        movers = sorted((r for r in self._running if r.slot >= n), key=lambda r: (r.prefilled < len(r.prompt_ids), r.slot))
+        for request, hole in zip(movers, holes):
+            self.runner.move(request.slot, hole)
+            request.slot = hole
+        self._free_slots = list(range(n, self.max_batch_size))  # sorted: a valid heap
 
     def _admit(self) -> None:
         admitted = []

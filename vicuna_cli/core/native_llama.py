@@ -75,6 +75,10 @@ def shape_from_config(config: dict[str, Any]) -> LlamaShape:
     )
 
 
+# Row counts the fp32 CPU lm_head pads (see NativeLlamaForCausalLM._logits).
+LM_HEAD_PAD_FROM, LM_HEAD_PAD_TO = 8, 16
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -151,6 +155,14 @@ class SlotKVCache:
             return buf_k[rows.view, :, : rows.length], buf_v[rows.view, :, : rows.length]
         return buf_k[rows.slots, :, : rows.length], buf_v[rows.slots, :, : rows.length]
 
+
+    def move(self, src: int, dst: int) -> None:
+        """Give `src`'s sequence to the empty slot `dst` (one copy of its keys and values)."""
+        n = self.lengths[src]
+        for buf in (*self.keys, *self.values):
+            if buf is not None and n:
+                buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
 
     def read(self, slot: int, start: int, end: int) -> torch.Tensor:
         """Positions start..end of `slot` for every layer: [layers, 2, kv_heads, end - start, d]."""
@@ -364,7 +376,13 @@ class NativeLlamaForCausalLM(nn.Module):
         # its batch stride, and in bf16 on CPU F.linear then copies the whole (tied, 49152 x 576)
         # weight for a bmm — measured 102 -> 56 ms for SmolLM2's prefill.
         b, n, h = x.shape
-        return self.lm_head(x.reshape(b * n, h)).view(b, n, -1)
+        x = x.reshape(b * n, h)
+        rows = b * n
+        if x.device.type == "cpu" and x.dtype == torch.float32 and LM_HEAD_PAD_FROM <= rows < LM_HEAD_PAD_TO:
+            # MKL's sgemm against the row-major (tied) 49152 x 576 head takes 37-62 ms for 8-15
+            # rows but 26 ms for 16 (a different kernel from 16 on): 16 rows, zeros at the end.
+            x = torch.cat((x, x.new_zeros(LM_HEAD_PAD_TO - rows, h)))
+        return self.lm_head(x)[:rows].view(b, n, -1)
 
     def forward(
         self,
