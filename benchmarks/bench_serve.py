@@ -28,7 +28,8 @@ sent to both. Neither server has an ignore_eos option, so outputs can end early 
 tokens are counted from the server's `usage` when it streams one (vicuna), else by re-tokenising
 the streamed text with the model's tokenizer (FastChat streams no usage).
 
-Levels run one after another; within a level the targets alternate (the order flips every level).
+Levels run one after another; within a level the targets alternate (the order flips every level),
+except at concurrency 1, where they take turns request by request (see run_level).
 The machine is shared: for every (level, target) the script records the load average and the share
 of CPU time that processes other than this script and the target's process tree took
 (`foreign`), and prints a warning when it is over --max-foreign.
@@ -459,6 +460,39 @@ def verdicts(levels: dict[int, dict[str, dict]]) -> list[list[str]]:
     return rows
 
 
+def run_level(targets: dict[str, Any], concurrency: int, prompts: list[str], args: argparse.Namespace) -> dict[str, tuple]:
+    """Each target's (results, duration, foreign CPU share, load before, load after) for one level.
+
+    Above concurrency 1 the targets run one after another. At concurrency 1 they take turns
+    request by request (the order flipping every request), so that the VM's drift, which moves
+    the per-token time by 10-20 % over minutes here, falls on every target alike: the server vs
+    direct-engine comparison at c=1 is a difference of a few percent. Requests at c=1 run one at
+    a time anyway, so a target's duration is the sum of its requests' wall times."""
+    names = list(targets)
+    if concurrency != 1 or len(names) < 2:
+        runs = {}
+        for name, target in targets.items():
+            with Load(target.pids) as load:
+                results, duration = asyncio.run(target.run(prompts, concurrency, args))
+            runs[name] = (results, duration, load.foreign, load.load_before, load.load_after)
+        return runs
+    results: dict[str, list] = {n: [] for n in names}
+    duration = dict.fromkeys(names, 0.0)
+    foreign_s = dict.fromkeys(names, 0.0)
+    load_before: dict[str, str] = {}
+    load_after: dict[str, str] = {}
+    for i, prompt in enumerate(prompts):
+        for name in names if i % 2 == 0 else names[::-1]:
+            with Load(targets[name].pids) as load:
+                got, seconds = asyncio.run(targets[name].run([prompt], 1, args))
+            results[name] += got
+            duration[name] += seconds
+            foreign_s[name] += load.foreign * seconds
+            load_before.setdefault(name, load.load_before)
+            load_after[name] = load.load_after
+    return {n: (results[n], duration[n], foreign_s[n] / max(duration[n], 1e-9), load_before[n], load_after[n]) for n in names}
+
+
 async def warm_up(target: Any, prompt: str, args: argparse.Namespace) -> None:
     warm = argparse.Namespace(**{**vars(args), "max_tokens": 8})
     results, _ = await target.run([prompt], 1, warm)
@@ -547,20 +581,19 @@ def main() -> None:
         order = [t for t in ("vicuna", "fastchat", "direct") if t in targets]
         for index, c in enumerate(args.concurrency):
             levels[c] = {}
-            for name in order if index % 2 == 0 else order[::-1]:
-                if name == "direct" and c != 1:
-                    continue
-                target, prompts = targets[name], per_level[c]
-                with Load(target.pids) as load:
-                    results, duration = asyncio.run(target.run(prompts, c, args))
+            names = [n for n in (order if index % 2 == 0 else order[::-1]) if n != "direct" or c == 1]
+            runs = run_level({n: targets[n] for n in names}, c, per_level[c], args)
+            for name in names:
+                prompts = per_level[c]
+                results, duration, foreign, load_before, load_after = runs[name]
                 count_tokens(results, tokenizer, prompts, template)
                 m = metrics(results, duration)
-                m.update(foreign=load.foreign, load_before=load.load_before, load_after=load.load_after)
-                if load.foreign > args.max_foreign:
-                    print(f"warning: other processes took {load.foreign:.0%} of the CPUs during {name} at c={c}")
+                m.update(foreign=foreign, load_before=load_before, load_after=load_after)
+                if foreign > args.max_foreign:
+                    print(f"warning: other processes took {foreign:.0%} of the CPUs during {name} at c={c}")
                 levels[c][name] = m
                 print(f"c={c} {name}: {m['completed']} ok, {m['failed']} failed, {m['output_throughput']:.1f} out tok/s, "
-                      f"p50 TTFT {m['ttft_ms']['median']:.0f} ms, foreign CPU {load.foreign:.0%}", flush=True)
+                      f"p50 TTFT {m['ttft_ms']['median']:.0f} ms, foreign CPU {foreign:.0%}", flush=True)
             print_level(c, {n: levels[c][n] for n in order if n in levels[c]})
     finally:
         for item in reversed(started):
