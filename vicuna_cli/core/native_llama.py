@@ -155,7 +155,6 @@ class SlotKVCache:
             return buf_k[rows.view, :, : rows.length], buf_v[rows.view, :, : rows.length]
         return buf_k[rows.slots, :, : rows.length], buf_v[rows.slots, :, : rows.length]
 
-
     def move(self, src: int, dst: int) -> None:
         """Give `src`'s sequence to the empty slot `dst` (one copy of its keys and values)."""
         n = self.lengths[src]

@@ -133,14 +133,16 @@ class Upstream:
                 if "usage" in event:
                     finished = True
                 yield event
-        except (asyncio.TimeoutError, httpx.TransportError) as exc:
+        except (asyncio.TimeoutError, httpx.ReadTimeout):
             if abandoned():
                 return
-            if isinstance(exc, httpx.TransportError) and not isinstance(exc, httpx.ReadTimeout):
-                await self.report(address, type(exc).__name__)
-                raise ServeError(503, f"worker {address} went away in the middle of the answer ({type(exc).__name__})", "worker_lost") from None
             await self.report(address, f"silent for {self.worker_timeout:g} s")
             raise ServeError(503, f"worker {address} stopped answering for {self.worker_timeout:g} s in the middle of the answer", "worker_lost") from None
+        except httpx.TransportError as exc:
+            if abandoned():
+                return
+            await self.report(address, type(exc).__name__)
+            raise ServeError(503, f"worker {address} went away in the middle of the answer ({type(exc).__name__})", "worker_lost") from None
         finally:
             await response.aclose()
         if not finished:
