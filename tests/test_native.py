@@ -164,3 +164,21 @@ def test_ragged_prefill_of_several_sequences_matches_each_alone(sp_native):
         for slot, t in enumerate([5, 6, 7, 8]):
             alone = model(input_ids=torch.tensor([seqs[slot] + [t]]), use_cache=False).logits[0, -1]
             assert torch.allclose(step[slot], alone, atol=1e-5, rtol=1e-4), slot
+
+
+def test_fp32_cpu_decoder_weights_are_column_major_and_the_rest_row_major(sp_native, sp_model_dir):
+    """The layout load_native picks (see native_llama._weight); the values are the checkpoint's."""
+    from safetensors.torch import load_file
+
+    from vicuna_cli.core.native_llama import Linear, load_native
+
+    saved = {k: v for shard in sp_model_dir.glob("*.safetensors") for k, v in load_file(shard).items()}
+    model = sp_native.model
+    for name, param in model.named_parameters():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        column_major = name.startswith("model.layers.") and isinstance(module, Linear)
+        expected = (1, param.shape[0]) if column_major else ((param.shape[1], 1) if param.dim() == 2 else (1,))
+        assert param.stride() == expected, (name, param.stride())
+        assert torch.equal(param, saved[name].float()), name
+    bf16 = load_native(sp_model_dir, torch.bfloat16, "cpu")
+    assert all(p.is_contiguous() for p in bf16.parameters())
