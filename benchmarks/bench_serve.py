@@ -469,22 +469,17 @@ def run_level(targets: dict[str, Any], concurrency: int, prompts: list[str], arg
     direct-engine comparison at c=1 is a difference of a few percent. Requests at c=1 run one at
     a time anyway, so a target's duration is the sum of its requests' wall times."""
     names = list(targets)
-    if concurrency != 1 or len(names) < 2:
-        runs = {}
-        for name, target in targets.items():
-            with Load(target.pids) as load:
-                results, duration = asyncio.run(target.run(prompts, concurrency, args))
-            runs[name] = (results, duration, load.foreign, load.load_before, load.load_after)
-        return runs
+    # A turn: all the level's requests at once, or (c=1) one request.
+    turns = [[p] for p in prompts] if concurrency == 1 else [prompts]
     results: dict[str, list] = {n: [] for n in names}
     duration = dict.fromkeys(names, 0.0)
     foreign_s = dict.fromkeys(names, 0.0)
     load_before: dict[str, str] = {}
     load_after: dict[str, str] = {}
-    for i, prompt in enumerate(prompts):
+    for i, turn in enumerate(turns):
         for name in names if i % 2 == 0 else names[::-1]:
             with Load(targets[name].pids) as load:
-                got, seconds = asyncio.run(targets[name].run([prompt], 1, args))
+                got, seconds = asyncio.run(targets[name].run(turn, concurrency, args))
             results[name] += got
             duration[name] += seconds
             foreign_s[name] += load.foreign * seconds
