@@ -109,7 +109,7 @@ class Upstream:
         assert last is not None
         raise last
 
-    async def events(self, address: str, response: Any, abandoned: Callable[[], bool] = lambda: False) -> AsyncIterator[dict]:
+    async def events(self, address: str, response: Any, abandoned: Callable[[], bool]) -> AsyncIterator[dict]:
         """Worker events, keepalives dropped; a lost worker becomes a 503 ServeError. Once the
         caller has `abandoned` the stream (its client left), a broken read is our own doing: the
         stream just ends, and the worker is not reported."""
