@@ -3,6 +3,7 @@
 import pytest
 
 from vicuna_cli.core.errors import VicunaError
+from vicuna_cli.core.generate import StopStringFilter
 from vicuna_cli.core.templates import (
     EXAMPLE_CONVERSATION,
     ChatTemplate,
@@ -48,9 +49,18 @@ def test_assistant_spans_cover_content_and_end_marker(name):
     assert all(len(p) > len(c) for p, c in zip(pieces, ["Hello! How can I help?", "Why not?"]))  # end marker included
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1.1", "vicuna_v0", "stable-vicuna", "alpaca", "llama-2"])
-def test_every_template_has_stop_strings(name):
-    assert get_template(name).stop
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_stop_strings_end_an_answer_that_runs_into_the_next_turn(name):
+    """A model that keeps writing past its answer produces the template's own next-turn text; the
+    template's stop strings must cut it exactly at the end of the answer (streamed char by char)."""
+    template = get_template(name)
+    prompt = template.render(EXAMPLE_CONVERSATION[:1]).text
+    full = template.render(EXAMPLE_CONVERSATION).text
+    assert full.startswith(prompt)
+    stops = StopStringFilter(template.stop)
+    answer = "".join(stops.feed(ch) for ch in full[len(prompt):]) + stops.flush()
+    assert stops.stopped
+    assert answer.strip() == EXAMPLE_CONVERSATION[1]["content"]
 
 
 def test_unknown_template_lists_known_names():
