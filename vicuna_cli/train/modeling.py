@@ -64,7 +64,7 @@ def load_for_training(config: TrainConfig, device: str) -> Setup:
     if config.qlora:
         if device != "cuda":
             raise VicunaError("--qlora needs a CUDA GPU (bitsandbytes 4-bit)", hint="use --lora on this machine")
-        require("bitsandbytes", "train", "--qlora")
+        require("bitsandbytes", "gpu", "--qlora")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
