@@ -51,3 +51,28 @@ def test_resolved_config_round_trips(tmp_path):
     config = build_config(ChatConfig, {"temperature": 0.3, "seed": 5})
     save_config(config, tmp_path / "config.yaml")
     assert build_config(ChatConfig, {}, tmp_path / "config.yaml") == config
+
+
+@pytest.mark.parametrize("spelling, name", [("bf16", "bfloat16"), ("BFloat16", "bfloat16"), ("fp16", "float16"),
+                                            ("half", "float16"), ("fp32", "float32"), ("float32", "float32"), ("auto", "auto")])
+def test_every_command_takes_every_dtype_spelling(spelling, name):
+    """`--dtype bf16` and `--dtype bfloat16` mean the same in chat, serve, train and apply-delta, and
+    one name is stored."""
+    from vicuna_cli.chat.runner import ChatConfig
+    from vicuna_cli.delta.apply import DeltaConfig
+    from vicuna_cli.serve.config import ServeConfig, WorkerConfig
+    from vicuna_cli.train.config import TrainConfig
+
+    assert build_config(ChatConfig, {"dtype": spelling}).dtype == name
+    assert build_config(ServeConfig, {"dtype": spelling}).dtype == name
+    assert build_config(WorkerConfig, {"model": ["m"], "dtype": spelling}).dtype == name
+    assert build_config(DeltaConfig, {"base": "b", "delta": "d", "output": "o", "dtype": spelling}).dtype == name
+    assert build_config(TrainConfig, {"model": "m", "data": ["d.json"], "output": "o", "precision": spelling}).precision == name
+
+
+def test_an_unknown_dtype_lists_the_spellings():
+    from vicuna_cli.chat.runner import ChatConfig
+
+    with pytest.raises(VicunaError) as info:
+        build_config(ChatConfig, {"dtype": "int3"})
+    assert info.value.message.startswith("--dtype: ") and "bfloat16 (bf16)" in info.value.message

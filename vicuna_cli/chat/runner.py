@@ -10,6 +10,7 @@ from typing import Iterable, Literal, Optional
 from pydantic import Field, model_validator
 
 from ..core import console
+from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.generate import GenerationStats, SamplingParams
 from .session import ChatSession
@@ -28,7 +29,7 @@ class ChatConfig(CommandConfig):
     max_new_tokens: int = Field(512, ge=1)
     seed: Optional[int] = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     implementation: Literal["auto", "native", "transformers"] = "auto"
     prompt: list[str] = Field(default_factory=list)
     json_output: bool = False

@@ -48,7 +48,7 @@ def apply_delta(
     make: bool = typer.Option(False, "--make", help="Make a delta instead: --target minus --base, written to -o."),
     target: Optional[str] = typer.Option(None, "--target", help="With --make: the fine-tuned model."),
     lora: Optional[str] = typer.Option(None, "--lora", help="Merge this peft LoRA adapter (dir or Hub id) into --base instead."),
-    dtype: str = typer.Option("auto", "--dtype", help="fp16, bf16 or fp32 (arithmetic is always fp32). auto: the dtype in the delta's config (make: the target's; merge: the base's)."),
+    dtype: str = typer.Option("auto", "--dtype", help="bfloat16 (bf16), float16 (fp16) or float32 (fp32); arithmetic is always fp32. auto: the dtype in the delta's config (make: the target's; merge: the base's)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
     check: Optional[str] = typer.Option(None, "--check", help="Before publishing, compare with this expected model (dir or name) or sha256 file (sha256sum format or a vicuna manifest); a mismatch lists the tensors and leaves nothing behind."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace -o if it exists (only once the new output is complete)."),

@@ -22,7 +22,7 @@ def chat(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", help="Most tokens per answer."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32)."),
     implementation: str = typer.Option("auto", "--implementation", help="auto (native Llama on CPU when it fits, else transformers), native, or transformers."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Ask this and exit (repeat for several turns)."),
     json_output: bool = typer.Option(False, "--json", help="Non-interactive: one JSON object per turn on stdout."),

@@ -31,7 +31,7 @@ BATCH = typer.Option(16, "--max-batch-size", help="Most requests decoded togethe
 QUEUE = typer.Option(256, "--max-queue", help="Most requests waiting per worker beyond its running batch; beyond it: 429.")
 PREFIX_CACHE = typer.Option(256, "--prefix-cache-mb", help="Memory per model for reusing repeated prompt prefixes (hf backend, native models); 0: off.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.")
-DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
+DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
 IMPL = typer.Option("auto", "--implementation", help="auto, native or transformers (hf backend).")
 API_KEY = typer.Option(None, "--api-key", help="Require this API key (repeatable); /health stays open.")
 KEYS_FILE = typer.Option(None, "--api-keys-file", help="File of API keys, one per line.")

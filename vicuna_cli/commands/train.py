@@ -43,7 +43,7 @@ def sft(
     micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", help="Packing: tokens per packed row (default --max-length)."),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Pack samples without padding (default) or pad per micro-batch."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward to save memory."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 where the GPU has it, else fp32), bf16, fp16 or fp32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto (bf16 where the GPU has it, else fp32), bfloat16 (bf16), float16 (fp16) or float32 (fp32)."),
     attention: Optional[str] = typer.Option(None, "--attention", help="auto (flash-attn 2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="auto: fused chunked loss and kernels/ patches; off: plain PyTorch."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import console
+from .choices import dtype_name
 from .errors import VicunaError, unknown_choice
 from .store import atomic_dir, atomic_write_text, dir_size, human_size, models_dir
 
@@ -334,6 +335,10 @@ def pick_device(device: str = "auto") -> str:
 def pick_dtype(device: str, dtype: str = "auto") -> str:
     import torch
 
+    try:
+        dtype = dtype_name(dtype)
+    except ValueError as exc:
+        raise VicunaError(str(exc), hint="--dtype takes auto, bfloat16, float16 or float32 (or bf16, fp16, fp32)") from None
     if dtype != "auto":
         return dtype
     if device.startswith("cuda"):
@@ -404,8 +409,6 @@ def load(
 
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise unknown_choice("dtype", dtype, ["auto", "float32", "bfloat16", "float16"])
     implementation, why = pick_implementation(resolved.path, device, implementation)
     if implementation == "native":
         model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device)

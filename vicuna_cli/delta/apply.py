@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import torch
 from pydantic import field_validator, model_validator
@@ -28,6 +28,7 @@ from rich.table import Table
 
 from .. import __version__
 from ..core import console
+from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 from ..core.models import resolve
@@ -61,7 +62,7 @@ class DeltaConfig(CommandConfig):
     target: Optional[str] = None
     lora: Optional[str] = None
     make: bool = False
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    dtype: Dtype = "auto"
     max_shard_size: str = "5GB"
     check: Optional[str] = None
     overwrite: bool = False

@@ -26,7 +26,7 @@ from .shards import TensorInfo, TensorSpec, WeightSource
 VOCAB_TENSOR = re.compile(r"(^|\.)(embed_tokens|lm_head|wte|embed_out|word_embeddings|tok_embeddings|output)\.weight$")
 SKIPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 CHUNK = 1 << 20  # elements per fp32 slab: bounds the temporaries, and 4 MB slabs stay in cache (8x faster than 32 MB ones here)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}  # core.choices names
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
+from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 
@@ -43,7 +44,7 @@ class WorkerConfig(_Common):
     backend: str = "hf"
     template: Optional[str] = None
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     implementation: str = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
@@ -87,7 +88,7 @@ class ServeConfig(ApiConfig, _Timing):
     template: Optional[str] = None
     backend: str = "hf"
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     implementation: str = "auto"
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..core.choices import Dtype
 from ..core.config import CommandConfig
 
 # Vicuna's recipe (FastChat README): global batch 128, lr 2e-5, 3 epochs, max length 2048,
@@ -42,7 +43,7 @@ class TrainConfig(CommandConfig):
     packing: bool = True
 
     gradient_checkpointing: bool = False
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    precision: Dtype = "auto"  # any spelling; bfloat16/float16 are mixed precision, float32 none
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     kernels: Literal["auto", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"

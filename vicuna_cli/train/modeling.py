@@ -36,7 +36,7 @@ def resolve_precision(precision: str, device: str) -> str:
     """bf16 where the hardware has it (CUDA with bf16), else fp32; fp16 only on request."""
     if precision == "auto":
         return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    return {"fp32": "no"}.get(precision, precision)
+    return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[precision]
 
 
 def pick_training_attention(requested: str, device: str, packing: bool) -> tuple[str, str]:
