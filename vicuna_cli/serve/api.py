@@ -66,9 +66,13 @@ class Upstream:
             response = await self.client.request(method, f"{self.controller}{path}", json=body, timeout=5.0)
         except httpx.HTTPError as exc:
             raise ServeError(503, f"the controller {self.controller} is unreachable ({type(exc).__name__})", "controller_unreachable") from None
+        source = f"the controller {self.controller}"
+        data = _json(response.content)
         if response.status_code != 200:
-            raise ServeError.from_body(response.status_code if response.status_code in (401, 404, 503) else 503, _json(response))
-        return response.json()
+            raise ServeError.from_body(response.status_code if response.status_code in (400, 401, 404, 503) else 503, data, source)
+        if isinstance(data, str):  # not JSON
+            raise ServeError.from_body(200, data, source)
+        return data
 
     async def workers(self) -> list[dict[str, Any]]:
         return await self._controller("GET", "/workers")
@@ -79,12 +83,16 @@ class Upstream:
         except ServeError:
             pass
 
-    async def start(self, request: GenerateRequest) -> tuple[str, Any]:
+    async def start(self, request: GenerateRequest, sequences: int) -> tuple[str, Any]:
         """Open a generation stream on the best worker; fall over to the next candidate when one
-        is unreachable or full. Errors before streaming are raised as ServeError."""
+        is unreachable or full. Errors before streaming are raised as ServeError. `sequences`:
+        of the whole client request, which the controller refuses if no set of workers holds it."""
         import httpx
 
-        candidates = (await self._controller("POST", "/dispatch", {"model": request.model}))["candidates"]
+        dispatch = {"model": request.model, "n": request.params.n, "sequences": sequences}
+        candidates = (await self._controller("POST", "/dispatch", dispatch)).get("candidates")
+        if not candidates or not isinstance(candidates, list):
+            raise ServeError(502, f"the controller {self.controller} named no worker for {request.model!r}", "bad_upstream_reply")
         last: ServeError | None = None
         for address in candidates[:3]:
             try:
@@ -101,9 +109,9 @@ class Upstream:
                 continue
             if response.status_code == 200:
                 return address, response
-            body = _json(await response.aread())
+            body = _json(await _read_at_most(response, MAX_ERROR_BYTES))
             await response.aclose()
-            last = ServeError.from_body(response.status_code, body)
+            last = ServeError.from_body(response.status_code, body, f"worker {address}")
             if response.status_code not in (429, 503):
                 break
         assert last is not None
@@ -125,11 +133,14 @@ class Upstream:
                     break
                 if not line:
                     continue
-                event = json.loads(line)
+                event = _json(line)
+                if not isinstance(event, dict):
+                    raise ServeError.from_body(200, line[:1000], f"worker {address}")
                 if "keepalive" in event:
                     continue
                 if "error" in event:
-                    raise ServeError.from_body(int(event.get("status", 500)), event)
+                    status = event.get("status")
+                    raise ServeError.from_body(status if isinstance(status, int) and 400 <= status < 600 else 502, event, f"worker {address}")
                 if "usage" in event:
                     finished = True
                 yield event
@@ -152,11 +163,25 @@ class Upstream:
         await self.client.aclose()
 
 
-def _json(data: Any) -> Any:
+def _json(data: bytes | str) -> Any:
+    """Parsed JSON, or the text itself when it is not JSON."""
     try:
-        return json.loads(data) if isinstance(data, (bytes, str)) else data.json()
+        return json.loads(data)
     except ValueError:
-        return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+
+
+# An error reply of a worker is a few hundred bytes; more is not read (nor kept).
+MAX_ERROR_BYTES = 64 << 10
+
+
+async def _read_at_most(response: Any, limit: int) -> bytes:
+    data = b""
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,9 +201,10 @@ class Job:
         self.closed = False  # set before we close the worker streams ourselves
 
     async def start(self) -> None:
+        sequences = sum(r.params.n for r in self.requests)
         try:
             for request in self.requests:
-                self.streams.append(await self.upstream.start(request))
+                self.streams.append(await self.upstream.start(request, sequences))
         except BaseException:
             await self.close()
             raise
@@ -352,6 +378,24 @@ def create_app(
             raise
         return job
 
+    async def collect(request: Request, job: Job, total: int, prefix: dict[int, str] | None = None) -> tuple[dict, dict]:
+        """The whole answer, unless the client hangs up first: then the worker streams are closed,
+        so the workers cancel the generations and free their slots at once (rather than after
+        max_tokens, which may be most of the context)."""
+        answer = asyncio.ensure_future(job.collect(total, prefix))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, gone):
+                task.cancel()
+            await asyncio.gather(answer, gone, return_exceptions=True)
+        if answer.cancelled():
+            job.timer.failed(499)
+            request.state.log.update(error="client_closed_request")
+            raise ServeError(499, "the client closed the connection before the answer was complete", "client_closed_request")
+        return answer.result()
+
     def finish_log(request: Request, job: Job) -> None:
         request.state.log.update(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)
 
@@ -382,7 +426,7 @@ def create_app(
         base = {"id": gen.request_id, "created": now(), "model": body.model}
         if body.stream:
             return sse(request, job, _chat_chunks(job, base, body.n, body.include_usage()))
-        texts, logprobs = await job.collect(body.n)
+        texts, logprobs = await collect(request, job, body.n)
         finish_log(request, job)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -404,7 +448,7 @@ def create_app(
         echo = {i: (prompts[i // body.n] if body.echo else "") for i in range(total)}
         if body.stream:
             return sse(request, job, _completion_chunks(job, base, body.include_usage(), want_logprobs, echo))
-        texts, logprobs = await job.collect(total, echo)
+        texts, logprobs = await collect(request, job, total, echo)
         finish_log(request, job)
         choices = [
             {"index": i, "text": texts[i], "logprobs": _completion_logprobs(logprobs[i]) if want_logprobs else None,
@@ -430,6 +474,13 @@ def create_app(
     app.add_middleware(AccessLogMiddleware, role="api", quiet_paths=("/health", "/metrics"))
     add_cors(app, list(cors_origins or []))
     return app
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the server's next message is
+    the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _chat_chunks(job: Job, base: dict, n: int, include_usage: bool) -> AsyncIterator[dict]:

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, AsyncIterator, Callable
 
-from .protocol import ERROR_TYPES, ServeError
+from .protocol import ServeError
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -54,10 +54,6 @@ def validation_to_error(errors: Any) -> ServeError:
         return ServeError(400, "the request body is not valid JSON", "invalid_json")
     message = str(first.get("msg", "invalid request"))
     return ServeError(400, f"{param}: {message}" if param else message, "invalid_value", param)
-
-
-def error_status_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "server_error")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +186,15 @@ def run_app(app: Any, host: str, port: int, shutdown_timeout: float, on_exit: Ca
         from ..core.errors import VicunaError
 
         raise VicunaError(f"cannot listen on {host}:{port}", hint="is the port taken? pick another --port") from None
+
+
+async def wait_for_start(app: Any, poll: float = 0.05) -> None:
+    """Returns once uvicorn listens (at once without uvicorn, e.g. under a test client): a worker
+    must answer the controller's challenge before it can register."""
+    while (server := getattr(app.state, "server", None)) is not None and not server.started:
+        if server.should_exit:
+            return
+        await asyncio.sleep(poll)
 
 
 async def wait_for_exit(app: Any, poll: float = 0.1) -> None:
