@@ -296,3 +296,18 @@ def test_insecure_allows_it_and_says_so_loudly(no_run, capsys, role):
     getattr(serve_config, f"run_{role}")(configs[role](host="127.0.0.1"))  # loopback: fine without a secret
     getattr(serve_config, f"run_{role}")(configs[role](host="0.0.0.0", secret=SECRET))
     assert no_run == ["0.0.0.0", "127.0.0.1", "0.0.0.0"] and "INSECURE" not in capsys.readouterr().err
+
+
+def test_the_command_line_refuses_it_too(monkeypatch, capsys):
+    """As above, through `vicuna serve controller --host 0.0.0.0`: one red line and a hint."""
+    import sys
+
+    from vicuna_cli import cli
+
+    monkeypatch.delenv("VICUNA_SERVE_SECRET", raising=False)
+    monkeypatch.setattr(sys, "argv", ["vicuna", "serve", "controller", "--host", "0.0.0.0", "--port", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_info.value.code == 1 and "Traceback" not in err
+    assert "the controller would listen on 0.0.0.0 without a shared secret" in err and "--insecure" in err

@@ -175,6 +175,7 @@ def vicuna_serve(monkeypatch, capsys):
     (["api", "--moderation", "keywords:/nonexistent/words.txt"], "--moderation keywords:/nonexistent/words.txt: No such file"),
     (["controller", "--port", "70000"], "--port: Input should be less than or equal to 65535"),
     (["api", "--max-body-bytes", "10"], "--max-body-bytes: Input should be greater than or equal to 1024"),
+    (["worker", "--advertise", "http://10.0.0.5:21002/admin"], "--advertise: a worker address must be http(s)://host:port"),
 ])
 def test_bad_command_lines_are_one_line_errors(vicuna_serve, args, message):
     code, err = vicuna_serve(*args)

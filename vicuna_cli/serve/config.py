@@ -73,7 +73,10 @@ class WorkerConfig(_Common):
         if self.advertise:
             from .protocol import check_worker_address
 
-            check_worker_address(self.advertise.rstrip("/"))
+            try:
+                check_worker_address(self.advertise.rstrip("/"))
+            except ValueError as exc:
+                raise ValueError(f"--advertise: {exc}") from None
         return self
 
 

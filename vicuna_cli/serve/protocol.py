@@ -87,7 +87,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Unknown model"),
         (413, "Request body too large"),
         (429, "The worker queue is full"),
-        (503, "No live worker serves the model"),
+        (502, "A worker or the controller answered something unexpected (logged on the server)"),
+        (503, "No live worker serves the model, or workers are still registering"),
     ]
 }
 
