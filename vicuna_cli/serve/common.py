@@ -93,6 +93,17 @@ async def merge_streams(sources: list[AsyncIterator[Any]]) -> AsyncIterator[Any]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def read_at_most(response: Any, limit: int) -> bytes:
+    """The start of a streamed httpx response's body: an unexpected reply is not read (nor kept)
+    beyond what we need to see."""
+    data = b""
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit]
+
+
 # ---------------------------------------------------------------------------------------------
 # Structured logs: one JSON object per line on stderr
 

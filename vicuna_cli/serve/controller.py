@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
-from .common import AccessLogMiddleware, install_error_handlers, log_json
+from .common import AccessLogMiddleware, install_error_handlers, log_json, read_at_most
 from .protocol import (
     DispatchRequest,
     DispatchResponse,
@@ -171,16 +172,10 @@ async def verify_worker(client: Any, address: str, secret: str) -> None:
     nonce = secrets.token_hex(16)
     try:
         async with client.stream("GET", f"{address}{CHALLENGE_PATH}", params={"nonce": nonce}) as response:
-            raw = b""
-            async for chunk in response.aiter_bytes():
-                raw += chunk
-                if len(raw) > 4096:  # a proof is 64 hex digits: whatever answers more is not a worker
-                    break
+            raw = await read_at_most(response, 4096)  # a proof is 64 hex digits
             status = response.status_code
     except httpx.HTTPError as exc:
         raise ServeError(403, f"the worker address {address} did not answer the challenge ({type(exc).__name__})", "worker_unverified") from None
-    import json
-
     try:
         proof = json.loads(raw).get("proof") if status == 200 else None
     except (ValueError, AttributeError):

@@ -13,7 +13,7 @@ import json
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
-from .common import merge_streams
+from .common import merge_streams, read_at_most
 from .metrics import RequestTimer
 from .protocol import GenerateRequest, ServeError
 from .security import secret_headers
@@ -86,7 +86,7 @@ class Upstream:
                 continue
             if response.status_code == 200:
                 return address, response
-            body = _json(await _read_at_most(response, MAX_ERROR_BYTES))
+            body = _json(await read_at_most(response, MAX_ERROR_BYTES))
             await response.aclose()
             last = ServeError.from_body(response.status_code, body, f"worker {address}")
             if response.status_code not in (429, 503):
@@ -150,15 +150,6 @@ def _json(data: bytes | str) -> Any:
 
 # An error reply of a worker is a few hundred bytes; more is not read (nor kept).
 MAX_ERROR_BYTES = 64 << 10
-
-
-async def _read_at_most(response: Any, limit: int) -> bytes:
-    data = b""
-    async for chunk in response.aiter_bytes():
-        data += chunk
-        if len(data) >= limit:
-            break
-    return data[:limit]
 
 
 # ---------------------------------------------------------------------------------------------

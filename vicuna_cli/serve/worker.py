@@ -1,10 +1,10 @@
 """A model worker: serves one or more models (backends.py) to the API and keeps itself known to
 the controller.
 
-- Registers once it listens (retrying while the controller is down): with a shared secret, the
-  controller first checks the address by asking it for an HMAC of a nonce (`GET /challenge`), then heartbeats every `heartbeat`
-  seconds with its running/waiting counts; a heartbeat answered `known: false` (a restarted
-  controller) makes it register again.
+- Registers once it listens (retrying while the controller is down; with a shared secret, the
+  controller first has the address answer an HMAC challenge, `GET /challenge`), then heartbeats
+  every `heartbeat` seconds with its running/waiting counts; a heartbeat answered `known: false`
+  (a restarted controller) makes it register again.
 - `POST /generate` answers with JSON lines (protocol.py). Queue-full (429), context overflow (400)
   and unknown model (404) are HTTP errors before the stream starts; a failure after that is an
   error line. While nothing else is sent, a keepalive line goes out every `heartbeat` seconds, so
