@@ -146,6 +146,27 @@ def test_registration_needs_the_address_to_prove_it_holds_the_secret():
             assert "x-vicuna-secret" not in calls[0][1]
 
 
+@pytest.mark.slow
+def test_a_real_worker_advertising_another_address_is_not_listed(tmp_path):
+    """Attack: a worker process holding the secret advertises an address that is not its own
+    (another service's port); the real controller challenges that address and refuses it."""
+    from serve_cluster import Cluster, free_port, wait_until
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_controller()
+        with fake_worker(None, reply=(404, b"not a worker")) as (elsewhere, calls):
+            worker = cluster.start_worker(["m"], "--backend", "openai", "--upstream", f"http://127.0.0.1:{free_port()}/v1",
+                                          "--advertise", elsewhere)
+            refused = wait_until(lambda: [r for r in worker.log_records() if r.get("event") == "registration_refused"],
+                                 60, "the refusal", [worker])
+        assert "did not prove that it holds the shared secret" in refused[0]["error"]
+        assert calls and all("x-vicuna-secret" not in headers for _, headers in calls)
+        assert cluster.workers() == []
+    finally:
+        cluster.close()
+
+
 def test_a_worker_proves_its_own_address_only():
     """Attack: use a real worker's open /challenge as an oracle to vouch for another address: the
     proof covers the worker's own address, so it is worthless for any other."""

@@ -86,8 +86,10 @@ class Membership:
                 self._warned = False
             except Exception as exc:  # controller down or restarting: keep trying, say so once
                 if not self._warned:
-                    log_json({"role": "worker", "event": "controller_unreachable", "controller": self.controller,
-                              "error": f"{type(exc).__name__}: {exc}"})
+                    # 403: the controller could not verify our address (a wrong --advertise or --secret)
+                    refused = isinstance(exc, ServeError) and exc.status == 403
+                    log_json({"role": "worker", "event": "registration_refused" if refused else "controller_unreachable",
+                              "controller": self.controller, "error": f"{type(exc).__name__}: {exc}"})
                     self._warned = True
                 if isinstance(exc, ServeError) and exc.status == 401:
                     self.registered = False
