@@ -7,10 +7,14 @@ to be caught mid-answer)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -67,12 +71,30 @@ def test_burst_above_max_queue_gets_429_and_the_rest_complete(cluster):
     assert httpx.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body(4), timeout=60).status_code == 200
 
 
+def test_a_request_that_can_never_fit_the_queue_is_a_400(cluster):
+    """32 prompts x n=16 against a worker holding 4 running + 4 waiting: a 429 would invite
+    retries that can never succeed."""
+    body = {"model": "tiny", "prompt": ["Hello"] * 32, "n": 16, "max_tokens": 2}
+    response = httpx.post(f"{cluster.api.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and error["type"] == "invalid_request_error"
+    assert "n=16" in error["message"] and "at most 8" in error["message"]
+    fits = httpx.post(f"{cluster.api.url}/v1/completions", json={**body, "prompt": ["Hello"] * 2, "n": 4}, timeout=60)
+    assert fits.status_code == 200 and len(fits.json()["choices"]) == 8
+
+
 def test_controller_restart_workers_register_again(cluster):
     port = cluster.controller.port
     cluster.controller.kill()
     down = httpx.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body(4), timeout=30)
     assert down.status_code == 503 and down.json()["error"]["code"] == "controller_unreachable"
     cluster.start_controller(expiry=4.0, port=port)
+    # Before the worker is back: the model may well exist, so a retryable 503, not a 404.
+    early = httpx.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body(4), timeout=30)
+    if not cluster.workers():  # (the worker may have beaten us to it)
+        assert early.status_code == 503 and early.json()["error"]["code"] == "no_worker", early.text
+        assert "retry" in early.json()["error"]["message"]
     start = time.monotonic()
     workers = cluster.wait_workers(1, [cluster.worker], timeout=15)
     assert time.monotonic() - start < 5  # within a few 0.5 s heartbeats
@@ -153,6 +175,7 @@ def vicuna_serve(monkeypatch, capsys):
     (["api", "--moderation", "keywords:/nonexistent/words.txt"], "--moderation keywords:/nonexistent/words.txt: No such file"),
     (["controller", "--port", "70000"], "--port: Input should be less than or equal to 65535"),
     (["api", "--max-body-bytes", "10"], "--max-body-bytes: Input should be greater than or equal to 1024"),
+    (["worker", "--advertise", "http://10.0.0.5:21002/admin"], "--advertise: a worker address must be http(s)://host:port"),
 ])
 def test_bad_command_lines_are_one_line_errors(vicuna_serve, args, message):
     code, err = vicuna_serve(*args)
@@ -176,3 +199,69 @@ def test_port_in_use_is_a_clear_error():
 def test_status_of_a_missing_controller(vicuna_serve):
     code, err = vicuna_serve("status", "--controller", f"http://127.0.0.1:{free_port()}")
     assert code == 1 and "cannot reach the controller" in err
+
+
+class _Endless(BaseHTTPRequestHandler):
+    """An OpenAI-compatible upstream that streams one token every 50 ms until its client closes
+    the connection (bounded: 20 minutes): a generation that only ends by cancellation."""
+
+    started = threading.Event()
+    closed = threading.Event()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.end_headers()
+        chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": null}]}\n\n'
+        try:
+            for _ in range(24000):
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                type(self).started.set()
+                time.sleep(0.05)
+        except OSError:
+            type(self).closed.set()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _running(worker: Proc) -> int | None:
+    health = get_json(f"{worker.url}/health")
+    return None if health is None else health["running"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
+def test_a_client_that_leaves_stops_its_generation(tmp_path, stream):
+    """The client hangs up mid-answer: the API closes the worker stream, and the worker cancels
+    the generation and frees its slot, for non-streaming requests too (which used to run on to
+    max_tokens: 114 s of a busy slot after a client left at 3 s)."""
+    from local_http import serving
+
+    _Endless.started.clear()
+    _Endless.closed.clear()
+    cluster = Cluster(tmp_path)
+    with serving(_Endless) as upstream_port:
+        try:
+            cluster.start_controller()
+            worker = cluster.start_worker(["endless"], "--backend", "openai", "--upstream", f"http://127.0.0.1:{upstream_port}/v1")
+            cluster.wait_workers(1, [worker])
+            api = cluster.start_api()
+            body = json.dumps({"model": "endless", "messages": [{"role": "user", "content": "hi"}], "stream": stream}).encode()
+            client = socket.create_connection(("127.0.0.1", api.port), timeout=30)
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                           b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert _Endless.started.wait(60), "the upstream never got the request"
+            wait_until(lambda: _running(worker) == 1, 30, "the worker to be generating", [worker, api])
+            if stream:
+                assert client.recv(4096)  # the answer had started
+            client.close()
+            wait_until(lambda: _running(worker) == 0, 30, "the worker to drop the generation", [worker, api])
+            assert _Endless.closed.wait(30), "the worker kept its upstream stream open"
+            if not stream:
+                wait_until(lambda: [r for r in api.log_records() if r.get("path") == "/v1/chat/completions"], 10, "the access log line")
+                lines = [r for r in api.log_records() if r.get("path") == "/v1/chat/completions"]
+                assert lines[-1]["status"] == 499 and lines[-1]["error"] == "client_closed_request"
+        finally:
+            cluster.close()

@@ -11,6 +11,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fake_worker import fake_worker
 from pydantic import ValidationError
 
 from vicuna_cli.core.errors import VicunaError
@@ -83,14 +84,14 @@ def test_controller_routes_need_the_secret_except_reads():
 
     from vicuna_cli.serve.controller import create_app
 
-    with TestClient(create_app(expiry=60, secret="s3")) as client:
-        body = _worker("http://a", "m").model_dump()
+    with fake_worker("s3") as (address, _), TestClient(create_app(expiry=60, secret="s3")) as client:
+        body = _worker(address, "m").model_dump()
         denied = client.post("/register", json=body)
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_secret"
         assert client.post("/register", json=body, headers={"x-vicuna-secret": "s3"}).status_code == 200
         assert client.post("/dispatch", json={"model": "m"}).status_code == 401
-        assert client.post("/dispatch", json={"model": "m"}, headers={"x-vicuna-secret": "s3"}).json() == {"candidates": ["http://a"]}
-        assert [w["address"] for w in client.get("/workers").json()] == ["http://a"]  # open: `serve status`
+        assert client.post("/dispatch", json={"model": "m"}, headers={"x-vicuna-secret": "s3"}).json() == {"candidates": [address]}
+        assert [w["address"] for w in client.get("/workers").json()] == [address]  # open: `serve status`
         bad = client.post("/heartbeat", json={"worker_id": 5}, headers={"x-vicuna-secret": "s3"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "worker_id"
 
@@ -126,7 +127,10 @@ def test_serve_error_from_an_upstream_body():
     error = ServeError.from_body(429, {"error": {"message": "slow down", "code": "rate_limit_exceeded", "param": None}})
     assert (error.status, error.message, error.code) == (429, "slow down", "rate_limit_exceeded")
     assert error.body() == {"error": {"message": "slow down", "type": "rate_limit_error", "param": None, "code": "rate_limit_exceeded"}}
-    assert ServeError.from_body(502, "<html>bad gateway</html>").message == "upstream answered 502: <html>bad gateway</html>"
+    # Anything else is not repeated to the client (it may be an internal service's page): logged.
+    other = ServeError.from_body(404, "<html>internal admin page</html>", "worker http://w:1")
+    assert (other.status, other.code) == (502, "bad_upstream_reply") and "internal admin" not in other.message
+    assert other.message == "worker http://w:1 answered HTTP 404 without an error in OpenAI's shape (its reply is in the server log)"
 
 
 def test_vllm_request_mapping():
@@ -303,7 +307,8 @@ def test_launcher_plan(tmp_path):
     assert worker[worker.index("-m") + 1] == "b" and worker[worker.index("--controller") + 1] == "http://127.0.0.1:9001"
     assert worker[worker.index("--template") + 1] == "vicuna_v1.1" and worker[worker.index("--heartbeat") + 1] == "1"
     api = roles[-1][1]
-    assert api[api.index("--api-key") + 1] == "k" and api[api.index("--worker-timeout") + 1] == "4"
+    assert api[api.index("--worker-timeout") + 1] == "4"
+    assert "k" not in [a for _, args in roles for a in args]  # keys go by environment (test_security_serve.py)
 
 
 def test_servers_keep_idle_connections_longer_than_clients_do():
@@ -365,3 +370,71 @@ def test_a_client_that_leaves_closes_the_worker_streams_without_reporting_a_lost
     events = asyncio.run(scenario())
     assert events[0]["text"].startswith("t") and events[-1] == {"closed": True}
     assert reports == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Small ones from issue #18 (14)
+
+
+def test_a_restarted_controller_answers_503_until_the_workers_are_back():
+    """After a restart the registry is empty until each worker's next heartbeat: a model that may
+    well exist is a retryable 503 then, not a 404 (which would tell clients it does not exist)."""
+    from vicuna_cli.serve.controller import Registry
+
+    clock = [100.0]
+    registry = Registry(expiry=15, clock=lambda: clock[0])
+    with pytest.raises(ServeError) as empty:
+        registry.dispatch("m")
+    assert empty.value.status == 503 and empty.value.code == "no_worker" and "retry" in empty.value.message
+    rejoined = _worker("http://a:1", "other")
+    rejoined.rejoin = True  # registered before: this controller is a restarted one
+    registry.register(rejoined)
+    clock[0] += 3
+    with pytest.raises(ServeError) as registering:
+        registry.dispatch("m")
+    assert registering.value.status == 503 and "restarted 3 s ago" in registering.value.message and "retry" in registering.value.message
+    registry.heartbeat(HeartbeatRequest(worker_id="http://a:1"))
+    clock[0] += 13  # a whole expiry since the start: every live worker has had its heartbeat
+    with pytest.raises(ServeError) as unknown:
+        registry.dispatch("m")
+    assert unknown.value.status == 404 and unknown.value.code == "model_not_found"
+    fresh = Registry(expiry=15, clock=lambda: 0.0)  # a first start: unknown is unknown at once
+    fresh.register(_worker("http://a:1", "other"))
+    with pytest.raises(ServeError) as at_once:
+        fresh.dispatch("m")
+    assert at_once.value.status == 404
+
+
+def test_a_request_that_can_never_fit_is_400_not_a_retryable_429():
+    """32 prompts x n=16 can never be held by workers of batch 4 + queue 8: a 429 would have the
+    client retry forever; a 400 says why."""
+    from vicuna_cli.serve.controller import Registry
+
+    registry = Registry(expiry=60)
+    registry.register(_worker("http://a:1", "m"))  # 4 + 8 sequences
+    registry.register(_worker("http://b:1", "m"))
+    assert registry.dispatch("m", n=12, sequences=24)  # fits exactly
+    with pytest.raises(ServeError) as too_many_choices:
+        registry.dispatch("m", n=16, sequences=16)
+    assert too_many_choices.value.status == 400 and too_many_choices.value.param == "n" and "at most 12" in too_many_choices.value.message
+    with pytest.raises(ServeError) as too_many_prompts:
+        registry.dispatch("m", n=2, sequences=32 * 2)
+    error = too_many_prompts.value
+    assert error.status == 400 and error.code == "request_too_large" and "needs 64 sequences" in error.message and "at most 24" in error.message
+
+
+def test_405_is_an_invalid_request_and_booleans_are_strict():
+    from fastapi.testclient import TestClient
+
+    from vicuna_cli.serve.api import create_app
+
+    with TestClient(create_app("http://127.0.0.1:9")) as client:
+        wrong_method = client.get("/v1/chat/completions")
+        assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
+        chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        for field, value in (("stream", "yes"), ("stream", 1), ("logprobs", "true"), ("stream_options", {"include_usage": "yes"})):
+            refused = client.post("/v1/chat/completions", json={**chat, field: value})
+            assert refused.status_code == 400, (field, value)
+            assert refused.json()["error"]["param"].startswith(field) and refused.json()["error"]["type"] == "invalid_request_error"
+        refused = client.post("/v1/completions", json={"model": "m", "prompt": "x", "echo": "no"})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo"

@@ -33,10 +33,12 @@ PREFIX_CACHE = typer.Option(256, "--prefix-cache-mb", help="Memory per model for
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps.")
 DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
 IMPL = typer.Option("auto", "--implementation", help="auto, native or transformers (hf backend).")
-API_KEY = typer.Option(None, "--api-key", help="Require this API key (repeatable); /health stays open.")
+API_KEY = typer.Option(None, "--api-key", help="Require this API key (repeatable; also one per line in $VICUNA_SERVE_API_KEYS); /health stays open.")
 KEYS_FILE = typer.Option(None, "--api-keys-file", help="File of API keys, one per line.")
 CORS = typer.Option(None, "--cors-origin", help="Allow browser calls from this origin (repeatable; * for any). Off by default.")
 BODY = typer.Option(1 << 20, "--max-body-bytes", help="Largest request body accepted (413 beyond).")
+WORKER_BODY = typer.Option(4 << 20, "--max-body-bytes", help="Largest request body accepted (413 beyond); 4x the API's, which re-encodes bodies.")
+INSECURE = typer.Option(False, "--insecure", help="Allow listening beyond loopback without --secret (anyone reaching the port can call it).")
 MODERATION = typer.Option("off", "--moderation", help="Input filter: off, openai, or keywords:FILE.")
 MODERATION_URL = typer.Option(None, "--moderation-url", help="Moderation endpoint for --moderation openai.")
 CONTROLLER = typer.Option("http://127.0.0.1:21001", "--controller", help="URL of the controller.")
@@ -103,7 +105,9 @@ def controller(
     host: str = HOST,
     port: int = typer.Option(21001, "--port", help="Port to listen on."),
     expiry: float = EXPIRY,
+    max_body_bytes: int = BODY,
     secret: Optional[str] = SECRET,
+    insecure: bool = INSECURE,
     shutdown_timeout: float = SHUTDOWN,
     config: Optional[Path] = CONFIG,
 ) -> None:
@@ -132,7 +136,9 @@ def worker(
     upstream: Optional[str] = typer.Option(None, "--upstream", help="openai backend: upstream base URL, e.g. https://api.openai.com/v1."),
     upstream_model: Optional[str] = typer.Option(None, "--upstream-model", help="openai backend: model id upstream (default: -m)."),
     upstream_key_env: str = typer.Option("OPENAI_API_KEY", "--upstream-key-env", help="openai backend: env var holding the upstream key."),
+    max_body_bytes: int = WORKER_BODY,
     secret: Optional[str] = SECRET,
+    insecure: bool = INSECURE,
     shutdown_timeout: float = SHUTDOWN,
     config: Optional[Path] = CONFIG,
 ) -> None:
@@ -154,6 +160,7 @@ def api(
     moderation_url: Optional[str] = MODERATION_URL,
     worker_timeout: float = typer.Option(15.0, "--worker-timeout", help="Seconds of worker silence before a request fails (use the controller's --expiry)."),
     secret: Optional[str] = SECRET,
+    insecure: bool = INSECURE,
     shutdown_timeout: float = SHUTDOWN,
     config: Optional[Path] = CONFIG,
 ) -> None:

@@ -2,7 +2,8 @@
 `/health`, `/metrics`, and the web page at `/` (from `static/`, when present).
 
 A request is validated (protocol.py), moderated, dispatched by the controller to the least-loaded
-live worker, and streamed back from it. Failures keep OpenAI's error shape and status: before the
+live worker, and streamed back from it (upstream.py); a client that hangs up, streaming or not,
+cancels its generations. Failures keep OpenAI's error shape and status: before the
 first byte as an HTTP error, after it (streaming) as an error event followed by `[DONE]`. A worker
 that dies mid-answer is noticed at once when its connection drops, and within `worker_timeout`
 seconds when it merely goes silent (workers send keepalives), so no request hangs.
@@ -14,13 +15,13 @@ import asyncio
 import json
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from .common import AccessLogMiddleware, install_error_handlers, log_json, merge_streams
+from .common import AccessLogMiddleware, install_error_handlers, log_json
 from .metrics import ApiMetrics, RequestTimer
 from .moderation import NoModeration
 from .protocol import (
@@ -37,204 +38,10 @@ from .protocol import (
     new_id,
     now,
 )
-from .security import ApiKeyMiddleware, BodyLimitMiddleware, add_cors, secret_headers
+from .security import ApiKeyMiddleware, BodyLimitMiddleware, add_cors
+from .upstream import Job, Upstream
 
 STATIC_DIR = Path(__file__).parent / "static"
-
-
-class Upstream:
-    """The API's view of the cluster: the controller and the workers it names."""
-
-    def __init__(self, controller: str, secret: str | None, worker_timeout: float):
-        import httpx
-
-        self.controller = controller.rstrip("/")
-        self.worker_timeout = worker_timeout
-        # Waiting for a worker to start answering may take longer than its keepalive interval (an
-        # overloaded worker is slow, not dead); silence once it streams is bounded by worker_timeout.
-        self.start_timeout = max(5 * worker_timeout, 30.0)
-        self.client = httpx.AsyncClient(
-            headers=secret_headers(secret),
-            timeout=httpx.Timeout(connect=3.0, read=self.start_timeout, write=10.0, pool=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
-
-    async def _controller(self, method: str, path: str, body: Any = None) -> Any:
-        import httpx
-
-        try:
-            response = await self.client.request(method, f"{self.controller}{path}", json=body, timeout=5.0)
-        except httpx.HTTPError as exc:
-            raise ServeError(503, f"the controller {self.controller} is unreachable ({type(exc).__name__})", "controller_unreachable") from None
-        if response.status_code != 200:
-            raise ServeError.from_body(response.status_code if response.status_code in (401, 404, 503) else 503, _json(response))
-        return response.json()
-
-    async def workers(self) -> list[dict[str, Any]]:
-        return await self._controller("GET", "/workers")
-
-    async def report(self, address: str, reason: str) -> None:
-        try:
-            await self._controller("POST", "/report", {"address": address, "reason": reason})
-        except ServeError:
-            pass
-
-    async def start(self, request: GenerateRequest) -> tuple[str, Any]:
-        """Open a generation stream on the best worker; fall over to the next candidate when one
-        is unreachable or full. Errors before streaming are raised as ServeError."""
-        import httpx
-
-        candidates = (await self._controller("POST", "/dispatch", {"model": request.model}))["candidates"]
-        last: ServeError | None = None
-        for address in candidates[:3]:
-            try:
-                response = await self.client.send(
-                    self.client.build_request("POST", f"{address}/generate", json=request.model_dump()), stream=True
-                )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nobody there: tell the controller
-                reason = f"{type(exc).__name__}"
-                await self.report(address, reason)
-                last = ServeError(503, f"no live worker serves model {request.model!r}: worker {address} is unreachable ({reason})", "no_worker")
-                continue
-            except httpx.TransportError as exc:  # there, but not answering in time: overloaded or stuck
-                last = ServeError(503, f"worker {address} did not start answering within {self.start_timeout:g} s ({type(exc).__name__})", "worker_timeout")
-                continue
-            if response.status_code == 200:
-                return address, response
-            body = _json(await response.aread())
-            await response.aclose()
-            last = ServeError.from_body(response.status_code, body)
-            if response.status_code not in (429, 503):
-                break
-        assert last is not None
-        raise last
-
-    async def events(self, address: str, response: Any, abandoned: Callable[[], bool]) -> AsyncIterator[dict]:
-        """Worker events, keepalives dropped; a lost worker becomes a 503 ServeError. Once the
-        caller has `abandoned` the stream (its client left), a broken read is our own doing: the
-        stream just ends, and the worker is not reported."""
-        import httpx
-
-        finished = False
-        lines = response.aiter_lines()
-        try:
-            while True:
-                try:
-                    line = await asyncio.wait_for(lines.__anext__(), timeout=self.worker_timeout)
-                except StopAsyncIteration:
-                    break
-                if not line:
-                    continue
-                event = json.loads(line)
-                if "keepalive" in event:
-                    continue
-                if "error" in event:
-                    raise ServeError.from_body(int(event.get("status", 500)), event)
-                if "usage" in event:
-                    finished = True
-                yield event
-        except (asyncio.TimeoutError, httpx.ReadTimeout):
-            if abandoned():
-                return
-            await self.report(address, f"silent for {self.worker_timeout:g} s")
-            raise ServeError(503, f"worker {address} stopped answering for {self.worker_timeout:g} s in the middle of the answer", "worker_lost") from None
-        except httpx.TransportError as exc:
-            if abandoned():
-                return
-            await self.report(address, type(exc).__name__)
-            raise ServeError(503, f"worker {address} went away in the middle of the answer ({type(exc).__name__})", "worker_lost") from None
-        finally:
-            await response.aclose()
-        if not finished:
-            raise ServeError(503, f"worker {address} ended the answer early", "worker_lost")
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-
-def _json(data: Any) -> Any:
-    try:
-        return json.loads(data) if isinstance(data, (bytes, str)) else data.json()
-    except ValueError:
-        return data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-
-
-# ---------------------------------------------------------------------------------------------
-# One request: several worker streams (n, or a list of completion prompts) merged
-
-
-class Job:
-    """A client request turned into worker streams; merges their events with global indices."""
-
-    def __init__(self, upstream: Upstream, timer: RequestTimer, requests: list[GenerateRequest]):
-        self.upstream, self.timer, self.requests = upstream, timer, requests
-        self.streams: list[tuple[str, Any]] = []
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.completion_tokens = 0
-        self.reasons: dict[int, str | None] = {}
-        self.closed = False  # set before we close the worker streams ourselves
-
-    async def start(self) -> None:
-        try:
-            for request in self.requests:
-                self.streams.append(await self.upstream.start(request))
-        except BaseException:
-            await self.close()
-            raise
-
-    async def close(self) -> None:
-        self.closed = True
-        for _, response in self.streams:
-            await response.aclose()
-
-    async def _tagged(self, offset: int, address: str, response: Any) -> AsyncIterator[dict]:
-        async for event in self.upstream.events(address, response, lambda: self.closed):
-            if "usage" in event:
-                self.prompt_tokens += int(event["usage"].get("prompt_tokens", 0))
-                self.completion_tokens += int(event["usage"].get("completion_tokens", 0))
-                self.cached_tokens += int(event["usage"].get("cached_tokens", 0))
-                continue
-            event["index"] = offset + int(event.get("index", 0))
-            yield event
-
-    async def events(self) -> AsyncIterator[dict]:
-        n = self.requests[0].params.n
-        sources = [self._tagged(i * n, a, r) for i, (a, r) in enumerate(self.streams)]
-        # aclosing: a client that leaves closes this chain from the outside in, so the merge's
-        # readers stop before close() shuts their streams (rather than whenever the GC gets to it).
-        try:
-            async with aclosing(merge_streams(sources)) as items:
-                async for item in items:
-                    if item.get("finish_reason") == "cancelled":
-                        raise ServeError(503, "the worker stopped before the answer was complete (it is shutting down)", "worker_cancelled")
-                    self.timer.tokens(len(item.get("token_ids") or ()))
-                    if item.get("finish_reason"):
-                        self.reasons[item["index"]] = item["finish_reason"]
-                    yield item
-            self.timer.finish(list(self.reasons.values()), self.prompt_tokens, self.completion_tokens)
-        finally:
-            await self.close()
-
-    async def collect(self, total: int, prefix: dict[int, str] | None = None) -> tuple[dict[int, str], dict[int, list[dict]]]:
-        """The whole answer (non-streaming): text and logprob entries per choice index."""
-        texts: dict[int, list[str]] = {i: [(prefix or {}).get(i, "")] for i in range(total)}
-        logprobs: dict[int, list[dict]] = {i: [] for i in range(total)}
-        try:
-            async with aclosing(self.events()) as events:
-                async for event in events:
-                    texts[event["index"]].append(event.get("text") or "")
-                    logprobs[event["index"]].extend(event.get("logprobs") or [])
-        except ServeError as exc:
-            self.timer.failed(exc.status)
-            raise
-        return {i: "".join(parts) for i, parts in texts.items()}, logprobs
-
-    def usage(self) -> dict[str, int]:
-        # prompt_tokens_details.cached_tokens: OpenAI's (and vLLM's) report of prefix-cache reuse.
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 def _params(body: Any, max_tokens: int | None, logprobs: bool, top_logprobs: int) -> GenerateParams:
@@ -352,6 +159,24 @@ def create_app(
             raise
         return job
 
+    async def collect(request: Request, job: Job, total: int, prefix: dict[int, str] | None = None) -> tuple[dict, dict]:
+        """The whole answer, unless the client hangs up first: then the worker streams are closed,
+        so the workers cancel the generations and free their slots at once (rather than after
+        max_tokens, which may be most of the context)."""
+        answer = asyncio.ensure_future(job.collect(total, prefix))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (answer, gone):
+                task.cancel()
+            await asyncio.gather(answer, gone, return_exceptions=True)
+        if answer.cancelled():
+            job.timer.failed(499)
+            request.state.log.update(error="client_closed_request")
+            raise ServeError(499, "the client closed the connection before the answer was complete", "client_closed_request")
+        return answer.result()
+
     def finish_log(request: Request, job: Job) -> None:
         request.state.log.update(prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)
 
@@ -382,7 +207,7 @@ def create_app(
         base = {"id": gen.request_id, "created": now(), "model": body.model}
         if body.stream:
             return sse(request, job, _chat_chunks(job, base, body.n, body.include_usage()))
-        texts, logprobs = await job.collect(body.n)
+        texts, logprobs = await collect(request, job, body.n)
         finish_log(request, job)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": texts[i]},
@@ -404,7 +229,7 @@ def create_app(
         echo = {i: (prompts[i // body.n] if body.echo else "") for i in range(total)}
         if body.stream:
             return sse(request, job, _completion_chunks(job, base, body.include_usage(), want_logprobs, echo))
-        texts, logprobs = await job.collect(total, echo)
+        texts, logprobs = await collect(request, job, total, echo)
         finish_log(request, job)
         choices = [
             {"index": i, "text": texts[i], "logprobs": _completion_logprobs(logprobs[i]) if want_logprobs else None,
@@ -430,6 +255,13 @@ def create_app(
     app.add_middleware(AccessLogMiddleware, role="api", quiet_paths=("/health", "/metrics"))
     add_cors(app, list(cors_origins or []))
     return app
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the server's next message is
+    the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _chat_chunks(job: Job, base: dict, n: int, include_usage: bool) -> AsyncIterator[dict]:

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any, AsyncIterator, Callable
 
-from .protocol import ERROR_TYPES, ServeError
+from .protocol import ServeError
 
 # ---------------------------------------------------------------------------------------------
 # Errors
@@ -56,10 +56,6 @@ def validation_to_error(errors: Any) -> ServeError:
     return ServeError(400, f"{param}: {message}" if param else message, "invalid_value", param)
 
 
-def error_status_type(status: int) -> str:
-    return ERROR_TYPES.get(status, "server_error")
-
-
 # ---------------------------------------------------------------------------------------------
 # Streams
 
@@ -95,6 +91,17 @@ async def merge_streams(sources: list[AsyncIterator[Any]]) -> AsyncIterator[Any]
         # Let the readers stop before whoever closes their sources next pulls the connection from
         # under a read in flight (a broken read would look like a lost worker).
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def read_at_most(response: Any, limit: int) -> bytes:
+    """The start of a streamed httpx response's body: an unexpected reply is not read (nor kept)
+    beyond what we need to see."""
+    data = b""
+    async for chunk in response.aiter_bytes():
+        data += chunk
+        if len(data) >= limit:
+            break
+    return data[:limit]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +197,15 @@ def run_app(app: Any, host: str, port: int, shutdown_timeout: float, on_exit: Ca
         from ..core.errors import VicunaError
 
         raise VicunaError(f"cannot listen on {host}:{port}", hint="is the port taken? pick another --port") from None
+
+
+async def wait_for_start(app: Any, poll: float = 0.05) -> None:
+    """Returns once uvicorn listens (at once without uvicorn, e.g. under a test client): a worker
+    must answer the controller's challenge before it can register."""
+    while (server := getattr(app.state, "server", None)) is not None and not server.started:
+        if server.should_exit:
+            return
+        await asyncio.sleep(poll)
 
 
 async def wait_for_exit(app: Any, poll: float = 0.1) -> None:

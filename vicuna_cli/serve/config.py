@@ -16,7 +16,9 @@ from ..core.errors import VicunaError
 class _Common(CommandConfig):
     host: str = "127.0.0.1"
     secret: Optional[str] = None  # shared between the roles; also read from VICUNA_SERVE_SECRET
+    insecure: bool = False  # allow a non-loopback bind without a secret
     shutdown_timeout: float = Field(30.0, ge=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
 
 
 class _Timing(CommandConfig):
@@ -53,6 +55,9 @@ class WorkerConfig(_Common):
     upstream: Optional[str] = None  # openai backend: base URL of the upstream API (…/v1)
     upstream_model: Optional[str] = None
     upstream_key_env: str = "OPENAI_API_KEY"
+    # The API re-encodes a client's body (at most --max-body-bytes, 1 MiB) as JSON for us; escapes
+    # can make it up to 3x longer.
+    max_body_bytes: int = Field(4 << 20, ge=1024)
 
     @model_validator(mode="after")
     def _check(self):
@@ -66,6 +71,13 @@ class WorkerConfig(_Common):
             raise ValueError("--backend openai needs -m MODEL (the upstream model id)")
         if self.name and len(self.name) != len(self.model or [None]):
             raise ValueError("give one --name per -m")
+        if self.advertise:
+            from .protocol import check_worker_address
+
+            try:
+                check_worker_address(self.advertise.rstrip("/"))
+            except ValueError as exc:
+                raise ValueError(f"--advertise: {exc}") from None
         return self
 
 
@@ -75,7 +87,6 @@ class ApiConfig(_Common):
     api_key: list[str] = []
     api_keys_file: Optional[Path] = None
     cors_origin: list[str] = []
-    max_body_bytes: int = Field(1 << 20, ge=1024)
     moderation: str = "off"
     moderation_url: Optional[str] = None
     worker_timeout: float = Field(15.0, gt=0, le=3600)
@@ -112,12 +123,44 @@ def resolve_secret(secret: str | None) -> str | None:
     return secret or os.environ.get("VICUNA_SERVE_SECRET") or None
 
 
+# API keys for `serve api` from the environment, one per line: how `vicuna serve` hands them to
+# its API process, since a command line is readable by every local user (`ps`).
+API_KEYS_ENV = "VICUNA_SERVE_API_KEYS"
+
+
+def env_api_keys() -> list[str]:
+    import os
+
+    return os.environ.get(API_KEYS_ENV, "").split()
+
+
+def role_secret(config: _Common, role: str) -> str | None:
+    """The shared secret; without one, a role listening beyond loopback would take registrations
+    and generations from anyone who can reach it: refused unless --insecure, then said loudly."""
+    from .security import is_loopback
+
+    secret = resolve_secret(config.secret)
+    if secret or is_loopback(config.host):
+        return secret
+    exposed = {"controller": "anyone who can reach it could register a worker",
+               "worker": "anyone who can reach it could run generations on it",
+               "API": "its controller and workers must then accept calls from anyone"}[role]
+    if not config.insecure:
+        raise VicunaError(f"the {role} would listen on {config.host} without a shared secret: {exposed}",
+                          hint="give the same --secret (or $VICUNA_SERVE_SECRET) to every role, or --insecure on a network you trust")
+    from ..core import console
+
+    console.warn(f"INSECURE: the {role} listens on {config.host} without a shared secret (--insecure): {exposed}")
+    return None
+
+
 def run_controller(config: ControllerConfig) -> None:
     require_serve()
     from .common import run_app
     from .controller import create_app
 
-    run_app(create_app(config.expiry, resolve_secret(config.secret)), config.host, config.port, config.shutdown_timeout)
+    secret = role_secret(config, "controller")
+    run_app(create_app(config.expiry, secret, config.max_body_bytes), config.host, config.port, config.shutdown_timeout)
 
 
 def run_worker(config: WorkerConfig) -> None:
@@ -126,6 +169,7 @@ def run_worker(config: WorkerConfig) -> None:
     from .common import run_app
     from .worker import create_app
 
+    secret = role_secret(config, "worker")
     refs = config.model or [None]
     names = config.name or [ref or _default_model_name() for ref in refs]
     backends = []
@@ -143,8 +187,8 @@ def run_worker(config: WorkerConfig) -> None:
     address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
     if config.port == 0 and not config.advertise:
         raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")
-    app = create_app(backends, config.controller, address.rstrip("/"), resolve_secret(config.secret), config.heartbeat,
-                     config.max_batch_size, config.max_queue)
+    app = create_app(backends, config.controller, address.rstrip("/"), secret, config.heartbeat,
+                     config.max_batch_size, config.max_queue, config.max_body_bytes)
     run_app(app, config.host, config.port, config.shutdown_timeout)
 
 
@@ -155,9 +199,10 @@ def run_api(config: ApiConfig) -> None:
     from .moderation import make_moderation
     from .security import load_api_keys
 
-    keys = load_api_keys(config.api_key, config.api_keys_file)
+    secret = role_secret(config, "API")
+    keys = load_api_keys([*config.api_key, *env_api_keys()], config.api_keys_file)
     app = create_app(
-        config.controller, resolve_secret(config.secret), keys, config.cors_origin, config.max_body_bytes,
+        config.controller, secret, keys, config.cors_origin, config.max_body_bytes,
         make_moderation(config.moderation, config.moderation_url), config.worker_timeout, config.shutdown_timeout,
     )
     run_app(app, config.host, config.port, config.shutdown_timeout)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..core import console
 from ..core.errors import VicunaError
-from .config import ServeConfig, resolve_secret
+from .config import API_KEYS_ENV, ServeConfig, env_api_keys, resolve_secret
 from .security import secret_headers
 
 STARTUP_TIMEOUT = float(os.environ.get("VICUNA_SERVE_STARTUP_TIMEOUT", "300"))
@@ -67,7 +67,7 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
             args = ["worker", "--port", str(port), "--controller", controller, "--backend", config.backend,
                     "--heartbeat", f"{config.heartbeat:g}", "--max-batch-size", str(config.max_batch_size),
                     "--max-queue", str(config.max_queue), "--prefix-cache-mb", str(config.prefix_cache_mb), "--device", config.device, "--dtype", config.dtype,
-                    "--implementation", config.implementation, *_common(config)]
+                    "--implementation", config.implementation, "--max-body-bytes", str(4 * config.max_body_bytes), *_common(config)]
             if model:
                 args += ["-m", model]
             if config.template:
@@ -76,8 +76,6 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
             port += 1
     api = ["api", "--port", str(config.port), "--controller", controller, "--max-body-bytes", str(config.max_body_bytes),
            "--moderation", config.moderation, "--worker-timeout", f"{config.expiry:g}", *_common(config)]
-    for key in config.api_key:
-        api += ["--api-key", key]
     if config.api_keys_file:
         api += ["--api-keys-file", str(config.api_keys_file)]
     for origin in config.cors_origin:
@@ -86,6 +84,13 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
         api += ["--moderation-url", config.moderation_url]
     roles.append(("api", api))
     return roles
+
+
+def api_env(config: ServeConfig, env: dict[str, str]) -> dict[str, str]:
+    """The API's environment: its keys travel here, never on its command line (readable by any
+    local user with `ps`); the environment of a process is readable by its owner only."""
+    keys = [*config.api_key, *env_api_keys()]
+    return {**env, API_KEYS_ENV: "\n".join(dict.fromkeys(keys))} if keys else env
 
 
 def _get(url: str, secret: str | None) -> Any:
@@ -123,7 +128,7 @@ class Deployment:
                                   hint="see its error above (a port in use? a model that does not load?)")
 
     def start(self) -> None:
-        env = {**os.environ, "VICUNA_SERVE_SECRET": self.secret}
+        env = {**{k: v for k, v in os.environ.items() if k != API_KEYS_ENV}, "VICUNA_SERVE_SECRET": self.secret}
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::", "") else self.config.host
         controller = f"http://{host}:{self.config.controller_port}"
         roles = plan(self.config)
@@ -137,7 +142,7 @@ class Deployment:
             lambda: len(_get(f"{controller}/workers", self.secret) or []) >= len(workers),
             STARTUP_TIMEOUT,
         )
-        self.children.append(_spawn(*roles[-1], env))
+        self.children.append(_spawn(*roles[-1], api_env(self.config, env)))
         api = f"http://{host}:{self.config.port}"
         self._wait("the API server", lambda: _get(f"{api}/health", None) is not None, 60)
         models = sorted({m["name"] for w in _get(f"{controller}/workers", self.secret) or [] for m in w["models"]})

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 # ---------------------------------------------------------------------------------------------
@@ -38,6 +38,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -48,6 +49,11 @@ ERROR_TYPES = {
 }
 
 
+def error_type(status: int) -> str:
+    # Any other 4xx is still the client's doing (OpenAI has no type per status beyond these).
+    return ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500 else "server_error")
+
+
 class ServeError(Exception):
     """An error with an HTTP status; rendered in OpenAI's shape by every role."""
 
@@ -56,15 +62,21 @@ class ServeError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def body(self) -> dict[str, Any]:
-        info = ErrorInfo(message=self.message, type=ERROR_TYPES.get(self.status, "server_error"), param=self.param, code=self.code)
+        info = ErrorInfo(message=self.message, type=error_type(self.status), param=self.param, code=self.code)
         return {"error": info.model_dump()}
 
     @classmethod
-    def from_body(cls, status: int, body: Any) -> "ServeError":
+    def from_body(cls, status: int, body: Any, source: str = "the upstream") -> "ServeError":
+        """An error in OpenAI's shape is passed on; anything else is a 502 that does not repeat the
+        body (it may come from a service the client must not read): the body goes to the log."""
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict) and error.get("message"):
-            return cls(status, str(error["message"]), error.get("code"), error.get("param"))
-        return cls(status, f"upstream answered {status}: {str(body)[:200]}", "upstream_error")
+            code, param = error.get("code"), error.get("param")
+            return cls(status, str(error["message"]), code if isinstance(code, str) else None, param if isinstance(param, str) else None)
+        from .common import log_json
+
+        log_json({"event": "bad_upstream_reply", "source": source, "status": status, "body": str(body)[:1000]})
+        return cls(502, f"{source} answered HTTP {status} without an error in OpenAI's shape (its reply is in the server log)", "bad_upstream_reply")
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -75,7 +87,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "Unknown model"),
         (413, "Request body too large"),
         (429, "The worker queue is full"),
-        (503, "No live worker serves the model"),
+        (502, "A worker or the controller answered something unexpected (logged on the server)"),
+        (503, "No live worker serves the model, or workers are still registering"),
     ]
 }
 
@@ -112,7 +125,8 @@ class _Request(BaseModel):
     seed: Optional[int] = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    stream: Optional[bool] = False
+    # Strict, as OpenAI is: "yes" or 1 is a 400, not a silent true.
+    stream: Optional[StrictBool] = False
     stream_options: Optional["StreamOptions"] = None
     # OpenAI's {"type": "text" | "json_object" | "json_schema", "json_schema": {...}}; kept as sent
     # (the openai backend forwards it unchanged), checked here so a bad one is a 400 before dispatch.
@@ -157,7 +171,7 @@ class _Request(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: Optional[bool] = False
+    include_usage: Optional[StrictBool] = False
 
 
 class TextPart(BaseModel):
@@ -179,7 +193,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: Optional[bool] = False
+    logprobs: Optional[StrictBool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
     def token_limit(self) -> int | None:
@@ -189,7 +203,7 @@ class ChatCompletionRequest(_Request):
 class CompletionRequest(_Request):
     prompt: Union[str, list[str]]
     logprobs: Optional[int] = Field(None, ge=0, le=5)
-    echo: Optional[bool] = False
+    echo: Optional[StrictBool] = False
 
     @field_validator("prompt")
     @classmethod
@@ -313,6 +327,28 @@ class WorkerModel(BaseModel):
     template: Optional[str] = None
 
 
+def check_worker_address(address: str) -> str:
+    """http(s)://host[:port] and nothing else: the API appends its own paths to it, and a path,
+    query or user part would let a registration aim those calls somewhere else."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address)
+        port = parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise ValueError(f"a worker address must be http(s)://host:port, not {address!r} ({exc})") from None
+    problem = ("it must not contain spaces or control characters" if any(c.isspace() or not c.isprintable() for c in address)
+               else "its scheme must be http or https" if parts.scheme not in ("http", "https")
+               else "it has no host" if not parts.hostname
+               else "it must not hold a user or password" if parts.username is not None or parts.password is not None
+               else "it must not have a path, query or fragment" if parts.path or parts.query or parts.fragment or address.endswith(("?", "#"))
+               else "its port must be 1 to 65535" if port == 0
+               else None)
+    if problem:
+        raise ValueError(f"a worker address must be http(s)://host:port, not {address!r}: {problem}")
+    return address
+
+
 class RegisterRequest(BaseModel):
     worker_id: str
     address: str  # http://host:port of the worker
@@ -321,6 +357,12 @@ class RegisterRequest(BaseModel):
     max_queue: int = 0
     running: int = 0
     waiting: int = 0
+    rejoin: bool = False  # registered before (with this controller, or one that has restarted since)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_worker_address(value)
 
 
 class HeartbeatRequest(BaseModel):
@@ -347,6 +389,8 @@ class WorkerStatus(BaseModel):
 
 class DispatchRequest(BaseModel):
     model: str
+    n: int = Field(1, ge=1)  # sequences one worker must hold for one of the request's prompts
+    sequences: int = Field(1, ge=1)  # sequences of the whole client request (prompts x n)
 
 
 class DispatchResponse(BaseModel):

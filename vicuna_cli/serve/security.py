@@ -1,14 +1,22 @@
 """Who may call what: API keys, a request body limit, CORS, and the shared secret between roles.
 
-The key check and the body limit are plain ASGI middleware (not FastAPI dependencies), so they
-cover every route, including unknown paths, `/metrics` and `/openapi.json`; `/health` stays open
-for load balancers. The web page (`/` and `/static/...`) holds no data and must load in a browser
-before the user can type a key into it, so it is open too; everything it fetches needs the key.
+The key check, the secret check and the body limit are plain ASGI middleware (not FastAPI
+dependencies), so they cover every route, including unknown paths, `/metrics` and `/openapi.json`,
+and they decide from the headers alone, before anything reads the body: a caller without the key
+or secret cannot make a server buffer a huge body. `/health` stays open for load balancers. The web
+page (`/` and `/static/...`) holds no data and must load in a browser before the user can type a
+key into it, so it is open too; everything it fetches needs the key.
+
+A worker proves that it holds the secret before the controller lists its address (and so before
+the API sends it the secret with a request): the controller asks the address for an HMAC of a
+fresh nonce and of the address itself, which only a process holding the secret can compute.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable
@@ -134,13 +142,45 @@ def add_cors(app: Any, origins: list[str]) -> None:
     )
 
 
-def check_secret(headers: Any, secret: str | None) -> None:
-    """Internal routes (worker <-> controller <-> API) demand the shared secret when one is set."""
-    if not secret:
-        return
-    given = headers.get(SECRET_HEADER, "")
-    if not hmac.compare_digest(given.encode(), secret.encode()):
-        raise ServeError(401, "missing or wrong shared secret between vicuna roles", "invalid_secret")
+class SecretMiddleware:
+    """Internal routes (worker <-> controller <-> API) demand the shared secret when one is set;
+    `open_paths` (health, read-only status, the worker's challenge) do not."""
+
+    def __init__(self, app: ASGIApp, secret: str | None, open_paths: tuple[str, ...]):
+        self.app, self.secret, self.open_paths = app, secret, open_paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not self.secret or scope.get("path") in self.open_paths:
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or []).get(SECRET_HEADER.encode(), b"")
+        if hmac.compare_digest(given, self.secret.encode()):
+            return await self.app(scope, receive, send)
+        await send_error(send, ServeError(401, "missing or wrong shared secret between vicuna roles", "invalid_secret"))
+
+
+def guard(app: Any, max_body_bytes: int, secret: str | None = None, open_paths: tuple[str, ...] = OPEN_PATHS) -> None:
+    """The body limit, inside the secret check: an unauthenticated body is never read at all."""
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(SecretMiddleware, secret=secret, open_paths=open_paths)
+
+
+CHALLENGE_PATH = "/challenge"
+
+
+def worker_proof(secret: str, nonce: str, address: str) -> str:
+    """What a worker answers to the controller's challenge: bound to the address, so a proof that
+    one worker gives cannot vouch for another address."""
+    message = f"vicuna-worker-challenge\n{nonce}\n{address}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
 
 
 def secret_headers(secret: str | None) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """A model worker: serves one or more models (backends.py) to the API and keeps itself known to
 the controller.
 
-- Registers on start (retrying while the controller is down), then heartbeats every `heartbeat`
-  seconds with its running/waiting counts; a heartbeat answered `known: false` (a restarted
-  controller) makes it register again.
+- Registers once it listens (retrying while the controller is down; with a shared secret, the
+  controller first has the address answer an HMAC challenge, `GET /challenge`), then heartbeats
+  every `heartbeat` seconds with its running/waiting counts; a heartbeat answered `known: false`
+  (a restarted controller) makes it register again.
 - `POST /generate` answers with JSON lines (protocol.py). Queue-full (429), context overflow (400)
   and unknown model (404) are HTTP errors before the stream starts; a failure after that is an
   error line. While nothing else is sent, a keepalive line goes out every `heartbeat` seconds, so
@@ -20,12 +21,12 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 
 from .backends import Backend
-from .common import AccessLogMiddleware, install_error_handlers, log_json, wait_for_exit
+from .common import AccessLogMiddleware, install_error_handlers, log_json, wait_for_exit, wait_for_start
 from .protocol import GenerateRequest, HeartbeatRequest, RegisterRequest, ServeError
-from .security import check_secret, secret_headers
+from .security import CHALLENGE_PATH, guard, secret_headers, worker_proof
 
 
 class Membership:
@@ -43,6 +44,7 @@ class Membership:
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.client = httpx.AsyncClient(headers=secret_headers(secret), timeout=httpx.Timeout(max(heartbeat, 1.0) * 2))
         self.registered = False
+        self.ever_registered = False  # then a registration is a rejoin (the controller restarted)
         self._warned = False
 
     def counts(self) -> tuple[int, int]:
@@ -57,10 +59,11 @@ class Membership:
         info = RegisterRequest(
             worker_id=self.worker_id, address=self.address, models=[b.model for b in self.backends],
             max_batch_size=self.max_batch_size, max_queue=self.max_queue, running=running, waiting=waiting,
+            rejoin=self.ever_registered,
         )
         response = await self.client.post(f"{self.controller}/register", json=info.model_dump())
         self._check(response)
-        self.registered = True
+        self.registered = self.ever_registered = True
         log_json({"role": "worker", "event": "registered", "controller": self.controller, "worker": self.worker_id})
 
     async def beat(self) -> None:
@@ -74,7 +77,7 @@ class Membership:
 
     def _check(self, response: Any) -> None:
         if response.status_code != 200:
-            raise ServeError.from_body(response.status_code, _json_or_text(response))
+            raise ServeError.from_body(response.status_code, _json_or_text(response), f"the controller {self.controller}")
 
     async def run(self) -> None:
         while True:
@@ -83,8 +86,10 @@ class Membership:
                 self._warned = False
             except Exception as exc:  # controller down or restarting: keep trying, say so once
                 if not self._warned:
-                    log_json({"role": "worker", "event": "controller_unreachable", "controller": self.controller,
-                              "error": f"{type(exc).__name__}: {exc}"})
+                    # 403: the controller could not verify our address (a wrong --advertise or --secret)
+                    refused = isinstance(exc, ServeError) and exc.status == 403
+                    log_json({"role": "worker", "event": "registration_refused" if refused else "controller_unreachable",
+                              "controller": self.controller, "error": f"{type(exc).__name__}: {exc}"})
                     self._warned = True
                 if isinstance(exc, ServeError) and exc.status == 401:
                     self.registered = False
@@ -109,7 +114,7 @@ def _json_or_text(response: Any) -> Any:
 
 
 def create_app(backends: list[Backend], controller: str | None, address: str, secret: str | None = None,
-               heartbeat: float = 2.0, max_batch_size: int = 16, max_queue: int = 256) -> Any:
+               heartbeat: float = 2.0, max_batch_size: int = 16, max_queue: int = 256, max_body_bytes: int = 4 << 20) -> Any:
     from fastapi.responses import StreamingResponse
 
     by_name = {b.model.name: b for b in backends}
@@ -118,7 +123,11 @@ def create_app(backends: list[Backend], controller: str | None, address: str, se
 
     @asynccontextmanager
     async def lifespan(app: Any):
-        beats = asyncio.create_task(membership.run()) if membership is not None else None
+        async def join() -> None:
+            await wait_for_start(app)  # the controller's challenge needs us listening
+            await membership.run()
+
+        beats = asyncio.create_task(join()) if membership is not None else None
 
         async def drain_on_signal() -> None:
             await wait_for_exit(app)
@@ -148,9 +157,13 @@ def create_app(backends: list[Backend], controller: str | None, address: str, se
         running, waiting = membership.counts() if membership else (0, 0)
         return {"status": "draining" if state["draining"] else "ok", "models": list(by_name), "running": running, "waiting": waiting}
 
+    @app.get(CHALLENGE_PATH)
+    async def challenge(nonce: str = Query(min_length=16, max_length=128)) -> dict[str, Any]:
+        """Open: the proof is bound to our own address, so it vouches for nothing else."""
+        return {"proof": worker_proof(secret, nonce, address) if secret else None}
+
     @app.post("/generate")
     async def generate(req: GenerateRequest, request: Request) -> Any:
-        check_secret(request.headers, secret)
         if state["draining"]:
             raise ServeError(503, "this worker is shutting down", "worker_draining")
         backend = by_name.get(req.model)
@@ -160,6 +173,7 @@ def create_app(backends: list[Backend], controller: str | None, address: str, se
         request.state.log.update(model=req.model, request_id=req.request_id, n=req.params.n)
         return StreamingResponse(_lines(generation, heartbeat), media_type="application/x-ndjson")
 
+    guard(app, max_body_bytes, secret, open_paths=("/health", CHALLENGE_PATH))
     app.add_middleware(AccessLogMiddleware, role="worker", quiet_paths=("/health",))
     return app
 
