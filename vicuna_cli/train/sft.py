@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core import console
 from ..core.errors import VicunaError
+from ..core.store import ensure_writable
 from ..core.templates import template_for_model
 from .checkpoint import TrainerState
 from .config import TrainConfig
@@ -62,6 +63,10 @@ def _describe(notes: Counter) -> str:
 
 
 def run_sft(config: TrainConfig) -> SftResult:
+    # A bad -o must fail now, not after the 10+ s of imports and model loading below.
+    if config.output is None:
+        raise VicunaError("no output dir: pass -o RUN_DIR")
+    ensure_writable(config.output.expanduser(), "run")
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -75,8 +80,6 @@ def run_sft(config: TrainConfig) -> SftResult:
 
     started = time.perf_counter()
     return_freed_memory()  # before the model loads: see memory.py (peak RSS 3.76 -> 2.74 GB measured)
-    if config.output is None:
-        raise VicunaError("no output dir: pass -o RUN_DIR")
     run_dir = config.output.expanduser()
     if config.device == "cuda" and not torch.cuda.is_available():
         raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
