@@ -20,6 +20,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from local_http import serving
@@ -48,6 +49,7 @@ class JudgeDouble:
         self.fail: list[tuple[int, dict, dict]] = []  # queued (status, headers, body) replies
         self.reject_schema = False
         self.delay = 0.0
+        self.hold: Callable[[dict], None] | None = None  # called before each reply (may block)
         self.port = 0
 
     @property
@@ -101,6 +103,8 @@ def _handler(state: JudgeDouble):
                 queued = state.fail.pop(0) if state.fail else None
             if state.delay:
                 time.sleep(state.delay)
+            if state.hold:
+                state.hold(body)
             if queued:
                 return self._send(queued[0], queued[2], queued[1])
             if state.reject_schema and "response_format" in body:

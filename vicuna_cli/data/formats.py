@@ -8,17 +8,16 @@ the file; a syntax error is reported with its line, column and byte offset.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 from ..core.errors import VicunaError
+from ..core.store import AtomicFile
 
 INPUT_FORMATS = {
     "sharegpt": 'ShareGPT JSON or JSONL: {"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}]}',
@@ -314,19 +313,16 @@ def output_format(path: Path, requested: str | None) -> str:
 
 
 class RecordWriter:
-    """Streams records to a temp file beside `path`; `commit()` renames it into place.
-
-    Until then the target is untouched, so Ctrl-C or a crash never leaves a partial output.
-    """
+    """Streams records to a temp file beside `path` (core/store.py's AtomicFile); `commit()`
+    renames it into place, so Ctrl-C or a crash never leaves a partial output."""
 
     def __init__(self, path: Path, fmt: str):
         import orjson
 
         self._dumps = orjson.dumps
         self.path, self.fmt, self.count = Path(path), fmt, 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._out = AtomicFile(self.path, "wb", buffering=1 << 20)
+        self._f = self._out.file
         if fmt == "json":
             self._f.write(b"[")
 
@@ -341,12 +337,7 @@ class RecordWriter:
     def commit(self) -> None:
         if self.fmt == "json":
             self._f.write(b"\n]\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        self._out.commit()
 
     def discard(self) -> None:
-        self._f.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.tmp)
+        self._out.discard()

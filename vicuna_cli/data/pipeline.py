@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from pydantic import Field, field_validator
 from ..core import console
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError, unknown_choice
+from ..core.store import ensure_writable, remove_stale_partials
 from .formats import InputFile, Raw, RecordWriter, output_format
 from .report import Progress, Report
 from .steps import StepOptions, known_languages, load_blocklist, process_chunk
@@ -105,50 +107,119 @@ def load_token_counter(model: str, template: Optional[str]):
 
 
 _STATE: dict[str, Any] = {}
+JOIN_SECONDS = 10.0  # how long a worker told to stop may take before it is killed
 
 
-def _init_worker(state: dict[str, Any]) -> None:
+def _worker_main(tasks: Any, results: Any, state: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     _STATE.update(state)
+    while (item := tasks.get()) is not None:
+        fn, task = item
+        try:
+            reply: tuple[bool, Any] = (True, fn(task))
+        except BaseException as exc:  # re-raised in the parent, as Pool does
+            reply = (False, exc)
+        try:
+            results.send(reply)
+        except Exception as exc:  # an exception (or result) that does not pickle
+            results.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+def _died(proc: Any) -> VicunaError:
+    code = proc.exitcode
+    how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
+    return VicunaError(f"a cleaning worker process (pid {proc.pid}) {how} before returning its chunk",
+                       hint="if the system ran out of memory, use fewer workers (-j); -j 1 runs in one process")
 
 
 class OrderedPool:
     """`map(fn, tasks)` yields fn(task) in task order, with at most 2 tasks per worker in flight.
 
-    multiprocessing's own imap would read the whole task iterable ahead of the workers, so
-    memory would grow with the input. With one worker everything runs in this process.
-    Create it before any progress thread starts: workers are forked where fork exists.
+    Each worker has its own task queue and result pipe, and tasks go round-robin, so results are
+    read back in order and memory stays flat however long the input. Nothing is shared between
+    workers: multiprocessing.Pool shares one task queue whose lock a dying worker can take with
+    it, and its terminate() then waits on that lock forever (issue #18: `data clean` hung on
+    invalid JSON in 6 of 35 runs). A dead worker is noticed through its sentinel and reported;
+    shutdown after an error kills the workers and joins them with a bound.
+    With one worker everything runs in this process. Create it before any progress thread
+    starts: workers are forked where fork exists.
     """
 
     def __init__(self, workers: int, state: dict[str, Any]):
         self.workers = workers
-        self._pool = None
-        if workers > 1:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state,))
-        else:
+        self._procs: list[Any] = []
+        self._tasks: list[Any] = []
+        self._results: list[Any] = []
+        if workers <= 1:
             _STATE.update(state)
+            return
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        try:
+            for _ in range(workers):
+                tasks, (reader, writer) = ctx.Queue(), ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker_main, args=(tasks, writer, state), daemon=True)
+                self._tasks.append(tasks)
+                self._results.append(reader)
+                self._procs.append(proc)
+                proc.start()
+                writer.close()  # only the worker writes: its death then reads as EOF here
+        except BaseException:
+            self._stop(graceful=False)
+            raise
 
     def map(self, fn: Callable[[Any], Any], tasks: Iterable[Any]) -> Iterator[Any]:
-        if self._pool is None:
+        if not self._procs:
             yield from map(fn, tasks)
             return
-        pending: deque = deque()
-        for task in tasks:
-            pending.append(self._pool.apply_async(fn, (task,)))
-            while len(pending) > 2 * self.workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        in_flight: deque[int] = deque()  # the worker of each task sent, in task order
+        for n, task in enumerate(tasks):
+            worker = n % self.workers
+            self._tasks[worker].put((fn, task))
+            in_flight.append(worker)
+            while len(in_flight) > 2 * self.workers:
+                yield self._result(in_flight.popleft())
+        while in_flight:
+            yield self._result(in_flight.popleft())
+
+    def _result(self, worker: int) -> Any:
+        conn, proc = self._results[worker], self._procs[worker]
+        multiprocessing.connection.wait([conn, proc.sentinel])
+        if not conn.poll():
+            raise _died(proc)
+        try:
+            ok, value = conn.recv()
+        except (EOFError, OSError):
+            raise _died(proc) from None
+        if not ok:
+            raise value
+        return value
+
+    def _stop(self, graceful: bool) -> None:
+        for tasks in self._tasks:
+            if graceful:
+                tasks.put(None)
+        for proc in self._procs:
+            if not graceful and proc.pid is not None:
+                proc.kill()
+        for proc in self._procs:
+            if proc.pid is None:
+                continue
+            proc.join(JOIN_SECONDS)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(JOIN_SECONDS)
+        for tasks in self._tasks:
+            tasks.cancel_join_thread()  # undelivered tasks of killed workers must not block exit
+            tasks.close()
+        for conn in self._results:
+            conn.close()
 
     def __enter__(self) -> "OrderedPool":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self._stop(graceful=exc_type is None)
         _STATE.clear()
 
 
@@ -198,6 +269,10 @@ def clean(config: CleanConfig) -> Report:
     started = time.monotonic()
     fmt = output_format(config.output, config.format)
     check_output(config.output, config.overwrite, config.inputs)
+    ensure_writable(config.output.parent)  # before the tokenizer loads and the input is read
+    if config.report:
+        ensure_writable(config.report.parent, "report")
+    remove_stale_partials(config.output, console.info)
     langs: tuple[str, ...] = ()
     if config.lang:
         langs = tuple(config.lang.split(","))

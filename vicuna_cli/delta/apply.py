@@ -32,7 +32,7 @@ from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 from ..core.models import resolve
-from ..core.store import atomic_dir, human_size
+from ..core.store import atomic_dir, ensure_writable, human_size
 from .check import sha256_file, verify
 from .lora import plan_adapter, read_adapter_config, resolve_adapter
 from .plan import DTYPES, VOCAB_TENSOR, Step, Tally, compute, plan_arithmetic, plan_merge
@@ -127,6 +127,7 @@ def run(config: DeltaConfig) -> DeltaResult:
     if output.exists() and not config.overwrite:
         raise VicunaError(f"{output} already exists",
                           hint="pass --overwrite to replace it (the old one stays until the new one is complete)")
+    ensure_writable(output.parent)  # before the weights are read
     base_dir = resolve(config.base).path
     base = WeightSource(base_dir, "base")
     job = _plan(config, base, base_dir)

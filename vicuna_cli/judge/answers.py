@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..core.console import info, warn
 from ..core.errors import VicunaError
-from ..core.store import atomic_write_text
+from ..core.store import atomic_write_text, exclusive
 from .pool import run_pool
 from .questions import Question, answer_turns, read_jsonl
 
@@ -44,6 +44,11 @@ class AnswerSettings:
 def safe_name(name: str) -> str:
     """A model or judge id as a file name (ids like 'org/model:tag' keep their readable parts)."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "model"
+
+
+def lock_file(path: Path) -> Path:
+    """The lock a run holds while it appends to and then rewrites `path`."""
+    return path.parent / f".{path.name}.lock"
 
 
 def answer_file(out_dir: Path, model_id: str) -> Path:
@@ -156,21 +161,21 @@ def generate_answers(
         info(f"{path}: {skipped} of {len(questions)} questions already answered, skipped")
     concurrency = min(settings.concurrency, answerer.concurrency_limit or settings.concurrency)
     done = 0
-    with path.open("a", encoding="utf-8") as out:
+    # Locked like the judgment files (judging.py): the closing rewrite must not race another
+    # run's appends.
+    with exclusive(lock_file(path), str(path), info):
+        with path.open("a", encoding="utf-8") as out:
 
-        def on_result(question: Question, turns: list[str]) -> None:
-            nonlocal done
-            out.write(json.dumps(record(question, model_id, turns), ensure_ascii=False) + "\n")
-            out.flush()
-            done += 1
-            if progress:
-                progress(done, len(todo))
+            def on_result(question: Question, turns: list[str]) -> None:
+                nonlocal done
+                out.write(json.dumps(record(question, model_id, turns), ensure_ascii=False) + "\n")
+                out.flush()
+                done += 1
+                if progress:
+                    progress(done, len(todo))
 
-        try:
             run_pool(todo, lambda q: answerer.answer(q, settings), concurrency, on_result)
-        finally:
-            out.flush()
-    if not path.stat().st_size:
-        raise VicunaError(f"no answers were written to {path}")
-    _dedupe_sorted(path)
+        if not path.stat().st_size:
+            raise VicunaError(f"no answers were written to {path}")
+        _dedupe_sorted(path)
     return path, done, skipped

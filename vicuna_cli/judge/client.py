@@ -15,6 +15,7 @@ The `openai` client's own retries are off (max_retries=0) so that every call is 
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -24,9 +25,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..core.errors import VicunaError
+from ..core.store import ensure_writable
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 CACHE_FILE = "judge_cache.sqlite"
@@ -63,10 +65,10 @@ class Cache:
 
     def __init__(self, path: Path):
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable(path.parent, "judge cache")
         self.path = path
         self._lock = threading.Lock()
-        try:
+        with self._guard():
             self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
@@ -75,18 +77,26 @@ class Cache:
             )
             self._db.execute("CREATE TABLE IF NOT EXISTS capabilities (name TEXT PRIMARY KEY, value TEXT)")
             self._db.commit()
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A damaged file shows up at any query (a corrupt page is read only when needed), so every
+        access turns sqlite's error into one the user can act on. Called with self._lock held."""
+        try:
+            yield
         except sqlite3.DatabaseError as exc:
-            raise VicunaError(f"the judge cache {path} is not usable: {exc}", hint="delete it to start afresh") from exc
+            raise VicunaError(f"the judge cache {self.path} is not usable: {exc}",
+                              hint=f"delete it ({self.path}) to start afresh; the judge calls it saved are then made again") from exc
 
     def get(self, key: str) -> Reply | None:
-        with self._lock:
+        with self._lock, self._guard():
             row = self._db.execute(
                 "SELECT text, prompt_tokens, completion_tokens FROM replies WHERE key = ?", (key,)
             ).fetchone()
         return Reply(row[0], row[1], row[2], cached=True) if row else None
 
     def put(self, key: str, model: str, reply: Reply) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             self._db.execute(
                 "INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
                 (key, model, reply.text, reply.prompt_tokens, reply.completion_tokens, time.time()),
@@ -94,17 +104,17 @@ class Cache:
             self._db.commit()
 
     def capability(self, name: str) -> str | None:
-        with self._lock:
+        with self._lock, self._guard():
             row = self._db.execute("SELECT value FROM capabilities WHERE name = ?", (name,)).fetchone()
         return row[0] if row else None
 
     def set_capability(self, name: str, value: str) -> None:
-        with self._lock:
+        with self._lock, self._guard():
             self._db.execute("INSERT OR REPLACE INTO capabilities VALUES (?, ?)", (name, value))
             self._db.commit()
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._guard():
             return int(self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0])
 
     def close(self) -> None:

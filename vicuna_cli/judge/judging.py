@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from ..core.console import warn
 from ..core.errors import VicunaError
-from ..core.store import atomic_write_text
-from .answers import answer_file, available_models, load_answers, safe_name
+from ..core.store import atomic_write_text, exclusive
+from .answers import answer_file, available_models, load_answers, lock_file, safe_name
 from .client import ApiClient, BudgetReached, Sampling
 from .pool import run_pool
 from .prompts import REPAIR, JudgePrompt, pair_prompt, single_prompt
@@ -176,11 +176,17 @@ def judge_game(client: ApiClient, prompt: JudgePrompt, sampling: Sampling, parse
 
 class JudgmentWriter:
     """Appends each record as it is made; at the end rewrites the file with one record per game
-    (a re-run replaces its own earlier records and keeps everything else, e.g. other models)."""
+    (a re-run replaces its own earlier records and keeps everything else, e.g. other models).
+
+    The file is locked from open to rewrite: a second run on the same file waits (saying for
+    whom), since its rewrite would otherwise replace the file while the first run appends to it,
+    and those appends would be lost (issue #18: two runs, "6 judgments written" each, 11 rows).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = exclusive(lock_file(self.path), str(self.path), warn)
+        self._lock.__enter__()
         self._out = self.path.open("a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -188,12 +194,15 @@ class JudgmentWriter:
         self._out.flush()
 
     def close(self) -> None:
-        self._out.close()
-        rows: dict[tuple, dict[str, Any]] = {}
-        for row in read_jsonl(self.path):
-            models = (row.get("model"),) if "model" in row else (row.get("model_1"), row.get("model_2"))
-            rows[(str(row.get("judge", ["?"])[0]), str(row.get("question_id")), models, row.get("turn", 1))] = row
-        atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()))
+        try:
+            self._out.close()
+            rows: dict[tuple, dict[str, Any]] = {}
+            for row in read_jsonl(self.path):
+                models = (row.get("model"),) if "model" in row else (row.get("model_1"), row.get("model_2"))
+                rows[(str(row.get("judge", ["?"])[0]), str(row.get("question_id")), models, row.get("turn", 1))] = row
+            atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()))
+        finally:
+            self._lock.__exit__(None, None, None)
 
 
 def single_record(game: Game, judge_model: str, o: Outcome) -> dict[str, Any]:

@@ -1,12 +1,20 @@
 """Preemption-proof checkpoints under RUN_DIR/checkpoints/.
 
 A checkpoint is written into a temp dir (`.step-000120.partial`) by every process (accelerate's
-`save_state`: model, optimizer, RNG states of each rank; the LR scheduler is registered with it)
-plus `trainer_state.json` (the data position). The main process then writes `COMPLETE.json` —
+`save_state`: model, optimizer, RNG states of each rank) plus `trainer_state.json` (the data
+position) and `scheduler.json` (the LR schedule). The main process then writes `COMPLETE.json` —
 every file with its size — last, and renames the dir into place. A dir without the marker, or
 whose files do not match it, is incomplete or corrupt: `--resume auto` warns and takes the
 previous one. Object stores mounted as folders "rename" by copying, which is why the marker lists
 the files instead of trusting the rename alone.
+
+A run dir may sit on a shared bucket, so loading a checkpoint must never run code from it.
+accelerate unpickles the state of objects registered with `register_for_checkpointing`
+(`custom_checkpoint_*.pkl`) with `weights_only=False`: a crafted pickle there ran its code on
+resume (issue #18). So nothing is registered (the scheduler's state is JSON), a checkpoint holding
+such a file is refused, and everything else accelerate loads goes through `weights_only=True`.
+accelerate also ignores RNG states it cannot read, which would make the "exact" resume silently
+inexact: they are read here first, and a checkpoint whose RNG state does not load is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ from ..core.store import atomic_write_text
 
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
+SCHEDULER = "scheduler.json"
 _NAME = re.compile(r"^step-(\d+)$")
+_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # accelerate's name, see the module docstring
+RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
 
 
 @dataclass
@@ -44,7 +55,7 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save(accelerator: Any, run_dir: Path, state: TrainerState, keep: int) -> Path:
+def save(accelerator: Any, scheduler: Any, run_dir: Path, state: TrainerState, keep: int) -> Path:
     """Write checkpoint `step-N` atomically (collective: every process calls it)."""
     root = checkpoints_dir(run_dir)
     final = root / f"step-{state.global_step:06d}"
@@ -57,6 +68,7 @@ def save(accelerator: Any, run_dir: Path, state: TrainerState, keep: int) -> Pat
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE, json.dumps(asdict(state), indent=1) + "\n")
+        atomic_write_text(tmp / SCHEDULER, json.dumps(scheduler.state_dict(), indent=1) + "\n")
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)
         atomic_write_text(tmp / MARKER, json.dumps({"step": state.global_step, "files": files}, indent=1) + "\n")
@@ -121,28 +133,56 @@ def newest_complete(run_dir: Path) -> list[Path]:
     return usable
 
 
-def load(accelerator: Any, checkpoint: Path) -> TrainerState:
-    """Restore everything `save` wrote; raises VicunaError when the files do not load."""
+def load(accelerator: Any, scheduler: Any, checkpoint: Path) -> TrainerState:
+    """Restore everything `save` wrote; raises VicunaError when the files do not load or the
+    checkpoint holds a part that could run code."""
+    unsafe = sorted(p.name for p in checkpoint.iterdir() if _CUSTOM.match(p.name))
+    if unsafe:
+        raise VicunaError(f"checkpoint {checkpoint} holds {', '.join(unsafe)}, a pickle vicuna never writes "
+                          "and does not load (unpickling it could run code)",
+                          hint="resume from another checkpoint, or delete that file if you wrote it yourself")
     try:
         state = TrainerState(**json.loads((checkpoint / STATE).read_text()))
-        accelerator.load_state(str(checkpoint))
+        schedule = json.loads((checkpoint / SCHEDULER).read_text())
+        _check_rng_state(checkpoint / f"random_states_{accelerator.process_index}.pkl")
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+        scheduler.load_state_dict(schedule)
+    except VicunaError:
+        raise
     except Exception as exc:  # torch, safetensors and pickle each raise their own types
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
         raise VicunaError(f"checkpoint {checkpoint} does not load: {first}") from exc
     return state
 
 
-def resume(accelerator: Any, run_dir: Path, how: str) -> tuple[TrainerState, Path | None]:
+def _check_rng_state(path: Path) -> None:
+    """accelerate skips an unreadable RNG state with an info-level log line; the resumed run would
+    then draw other random numbers than the uninterrupted one. Read it the way accelerate will."""
+    from accelerate.utils import load as accelerate_load
+
+    try:
+        states = accelerate_load(path, weights_only=True)
+        missing = [key for key in RNG_KEYS if key not in states]
+    except Exception as exc:
+        reason = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
+    else:
+        if not missing:
+            return
+        reason = f"no {', '.join(missing)}"
+    raise VicunaError(f"the RNG state {path} does not load ({reason}): resuming from it would not be exact")
+
+
+def resume(accelerator: Any, scheduler: Any, run_dir: Path, how: str) -> tuple[TrainerState, Path | None]:
     """`how` is "auto" (newest complete checkpoint, else a fresh start) or a checkpoint dir."""
     if how != "auto":
         path = Path(how).expanduser()
         why = problem(path) if path.is_dir() else "not a directory"
         if why:
             raise VicunaError(f"cannot resume from {path}: {why}", hint="use --resume auto to take the newest complete one")
-        return load(accelerator, path), path
+        return load(accelerator, scheduler, path), path
     for checkpoint in newest_complete(run_dir):
         try:
-            return load(accelerator, checkpoint), checkpoint
+            return load(accelerator, scheduler, checkpoint), checkpoint
         except VicunaError as exc:
             console.warn(f"skipping checkpoint {checkpoint}: {exc.message}")
     if accelerator.is_main_process:

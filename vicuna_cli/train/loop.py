@@ -146,13 +146,13 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 timed = bool(spec.save_every_minutes and time.monotonic() - last_save >= spec.save_every_minutes * 60)
                 stop, timed = _agree(accelerator, bool(signals.received), timed)
                 if due or timed or stop:
-                    path = checkpoint.save(accelerator, run_dir, state, spec.keep_checkpoints)
+                    path = checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints)
                     last_save = time.monotonic()
                     if stop:
                         raise Stop(state.global_step, path, signals.received or "SIGTERM")
             checkpointing = spec.save_every or spec.save_every_minutes
             if checkpointing and not (checkpoint.checkpoints_dir(run_dir) / f"step-{state.global_step:06d}").is_dir():
-                checkpoint.save(accelerator, run_dir, state, spec.keep_checkpoints)
+                checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints)
     finally:
         progress.close()
     return state

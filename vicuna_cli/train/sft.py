@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core import console
 from ..core.errors import VicunaError
+from ..core.store import ensure_writable
 from ..core.templates import template_for_model
 from .checkpoint import TrainerState
 from .config import TrainConfig
@@ -62,6 +63,10 @@ def _describe(notes: Counter) -> str:
 
 
 def run_sft(config: TrainConfig) -> SftResult:
+    # A bad -o must fail now, not after the 10+ s of imports and model loading below.
+    if config.output is None:
+        raise VicunaError("no output dir: pass -o RUN_DIR")
+    ensure_writable(config.output.expanduser(), "run")
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -75,8 +80,6 @@ def run_sft(config: TrainConfig) -> SftResult:
 
     started = time.perf_counter()
     return_freed_memory()  # before the model loads: see memory.py (peak RSS 3.76 -> 2.74 GB measured)
-    if config.output is None:
-        raise VicunaError("no output dir: pass -o RUN_DIR")
     run_dir = config.output.expanduser()
     if config.device == "cuda" and not torch.cuda.is_available():
         raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
@@ -116,7 +119,8 @@ def run_sft(config: TrainConfig) -> SftResult:
     schedule = {"constant": "constant_with_warmup"}.get(config.lr_schedule, config.lr_schedule)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
     # The scheduler is stepped by the loop once per optimizer step (accelerate would step a
-    # prepared one once per process), and saved with the checkpoints.
+    # prepared one once per process); checkpoint.py saves it as JSON (never registered with
+    # accelerate, whose custom states load as unrestricted pickles).
     if accelerator.state.deepspeed_plugin is not None:
         # No dataloader goes through prepare(): tell DeepSpeed what one micro-batch is (one packed
         # row or --micro-batch-size sequences); the loop itself marks accumulation boundaries.
@@ -124,10 +128,9 @@ def run_sft(config: TrainConfig) -> SftResult:
         ds_config["train_micro_batch_size_per_gpu"] = 1 if config.packing else config.micro_batch_size
     module, optimizer = accelerator.prepare(module, optimizer)
     kernel_ops, kernel_note = apply_kernels(accelerator.unwrap_model(module).model, config.kernels)
-    accelerator.register_for_checkpointing(scheduler)
     state, resumed_from = TrainerState(), None
     if config.resume:
-        state, resumed_from = checkpoint.resume(accelerator, run_dir, config.resume)
+        state, resumed_from = checkpoint.resume(accelerator, scheduler, run_dir, config.resume)
     _log_plan(config, setup, samples, eval_samples, notes, template_name, total, accelerator, resumed_from, state,
               kernel_note, spec)
     if main:
