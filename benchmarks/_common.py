@@ -183,3 +183,71 @@ class ForeignCpu:
         system = (_cpu_times(self.count_iowait)[0] - self._busy) / hz
         ncpu = os.cpu_count() or 1
         self.fraction = max(0.0, (system - own) / (wall * ncpu))
+
+
+def proc_stats() -> dict[int, list[str]]:
+    """Every process's /proc/PID/stat fields after the command name: [0] state, [1] ppid,
+    [11] utime, [12] stime (clock ticks)."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            stats[int(entry.name)] = stat[stat.rindex(")") + 2:].split()
+    return stats
+
+
+def descendants(roots: Iterable[int], stats: dict[int, list[str]] | None = None) -> set[int]:
+    """`roots` and all their descendants (from /proc)."""
+    parents = {pid: int(fields[1]) for pid, fields in (stats if stats is not None else proc_stats()).items()}
+    tree = set(roots)
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def find_process(root: int, *words: str) -> int | None:
+    """The first of `root`'s descendants whose command line has all of `words` as arguments."""
+    for pid in sorted(descendants([root])):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(word in argv for word in words):
+            return pid
+    return None
+
+
+class PeakRss:
+    """One process's resident memory, and its peak since the last `reset`: writing 5 to
+    /proc/PID/clear_refs resets the kernel's high-water mark (VmHWM), so the peak of each level of
+    a benchmark is its own and not the process's lifetime peak. Linux only; None elsewhere."""
+
+    def __init__(self, pid: int | None):
+        self.pid = pid
+
+    def reset(self) -> bool:
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+            return True
+        except (OSError, TypeError):
+            return False
+
+    def read(self) -> dict[str, float | None]:
+        """{"peak_rss_mb", "rss_mb"} (MiB), None when unknown."""
+        found: dict[str, float | None] = {"peak_rss_mb": None, "rss_mb": None}
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                key = {"VmHWM:": "peak_rss_mb", "VmRSS:": "rss_mb"}.get(line.split()[0] if line else "")
+                if key:
+                    found[key] = int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return found

@@ -28,7 +28,8 @@ sent to both. Neither server has an ignore_eos option, so outputs can end early 
 tokens are counted from the server's `usage` when it streams one (vicuna), else by re-tokenising
 the streamed text with the model's tokenizer (FastChat streams no usage).
 
-Levels run one after another; within a level the targets alternate (the order flips every level),
+For vicuna started here, the worker's peak RSS during each level is reported (the kernel's
+high-water mark, reset at the start of the level). Levels run one after another; within a level the targets alternate (the order flips every level),
 except at concurrency 1, where they take turns request by request (see run_level).
 The machine is shared: for every (level, target) the script records the load average and the share
 of CPU time that processes other than this script and the target's process tree took
@@ -58,7 +59,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_MODEL, _cpu_times, loadavg, machine_info, markdown_table, print_machine, write_results  # noqa: E402
+from _common import (DEFAULT_MODEL, PeakRss, _cpu_times, descendants, find_process, loadavg, machine_info,  # noqa: E402
+                     markdown_table, print_machine, proc_stats, write_results)
 from fastchat_serve import FastChatStack, free_port, get_json, stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,27 +192,9 @@ class ProcessTreeCpu:
         self.roots = roots
 
     def seconds(self) -> float:
-        parents: dict[int, int] = {}
-        times: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            parents[int(entry.name)] = int(fields[1])
-            times[int(entry.name)] = int(fields[11]) + int(fields[12])  # utime + stime
-        tree = set(self.roots)
-        grew = True
-        while grew:
-            grew = False
-            for pid, ppid in parents.items():
-                if ppid in tree and pid not in tree:
-                    tree.add(pid)
-                    grew = True
-        return sum(times.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
+        stats = proc_stats()
+        tree = descendants(self.roots, stats)
+        return sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in tree if pid in stats) / os.sysconf("SC_CLK_TCK")
 
 
 class Load:
@@ -337,6 +321,10 @@ class VicunaServer:
             raise
         return HttpTarget("vicuna", f"http://127.0.0.1:{self.port}", self.model, [self.proc.pid])
 
+    def worker_memory(self) -> PeakRss:
+        """The (first) worker process's memory: it holds the model and the KV cache."""
+        return PeakRss(find_process(self.proc.pid, "serve", "worker") if self.proc else None)
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc, grace=30.0)
@@ -420,7 +408,7 @@ def fmt(x: float, digits: int = 0) -> str:
 
 def print_level(concurrency: int, rows: dict[str, dict]) -> None:
     header = ["target", "ok/failed", "s", "req/s", "out tok/s", "out tok/req", "TTFT mean/p50/p99 ms",
-              "TPOT mean/p50/p99 ms", "ITL mean/p50/p99 ms", "E2EL p50/p99 ms", "foreign CPU", "load"]
+              "TPOT mean/p50/p99 ms", "ITL mean/p50/p99 ms", "E2EL p50/p99 ms", "worker peak RSS MB", "foreign CPU", "load"]
     table = []
     for name, m in rows.items():
         t, tp, itl, e = m["ttft_ms"], m["tpot_ms"], m["itl_ms"], m["e2el_ms"]
@@ -430,7 +418,8 @@ def print_level(concurrency: int, rows: dict[str, dict]) -> None:
             f"{fmt(t['mean'])} / {fmt(t['median'])} / {fmt(t['p99'])}",
             f"{fmt(tp['mean'], 1)} / {fmt(tp['median'], 1)} / {fmt(tp['p99'], 1)}",
             f"{fmt(itl['mean'], 1)} / {fmt(itl['median'], 1)} / {fmt(itl['p99'], 1)}",
-            f"{fmt(e['median'])} / {fmt(e['p99'])}", f"{m['foreign']:.0%}", m["load_before"].split()[0],
+            f"{fmt(e['median'])} / {fmt(e['p99'])}", fmt(m.get("worker_peak_rss_mb") or float("nan")),
+            f"{m['foreign']:.0%}", m["load_before"].split()[0],
         ])
     print(f"\n### concurrency {concurrency}\n")
     print(markdown_table(header, table), flush=True)
@@ -547,6 +536,7 @@ def main() -> None:
     prompt_check = "not checked"
     started: list[Any] = []
     targets: dict[str, Any] = {}
+    worker_memory: PeakRss | None = None  # vicuna's worker, when this script started it
     try:
         if "fastchat" in args.targets:
             if args.fastchat_url:
@@ -565,6 +555,7 @@ def main() -> None:
                 server = VicunaServer(args.model, args.log_dir, args.vicuna_arg, args.start_timeout, thread_env)
                 started.append(server)
                 targets["vicuna"] = server.start()
+                worker_memory = server.worker_memory()
         if "direct" in args.targets:
             targets["direct"] = DirectTarget(args.model)
         print(f"prompt template {TEMPLATE}: FastChat vs vicuna render {prompt_check}; {len(pool)} prompts; "
@@ -577,6 +568,7 @@ def main() -> None:
         for index, c in enumerate(args.concurrency):
             levels[c] = {}
             names = [n for n in (order if index % 2 == 0 else order[::-1]) if n != "direct" or c == 1]
+            measured_memory = worker_memory is not None and "vicuna" in names and worker_memory.reset()
             runs = run_level({n: targets[n] for n in names}, c, per_level[c], args)
             for name in names:
                 prompts = per_level[c]
@@ -584,6 +576,9 @@ def main() -> None:
                 count_tokens(results, tokenizer, prompts, template)
                 m = metrics(results, duration)
                 m.update(foreign=foreign, load_before=load_before, load_after=load_after)
+                if name == "vicuna" and measured_memory:
+                    memory = worker_memory.read()
+                    m.update(worker_peak_rss_mb=memory["peak_rss_mb"], worker_rss_after_mb=memory["rss_mb"])
                 if foreign > args.max_foreign:
                     print(f"warning: other processes took {foreign:.0%} of the CPUs during {name} at c={c}")
                 levels[c][name] = m

@@ -197,8 +197,8 @@ def test_an_error_inside_a_step_fails_only_the_affected_requests(sp_native, monk
     engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length)
     real_prefill = engine.runner.prefill
 
-    def flaky_prefill(slot, chunk, start):  # the second request (slot 1) breaks the model
-        if slot == 1:
+    def flaky_prefill(slot, chunk, start):  # the second request breaks the model
+        if slot == bad.slot:
             raise RuntimeError("boom in prefill")
         return real_prefill(slot, chunk, start)
 

@@ -9,13 +9,21 @@
 Each `step()` (the thread loops over it; tests call it directly):
   1. finishes cancelled requests (their slot is free at once);
   2. admits waiting requests while slots are free (FIFO);
-  3. prefills: the next `prefill_chunk`-token chunk of every admitted prompt, all in one ragged
-     forward (native models: the weights are read once for all of them, which is what a CPU
-     prefill of a short prompt is bound by), until `prefill_chunk` tokens were processed in this
-     step (so a long prompt does not stall the running streams for long). Chunk boundaries
-     depend only on the prompt (and on what the prefix cache supplied), so a request's output
-     does not depend on what else is in the batch;
+  3. prefills chunks of the admitted prompts in one ragged forward (native models: the weights
+     are read once for all of them, which is what a CPU prefill of a short prompt is bound by),
+     within a per-step budget of `prefill_chunk` tokens that the decoding rows come out of first.
+     Shortest remaining prompt first: a short prompt that arrives while a long one is being
+     prefilled is prefilled in the next step, and the long prompt's chunk waits when it does not
+     fit beside it (a chunk that ends its prompt may overshoot the budget; the first chunk of a
+     step always goes, so every prompt progresses). A chunk's cost grows with the keys its
+     attention reads, so chunks get shorter deep into a prompt (see `chunk_length`): a step
+     costs about the same at position 8,000 as at 0, and the running streams keep decoding
+     every step. Chunk boundaries depend only on the prompt (and on what the prefix cache
+     supplied), so a request's output does not depend on what else is in the batch;
   4. decodes one token for every running request in one batched forward.
+
+When the last sequence that needed a long KV cache leaves, the cache shrinks back and the freed
+heap is handed back to the OS (`SlotKVCache.shrink`, `trim_heap`).
 
 On the native Llama model (core/native_llama.py) a decode step is one forward over all rows,
 each at its own position in its own slot of a preallocated KV cache. Other models (transformers'
@@ -30,7 +38,6 @@ Sampling, detokenizing, stop strings and stats are per request and shared with t
 from __future__ import annotations
 
 import asyncio
-import heapq
 import threading
 import time
 import uuid
@@ -57,6 +64,38 @@ from .sampling import RequestSampler, top_logprobs
 __all__ = ["BatchEngine", "BatchRequest", "QueueFull", "EngineStopped", "TokenEvent", "TokenLogprob"]
 
 DEFAULT_PREFILL_CHUNK = 256
+# A prefill chunk's cost in "tokens at position 0": n tokens from position p cost about
+# n * (1 + p / PREFILL_DEPTH_SCALE), the second term being attention over the p cached keys
+# (SmolLM2-135M on this CPU: a 256-token chunk took ~0.35 s at position 0 and several seconds at
+# 7,900, where a 32-token one took ~0.25 s; the attention scores of a chunk are n x (p + n)).
+PREFILL_DEPTH_SCALE = 1024
+MIN_PREFILL_CHUNK = 32  # below this, reading the weights once per chunk dominates
+
+
+def chunk_length(prefill_chunk: int, position: int) -> int:
+    """The length of the prefill chunk that starts at `position`: about `prefill_chunk` tokens'
+    cost. A function of the position only, so a prompt's chunk boundaries do not depend on the
+    batch (batched output equals batch-1 output)."""
+    scaled = prefill_chunk * PREFILL_DEPTH_SCALE // (PREFILL_DEPTH_SCALE + position)
+    return max(min(prefill_chunk, MIN_PREFILL_CHUNK), scaled)
+
+
+def chunk_cost(length: int, position: int) -> float:
+    return length * (PREFILL_DEPTH_SCALE + position + length / 2) / PREFILL_DEPTH_SCALE
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing): the
+    activations of a long prefill are freed into malloc's heap, which otherwise keeps them."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class QueueFull(VicunaError):
@@ -94,6 +133,7 @@ class BatchRequest:
         self.slot: int | None = None
         self.prefilled = 0  # prompt tokens in the KV cache
         self.pending: int | None = None  # the last sampled token, fed at the next decode step
+        self.passed_over = False  # prefilling, and no chunk of it went in the last step
         self.budget = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
         self.stop_ids = engine.stop_token_ids | set(params.stop_token_ids)
         self.sampler = RequestSampler(params, prompt_ids, engine.device)
@@ -213,9 +253,14 @@ class NativeRunner:
 
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
+        if self.cache.shrink():
+            trim_heap()
 
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
+
+    def swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b)
 
 
 class SequentialRunner:
@@ -309,7 +354,7 @@ class BatchEngine:
         self._pieces: TokenPieces | None = None
         self._waiting: deque[BatchRequest] = deque()
         self._running: list[BatchRequest] = []  # admitted: prefilling or decoding
-        self._free_slots = list(range(max_batch_size))  # a heap: the lowest free slot first
+        self._free_slots = set(range(max_batch_size))
         self._lock = threading.Lock()  # guards _waiting and _accepting (submit is thread-safe)
         self._step_lock = threading.Lock()  # one step at a time
         self._wake = threading.Event()
@@ -384,9 +429,9 @@ class BatchEngine:
         with self._step_lock, torch.inference_mode():
             try:
                 busy = self._reap()
-                self._compact()
                 self._admit()
                 busy |= self._prefill()
+                self._compact()  # after the prefill: the prompts it finished decode in this step
                 busy |= self._decode()
                 return busy or bool(self._running)
             except Exception as exc:  # a bug in the scheduler itself: fail everyone, keep running
@@ -424,29 +469,38 @@ class BatchEngine:
         return bool(cancelled)
 
     def _compact(self) -> None:
-        """Keep the running sequences in the lowest slots. A decode step's rows are then one slice
+        """Keep the decoding sequences in the lowest slots. A decode step's rows are then one slice
         of the KV cache (a view); rows with a gap between them are gathered, which copies every
-        row's keys and values in every layer at every step. A move copies one sequence once."""
+        row's keys and values in every layer at every step. A move copies one sequence once.
+        Prompts are admitted to the highest free slots, so a decoding sequence usually moves
+        into a free slot; when a prompt still being prefilled holds the slot (shortest prompt
+        first: a later, shorter prompt finishes its prefill first), the two swap."""
         if not self.batched:
             return
-        n = len(self._running)
-        holes = sorted(set(range(n)) - {r.slot for r in self._running})
-        if not holes:
+        decoding = [r for r in self._running if r.prefilled >= len(r.prompt_ids)]
+        misplaced = sorted((r for r in decoding if r.slot >= len(decoding)), key=lambda r: r.slot)
+        if not misplaced:
             return
-        # Decoding sequences take the lowest holes, so that one still prefilling (not in the
-        # decode rows yet) does not split the rows.
-        movers = sorted((r for r in self._running if r.slot >= n), key=lambda r: (r.prefilled < len(r.prompt_ids), r.slot))
-        for request, hole in zip(movers, holes):
-            self.runner.move(request.slot, hole)
-            request.slot = hole
-        self._free_slots = list(range(n, self.max_batch_size))  # sorted: a valid heap
+        owner = {r.slot: r for r in self._running}
+        targets = [s for s in range(len(decoding)) if s not in owner or owner[s].prefilled < len(owner[s].prompt_ids)]
+        for request, target in zip(misplaced, targets):
+            source, prefilling = request.slot, owner.get(target)
+            if prefilling is None:
+                self.runner.move(source, target)
+                self._free_slots.remove(target)
+                self._free_slots.add(source)
+            else:
+                self.runner.swap(source, target)
+                prefilling.slot = source
+            request.slot = target
 
     def _admit(self) -> None:
         admitted = []
         with self._lock:
             while self._waiting and self._free_slots:
                 request = self._waiting.popleft()
-                request.slot = heapq.heappop(self._free_slots)
+                request.slot = max(self._free_slots)  # prompts start high, out of the decoding rows' way
+                self._free_slots.remove(request.slot)
                 request.stats.queue_time = time.perf_counter() - request._arrival
                 self._running.append(request)
                 admitted.append(request)
@@ -459,22 +513,29 @@ class BatchEngine:
             request.stats.cached_tokens = request.prefilled
 
     def _prefill(self) -> bool:
-        """Up to `prefill_chunk` prompt tokens per step: the next chunk of each admitted prompt
-        (FIFO) in one ragged forward, again while the budget lasts."""
-        budget = self.prefill_chunk
-        did = False
-        while budget > 0:
+        """Prompt chunks within this step's budget (module docstring, step 3), in ragged forwards
+        (again while the budget lasts, when a prompt has chunks left)."""
+        budget = self.prefill_chunk - sum(1 for r in self._running if r.pending is not None)
+        did, served = False, set()
+        while budget > 0 or not did:
             batch: list[tuple[BatchRequest, list[int]]] = []
-            for request in self._running:
-                if budget <= 0:
-                    break
-                if request.prefilled < len(request.prompt_ids):
-                    chunk = request.prompt_ids[request.prefilled : request.prefilled + self.prefill_chunk]
-                    batch.append((request, chunk))
-                    budget -= len(chunk)
+            prefilling = [r for r in self._running if r.prefilled < len(r.prompt_ids)]
+            # A prompt passed over in the last step goes first: shorter prompts arriving every
+            # step would otherwise hold a long one back for ever.
+            order = sorted(prefilling, key=lambda r: (not r.passed_over, len(r.prompt_ids) - r.prefilled, r._arrival))
+            for request in order:
+                start = request.prefilled
+                chunk = request.prompt_ids[start : start + chunk_length(self.prefill_chunk, start)]
+                cost = chunk_cost(len(chunk), start)
+                ends = start + len(chunk) == len(request.prompt_ids)
+                if (did or batch) and not (cost <= budget or (ends and budget > 0)):
+                    continue  # waits for a later step: a shorter prompt (or decoding) came first
+                batch.append((request, chunk))
+                budget -= cost
             if not batch:
                 break
             did = True
+            served.update(id(r) for r, _ in batch)
             done, rows = [], []
             for request, chunk, logits in self._prefill_forward(batch):
                 request.prefilled += len(chunk)
@@ -485,6 +546,8 @@ class BatchEngine:
                 import torch
 
                 self._sample(done, torch.cat(rows))
+        for request in self._running:
+            request.passed_over = request.prefilled < len(request.prompt_ids) and id(request) not in served
         return did
 
     def _prefill_forward(self, batch: list[tuple[BatchRequest, list[int]]]) -> list[tuple[BatchRequest, list[int], Any]]:
@@ -598,7 +661,7 @@ class BatchEngine:
                 except Exception as exc:  # only a lost cache entry: the request itself is done
                     console.warn(f"prefix cache: could not store a finished sequence: {exc!r}")
             self.runner.release(request.slot)
-            heapq.heappush(self._free_slots, request.slot)
+            self._free_slots.add(request.slot)
             request.slot = None
         request._push(TokenEvent(text, token_ids or [], logprobs, reason, error))
 

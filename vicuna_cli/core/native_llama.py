@@ -155,6 +155,26 @@ class SlotKVCache:
             return buf_k[rows.view, :, : rows.length], buf_v[rows.view, :, : rows.length]
         return buf_k[rows.slots, :, : rows.length], buf_v[rows.slots, :, : rows.length]
 
+    def shrink(self) -> bool:
+        """Give back the time capacity no sequence needs any more: once the one long sequence that
+        doubled every slot's buffers up to 8,192 positions (~3 GB for SmolLM2's 16 slots in
+        bf16) has left, keep twice what the longest one holds (at least `capacity`). Only when
+        that halves the buffers at least, so that sizes do not flap. True when it shrank."""
+        buf = self.keys[0]
+        if buf is None:
+            return False
+        longest = max(self.lengths)
+        keep = max(self.capacity, 2 * longest)
+        if buf.shape[2] < 2 * keep:
+            return False
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            shape = (*k.shape[:2], keep, k.shape[3])
+            new_k, new_v = k.new_zeros(shape), v.new_zeros(shape)
+            new_k[:, :, :longest] = k[:, :, :longest]
+            new_v[:, :, :longest] = v[:, :, :longest]
+            self.keys[layer], self.values[layer] = new_k, new_v
+        return True
+
     def move(self, src: int, dst: int) -> None:
         """Give `src`'s sequence to the empty slot `dst` (one copy of its keys and values)."""
         n = self.lengths[src]
@@ -162,6 +182,14 @@ class SlotKVCache:
             if buf is not None and n:
                 buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange two slots' sequences (one copy of each)."""
+        n = max(self.lengths[a], self.lengths[b])
+        for buf in (*self.keys, *self.values):
+            if buf is not None and n:
+                buf[[a, b], :, :n] = buf[[b, a], :, :n]  # the right side is a copy (advanced indexing)
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
 
     def read(self, slot: int, start: int, end: int) -> torch.Tensor:
         """Positions start..end of `slot` for every layer: [layers, 2, kv_heads, end - start, d]."""
