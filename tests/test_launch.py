@@ -221,21 +221,20 @@ def fake_sdk(monkeypatch):
     return calls, answers
 
 
-@pytest.mark.parametrize("name, call", [("train-vicuna-7b.yaml", "sky.jobs.client.sdk.launch"),
-                                        ("serve-vicuna.yaml", "sky.serve.client.sdk.up"),
-                                        ("chat-smoke.yaml", "sky.client.sdk.launch")])
+@pytest.mark.parametrize("name, call", [("train-vicuna-7b.yaml", "sky.jobs.launch"),
+                                        ("serve-vicuna.yaml", "sky.serve.up"),
+                                        ("chat-smoke.yaml", "sky.launch")])
 def test_launch_starts_each_kind_with_its_sdk_call_and_the_env_applied(name, call, fake_sdk):
     calls, _ = fake_sdk
     loaded = recipes.load(ROOT / "recipes" / name, {"HF_TOKEN": "secret-token"})
     result = cloud.launch(loaded, "my-name", down=True)
-    assert [c[0] for c in calls][0].endswith("check")
-    launched = [c for c in calls if c[0] == call or c[0].endswith(call.rsplit(".", 1)[-1]) and "check" not in c[0]]
-    (_, args, kwargs), = [c for c in calls if not c[0].endswith("check")]
-    assert launched and args[0] is loaded.task and args[0].envs["HF_TOKEN"] == "secret-token"
+    assert [c[0] for c in calls] == ["sky.check", call]
+    _, args, kwargs = calls[1]
+    assert args[0] is loaded.task and args[0].envs["HF_TOKEN"] == "secret-token"
     assert "my-name" in kwargs.values()
-    if call == "sky.client.sdk.launch":
+    if call == "sky.launch":
         assert kwargs["down"] is True
-    assert result.startswith("done:req-")
+    assert result == f"done:req-{call}"
 
 
 def test_missing_cloud_credentials_are_one_line_with_the_fix(fake_sdk):
