@@ -207,14 +207,15 @@ def fake_sdk(monkeypatch):
 
     calls: list[tuple[str, tuple, dict]] = []
 
-    def record(name, result=None):
+    def record(name):
         def call(*args, **kwargs):
             calls.append((name, args, kwargs))
             return f"req-{name}"
         return call
 
     for module, attr in ((sky, "check"), (sky, "launch"), (sky, "status"), (sky, "down"), (sky.jobs, "launch"),
-                         (sky.jobs, "queue"), (sky.jobs, "cancel"), (sky.serve, "up"), (sky.serve, "down")):
+                         (sky.jobs, "queue"), (sky.jobs, "cancel"), (sky.serve, "up"), (sky.serve, "down"),
+                         (sky.serve, "status")):
         monkeypatch.setattr(module, attr, record(f"{module.__name__}.{attr}"))
     answers = {"req-sky.check": ["GCP"]}
     monkeypatch.setattr(sky, "stream_and_get", lambda request: answers.get(request, f"done:{request}"))
@@ -250,6 +251,19 @@ def test_status_and_down_wrap_the_matching_sdk_calls(fake_sdk):
     cloud.status("job"), cloud.down("job", "j1"), cloud.down("service", "s1"), cloud.down("cluster", "c1")
     assert [c[0].rsplit(".", 1)[-1] for c in calls] == ["queue", "cancel", "down", "down"]
     assert calls[1][2] == {"name": "j1"} and calls[2][1] == ("s1",) and calls[3][1] == ("c1",)
+
+
+def test_cli_status_prints_the_sdk_result_and_logs_without_a_name_is_an_error(fake_sdk):
+    from typer.testing import CliRunner
+
+    from vicuna_cli.cli import app
+
+    calls, _ = fake_sdk
+    result = CliRunner().invoke(app, ["launch", "status", "--kind", "service"])
+    assert result.exit_code == 0 and "done:req-sky.serve.status" in result.stdout
+    assert [c[0] for c in calls] == ["sky.serve.status"]
+    result = CliRunner().invoke(app, ["launch", "logs"])
+    assert isinstance(result.exception, VicunaError) and "needs a name" in result.exception.message
 
 
 def write_tiny_recipe(tmp_path: Path, run: str, setup: str = "echo setup-ran > setup.txt") -> Path:
