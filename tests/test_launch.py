@@ -363,19 +363,20 @@ def final_loss(run_dir: Path) -> tuple[int, float]:
 @pytest.mark.slow
 def test_preemption_drill_sigkill_then_relaunch_ends_with_the_uninterrupted_loss(embedded_model_home, tmp_path):
     psutil = pytest.importorskip("psutil")
-    steps = {"STEPS": "6", "UNTIL": "train"}
+    steps = {"STEPS": "8", "UNTIL": "train"}
     whole = launch_mini(mini_env(tmp_path / "whole", **steps), embedded_model_home,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert whole.wait(timeout=900) == 0, whole.stdout.read()
 
     state = tmp_path / "preempted"
     env_args = mini_env(state, **steps)
-    first = launch_mini(env_args, embedded_model_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = state / "run" / "checkpoints" / "step-2" / "COMPLETE.json"
+    log = (tmp_path / "first.log").open("w")
+    first = launch_mini(env_args, embedded_model_home, stdout=log, stderr=subprocess.STDOUT)
+    checkpoints = state / "run" / "checkpoints"
     deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and first.poll() is None and not marker.exists():
-        time.sleep(0.5)
-    assert marker.exists() and first.poll() is None, "the first launch ended before its first checkpoint"
+    while time.monotonic() < deadline and first.poll() is None and not list(checkpoints.glob("step-*/COMPLETE.json")):
+        time.sleep(0.2)
+    assert first.poll() is None, f"the first launch ended before its first checkpoint: {(tmp_path / 'first.log').read_text()}"
     # The node dies: every process of the launch at once, nothing gets to save.
     family = [first.pid] + [c.pid for c in psutil.Process(first.pid).children(recursive=True)]
     for pid in family:
@@ -384,14 +385,14 @@ def test_preemption_drill_sigkill_then_relaunch_ends_with_the_uninterrupted_loss
         except ProcessLookupError:
             pass
     first.wait(timeout=60)
-    assert final_loss(state / "run")[0] < 6
+    assert final_loss(state / "run")[0] < 8
 
     again = launch_mini(env_args, embedded_model_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = again.communicate(timeout=900)
     assert again.returncode == 0, out
     assert "resum" in out.lower()
     step, loss = final_loss(state / "run")
-    assert step == 6 and loss == pytest.approx(final_loss(tmp_path / "whole" / "run")[1], rel=1e-5)
+    assert step == 8 and loss == pytest.approx(final_loss(tmp_path / "whole" / "run")[1], rel=1e-5)
 
 
 @pytest.mark.slow
