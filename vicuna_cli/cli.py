@@ -9,7 +9,7 @@ import sys
 import typer
 
 from . import __version__
-from .commands import apply_delta, chat, data, judge, models, serve, templates, train
+from .commands import apply_delta, chat, data, judge, launch, models, serve, templates, train
 
 app = typer.Typer(
     name="vicuna",
@@ -30,6 +30,7 @@ app.command("chat")(chat.chat)
 app.command("apply-delta", help=apply_delta.APPLY_DELTA_HELP)(apply_delta.apply_delta)
 app.command("make-delta", help=apply_delta.MAKE_DELTA_HELP)(apply_delta.apply_delta)
 app.command("merge-lora", help=apply_delta.MERGE_LORA_HELP)(apply_delta.apply_delta)
+app.command("launch", help=launch.LAUNCH_HELP)(launch.launch)
 
 _debug = False
 
