@@ -250,8 +250,10 @@ def test_unreadable_verdicts_are_retried_then_counted(double, workdir):
     # the command says so, and says what to do when the judge never produced a verdict
     res = runner.invoke(app, ["judge", "--pair", "good", "bad", "--answers", str(workdir / "answers"), "-o", str(workdir / "cli"),
                               "--bench", str(workdir / "question.jsonl"), "--judge-model", "judge-x", "--judge-api-base", double.base])
-    assert res.exit_code == 0, res.output
-    assert "6 of 6 judgments have no readable verdict" in res.stderr and "use a stronger --judge-model" in res.stderr
+    # a run with no readable verdict at all is a failure, not a result
+    assert res.exit_code == 1 and isinstance(res.exception, VicunaError), res.output
+    assert "all 6 judgments have no readable verdict" in res.exception.message and "use a stronger --judge-model" in res.exception.hint
+    assert len(_rows(workdir / "cli" / "judge-x_pair.jsonl")) == 6  # the error records are kept
 
 
 def test_max_calls_stops_cleanly_and_resume_finishes(double, workdir):

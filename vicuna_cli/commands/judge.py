@@ -93,10 +93,11 @@ def judge(
     with err.status(f"judging {len(games)} games with {cfg.judge_model} ...") as status:
         summary = judging.run(games, model_answers, client, settings, cfg.output, lambda d, n: status.update(f"judging: {d}/{n} games"))
     report.run_summary(summary)
+    if summary.errors == summary.records > 0:  # nothing to report: a failed run, not a result
+        raise VicunaError(f"all {summary.records} judgments have no readable verdict (kept as errors, with an 'error' field, in {summary.path})",
+                          hint="this judge never answered in the verdict format: use a stronger --judge-model")
     if summary.errors:
-        every = summary.errors == summary.records
-        warn(f"{summary.errors} of {summary.records} judgments have no readable verdict (kept as errors, with an 'error' field, in {summary.path})"
-             + ("; this judge never answered in the verdict format: use a stronger --judge-model" if every else ""))
+        warn(f"{summary.errors} of {summary.records} judgments have no readable verdict (kept as errors, with an 'error' field, in {summary.path})")
     if summary.stopped:
         warn(f"stopped: {summary.stopped}; run the same command again to continue (finished calls are cached)")
     result = results.summarize([summary.path], questions, cfg.judge_model)
