@@ -93,15 +93,15 @@ def judge(
     with err.status(f"judging {len(games)} games with {cfg.judge_model} ...") as status:
         summary = judging.run(games, model_answers, client, settings, cfg.output, lambda d, n: status.update(f"judging: {d}/{n} games"))
     report.run_summary(summary)
-    if summary.errors == summary.records > 0:  # nothing to report: a failed run, not a result
-        raise VicunaError(f"all {summary.records} judgments have no readable verdict (kept as errors, with an 'error' field, in {summary.path})",
-                          hint="this judge never answered in the verdict format: use a stronger --judge-model")
-    if summary.errors:
-        warn(f"{summary.errors} of {summary.records} judgments have no readable verdict (kept as errors, with an 'error' field, in {summary.path})")
+    unreadable = f"have no readable verdict (kept as errors, with an 'error' field, in {summary.path})"
+    if summary.errors and summary.errors < summary.records:
+        warn(f"{summary.errors} of {summary.records} judgments {unreadable}")
     if summary.stopped:
         warn(f"stopped: {summary.stopped}; run the same command again to continue (finished calls are cached)")
     result = results.summarize([summary.path], questions, cfg.judge_model)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
+    if summary.errors == summary.records > 0:  # the tables hold only errors: a failed run, not a result
+        raise VicunaError(f"all {summary.records} judgments {unreadable}", hint="this judge never answered in the verdict format: use a stronger --judge-model")
     info(f"see `vicuna judge show {cfg.output}` for all judgments in {cfg.output}")
 
 
@@ -173,16 +173,20 @@ def show_cmd(
     judge: Optional[str] = typer.Option(None, "--judge", help="Only this judge model's records."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Model the total-score ratio is relative to (default: the best)."),
     bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="Bootstrap rounds for the rating CIs."),
+    duplicates: str = typer.Option("average", "--duplicates", help="Judgments of the same match repeated across files: average (each counts, FastChat's show_result), last, or error."),
     json_output: bool = typer.Option(False, "--json", help="Print everything as JSON."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: relative scores and per-category scores."),
 ) -> None:
     """Win/tie/loss, total-score ratio, Bradley-Terry ratings and position consistency."""
     from ..core.console import info
+    from ..core.errors import unknown_choice
     from ..judge import report, results
     from ..judge.questions import load_bench
 
+    if duplicates not in results.DUPLICATES:
+        raise unknown_choice("--duplicates policy", duplicates, list(results.DUPLICATES))
     questions = load_bench(bench) if bench else None
-    result = results.summarize(paths or [JUDGMENTS], questions, judge, reference, bootstrap)
+    result = results.summarize(paths or [JUDGMENTS], questions, judge, reference, bootstrap, duplicates)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
     if plot_file:
         results.plot(result, plot_file)

@@ -71,6 +71,10 @@ def render(result: dict[str, Any]) -> None:
         )
     if single:
         out.print(f"single grading: unreadable verdicts: {single['errors']} of {single['records']} records")
+    dupes = result.get("duplicates") or {}
+    if dupes.get("count"):
+        done = {"average": "averaged (each counts, as in FastChat)", "last": "dropped (only the last of each match kept)"}[dupes["policy"]]
+        out.print(f"{dupes['count']} duplicate judgments {done}; --duplicates average|last|error chooses")
 
 
 def run_summary(summary: Any) -> None:

@@ -58,6 +58,36 @@ def load(paths: list[Path], judge: str | None = None) -> tuple[list[dict[str, An
     return single, pair
 
 
+DUPLICATES = ("average", "last", "error")
+
+
+def _match_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    models = (row["model"],) if "model" in row else tuple(sorted((str(row["model_1"]), str(row["model_2"]))))
+    return (str((row.get("judge") or ["?"])[0]), models, str(row.get("question_id")), int(row.get("turn", 1)))
+
+
+def resolve_duplicates(rows: list[dict[str, Any]], policy: str = "average") -> tuple[list[dict[str, Any]], int]:
+    """(records to score, how many records repeat a judged match: same judge, models, question, turn).
+
+    average: every record counts, so a match judged twice weighs its verdicts equally in the
+    means and tallies -- what FastChat's show_result does with the rows of its files;
+    last: only the last record of each match (file order); error: refuse.
+    """
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[_match_key(row)].append(row)
+    count = len(rows) - len(groups)
+    if not count or policy == "average":
+        return rows, count
+    if policy == "last":
+        return [group[-1] for group in groups.values()], count
+    example = next(k for k, g in groups.items() if len(g) > 1)
+    raise VicunaError(
+        f"{count} duplicate judgments (same judge, models, question and turn), e.g. question {example[2]} turn {example[3]} of {' vs '.join(example[1])}",
+        hint="--duplicates average counts each (FastChat's way), --duplicates last keeps the last",
+    )
+
+
 def _category(row: dict[str, Any], categories: dict[Any, str]) -> str:
     return row.get("category") or categories.get(row.get("question_id")) or "unknown"
 
@@ -229,7 +259,9 @@ def bradley_terry(games: list[tuple[str, str, float]], rounds: int = 200, seed: 
 
 
 def single_tables(rows: list[dict[str, Any]], categories: dict[Any, str], reference: str | None = None) -> dict[str, Any]:
-    scores: dict[str, dict[tuple[Any, int], float]] = defaultdict(dict)
+    # a question turn judged more than once keeps every score: the means run over records, as
+    # FastChat's show_result computes them, and the total-score ratio takes each turn's mean
+    scores: dict[str, dict[tuple[Any, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     errors: dict[str, int] = defaultdict(int)
     cat_of: dict[tuple[Any, int], str] = {}
     for row in rows:
@@ -240,32 +272,39 @@ def single_tables(rows: list[dict[str, Any]], categories: dict[Any, str], refere
             errors[row["model"]] += 1
             scores[row["model"]]  # the model still appears
         else:
-            scores[row["model"]][key] = float(score)
-    models = sorted(scores, key=lambda m: -(_mean(list(scores[m].values())) or 0))
+            scores[row["model"]][key].append(float(score))
+
+    def mean_where(model: str, keep: Any = lambda key: True) -> float | None:
+        return _mean([v for key, values in scores[model].items() if keep(key) for v in values])
+
+    models = sorted(scores, key=lambda m: -(mean_where(m) or 0))
     table = []
     for m in models:
-        s = scores[m]
         table.append({
             "model": m,
-            "score": _mean(list(s.values())),
-            "turn_1": _mean([v for (q, t), v in s.items() if t == 1]),
-            "turn_2": _mean([v for (q, t), v in s.items() if t == 2]),
-            "n": len(s),
+            "score": mean_where(m),
+            "turn_1": mean_where(m, lambda k: k[1] == 1),
+            "turn_2": mean_where(m, lambda k: k[1] == 2),
+            "n": len(scores[m]),
             "error": errors[m],
         })
     cats = sorted({cat_of[k] for m in models for k in scores[m]})
-    per_cat = [{"category": c, **{m: _mean([v for k, v in scores[m].items() if cat_of[k] == c]) for m in models}} for c in cats]
+    per_cat = [{"category": c, **{m: mean_where(m, lambda k: cat_of[k] == c) for m in models}} for c in cats]
     common = set.intersection(*(set(s) for s in scores.values())) if scores else set()
     ratio = None
     if models:
         reference = reference or models[0]
         if reference not in scores:
             raise VicunaError(f"no single-grading scores for reference model {reference!r}; models: {', '.join(models)}")
-        base = sum(scores[reference][k] for k in common)
+
+        def total(model: str) -> float:
+            return sum(_mean(scores[model][k]) or 0.0 for k in common)
+
+        base = total(reference)
         ratio = {
             "reference": reference,
             "questions": len(common),
-            "ratios": {m: (sum(scores[m][k] for k in common) / base if base else None) for m in models},
+            "ratios": {m: (total(m) / base if base else None) for m in models},
         }
     return {"models": table, "categories": per_cat, "total_score_ratio": ratio, "errors": sum(errors.values()), "records": len(rows)}
 
@@ -283,12 +322,16 @@ def summarize(
     judge: str | None = None,
     reference: str | None = None,
     rounds: int = 200,
+    duplicates: str = "average",
 ) -> dict[str, Any]:
     single, pair = load(paths, judge)
     if not single and not pair:
         raise VicunaError("the judgment files hold no records", hint="run `vicuna judge` first")
     categories = {q.question_id: q.category for q in questions or []}
     result: dict[str, Any] = {"judge": judge or str(((single + pair)[0].get("judge") or ["?"])[0])}
+    kept, count = resolve_duplicates(single + pair, duplicates)
+    single, pair = [r for r in kept if "model" in r], [r for r in kept if "model" not in r]
+    result["duplicates"] = {"policy": duplicates, "count": count}
     if single:
         result["single"] = single_tables(single, categories, reference)
     if pair:
