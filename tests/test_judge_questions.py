@@ -48,8 +48,27 @@ def test_fastchat_bench_dir_loads_unchanged_with_references(tmp_path):
     qs = {q.question_id: q for q in load_bench(str(bench))}
     assert qs[81].turns[1].startswith("Rewrite your previous response") and qs[81].reference is None
     assert qs[111].reference == ["The area is 3.", "The area is 5 pi."]  # from the reference file
-    assert qs[101].reference == ["You are in second place.", "Uncertain."]  # the question's own wins
+    assert qs[111].reference_source == "reference_answer/gpt-4.jsonl"
     assert [q.question_id for q in load_bench(str(bench / "question.jsonl"))] == [81, 111, 101]
+
+
+def test_reference_answers_follow_fastchat_gen_judgment(tmp_path):
+    bench = tmp_path / "mt_bench"
+    inline_only = {"question_id": 130, "category": "coding", "turns": ["Reverse a list."], "reference": ["xs[::-1]"]}
+    _jsonl(bench / "question.jsonl", MT_BENCH_LINES + [inline_only])
+    _jsonl(bench / "reference_answer" / "gpt-4.jsonl", GPT4_REFERENCE)
+    _jsonl(bench / "reference_answer" / "claude-v1.jsonl", [{**GPT4_REFERENCE[1], "choices": [{"index": 0, "turns": ["claude says second", "-"]}]}])
+    qs = {q.question_id: q for q in load_bench(str(bench))}
+    # the reference model's answer wins over the question's short inline reference (FastChat's source)
+    assert qs[101].reference == ["second", "second to last"] and qs[101].reference_source == "reference_answer/gpt-4.jsonl"
+    # the inline reference only where the file has no entry
+    assert qs[130].reference == ["xs[::-1]"] and qs[130].reference_source == "inline"
+    qs = {q.question_id: q for q in load_bench(str(bench), ref_model="claude-v1")}
+    assert qs[101].reference == ["claude says second", "-"] and qs[101].reference_source == "reference_answer/claude-v1.jsonl"
+    assert qs[111].reference is None  # claude-v1 has no answer for it, and it has no inline one
+    with pytest.raises(VicunaError, match="has no gpt-3.5-turbo.jsonl; reference models there: claude-v1, gpt-4") as exc:
+        load_bench(str(bench), ref_model="gpt-3.5-turbo")
+    assert exc.value.hint == "pick one with --ref-model claude-v1"
 
 
 @pytest.mark.parametrize("row,message", [

@@ -174,7 +174,7 @@ def test_pairwise_both_orders_fastchat_records(double, workdir):
     assert all(r["temperature"] == 0.0 for r in double.requests)
     rows = _rows(summary.path)
     assert summary.path.name == "judge-x_pair.jsonl"
-    assert all(set(r) == FASTCHAT_PAIR_FIELDS | {"category"} for r in rows)
+    assert all(set(r) == FASTCHAT_PAIR_FIELDS | {"category"} | ({"reference_source"} if r["category"] in ("math", "coding") else set()) for r in rows)
     assert {(r["question_id"], r["turn"], r["g1_winner"], r["g2_winner"]) for r in rows} == {
         (1, 1, "model_1", "model_1"), (2, 1, "model_1", "model_1"), (3, 1, "model_1", "model_1"),
         (4, 1, "model_1", "model_1"), (5, 1, "model_1", "model_1"), (5, 2, "model_1", "model_1"),
@@ -406,3 +406,26 @@ def test_cli_run_from_the_cache_makes_no_call_and_does_not_import_openai(double,
     assert "6 judgments written" in done.stderr and "0 judge calls, 12 from cache" in done.stderr
     assert "openai imported: False torch imported: False" in done.stderr
     assert "position consistency: 100.0%" in done.stdout
+
+
+def test_reference_source_in_dry_run_records_and_show(double, workdir):
+    bench = workdir / "bench"
+    (bench / "reference_answer").mkdir(parents=True)
+    (bench / "question.jsonl").write_text((workdir / "question.jsonl").read_text())
+    # the reference model answered question 3 (math) only; 4 (coding) keeps its inline reference
+    (bench / "reference_answer" / "gpt-4.jsonl").write_text(json.dumps(
+        {"question_id": 3, "answer_id": "r3", "model_id": "gpt-4", "choices": [{"index": 0, "turns": ["2+2 = 4, worked"]}]}) + "\n")
+    args = ["judge", "--pair", "good", "bad", "--answers", str(workdir / "answers"), "-o", str(workdir / "refs"),
+            "--bench", str(bench), "--judge-model", "judge-x", "--judge-api-base", double.base]
+    runner = CliRunner()
+    res = runner.invoke(app, args + ["--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "reference answers: 2 calls from inline, 2 calls from reference_answer/gpt-4.jsonl" in res.stdout
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = {r["question_id"]: r for r in _rows(workdir / "refs" / "judge-x_pair.jsonl")}
+    assert rows[3]["reference_source"] == "reference_answer/gpt-4.jsonl" and "2+2 = 4, worked" in rows[3]["g1_user_prompt"]
+    assert rows[4]["reference_source"] == "inline" and "xs[::-1]" in rows[4]["g1_user_prompt"]
+    assert "reference_source" not in rows[1]
+    res = runner.invoke(app, ["judge", "show", str(workdir / "refs"), "--bootstrap", "0"])
+    assert "reference answers: 1 judgments used inline, 1 judgments used reference_answer/gpt-4.jsonl" in res.stdout

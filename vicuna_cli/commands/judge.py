@@ -29,6 +29,7 @@ def judge(
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The baseline model for --mode pairwise-baseline."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models to judge (default: every answer file)."),
     bench: Optional[str] = typer.Option(None, "--bench", help=BENCH_HELP),
+    ref_model: str = typer.Option("gpt-4", "--ref-model", help="A bench dir's reference_answer/<MODEL>.jsonl, used for math, reasoning and coding (an inline reference only where it has none)."),
     answers: Path = typer.Option(ANSWERS, "--answers", help="Directory of model-answer files ({model}.jsonl)."),
     output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml."),
     judge_model: str = typer.Option("gpt-4.1", "--judge-model", help="The judge's model id."),
@@ -70,7 +71,7 @@ def judge(
     if not chosen:
         raise VicunaError(f"no model answers in {cfg.answers}", hint="generate them with `vicuna judge answer -m MODEL`")
     settings = judging.JudgeSettings(run_mode, chosen, cfg.baseline, cfg.sampling, cfg.concurrency, cfg.allow_missing, cfg.parse_retries)
-    questions = load_bench(cfg.bench)
+    questions = load_bench(cfg.bench, cfg.ref_model)
     model_answers = judging.load_model_answers(cfg.answers, chosen)
     games = judging.plan_games(questions, model_answers, settings)
     key_env = cfg.judge_api_key_env or ("VICUNA_JUDGE_API_KEY" if os.environ.get("VICUNA_JUDGE_API_KEY") else "OPENAI_API_KEY")
@@ -88,6 +89,8 @@ def judge(
         if cfg.price:
             line += f", ~${(est['prompt_tokens'] * cfg.price[0] + out_tokens * cfg.price[1]) / 1e6:.2f}"
         typer.echo(line + " (retries of unreadable verdicts not included)")
+        if est["references"]:
+            typer.echo("reference answers: " + ", ".join(f"{n} calls from {src}" for src, n in sorted(est["references"].items())))
         return
     save_config(cfg, cfg.output / "config.yaml")
     with err.status(f"judging {len(games)} games with {cfg.judge_model} ...") as status:

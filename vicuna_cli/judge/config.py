@@ -16,6 +16,7 @@ from ..core.config import CommandConfig
 from . import ANSWERS, JUDGMENTS
 from .client import DEFAULT_API_BASE, Sampling
 from .judging import MODES
+from .questions import DEFAULT_REF_MODEL
 
 STRUCTURED = ("auto", "on", "off")
 
@@ -26,6 +27,7 @@ class JudgeConfig(CommandConfig):
     baseline: Optional[str] = None
     models: Optional[list[str]] = None
     bench: Optional[str] = None
+    ref_model: str = DEFAULT_REF_MODEL
     answers: Path = ANSWERS
     output: Path = JUDGMENTS
     judge_model: str = "gpt-4.1"

@@ -27,7 +27,7 @@ from ..core.store import atomic_write_text
 from .answers import answer_file, available_models, load_answers, safe_name
 from .client import ApiClient, BudgetReached, Sampling
 from .pool import run_pool
-from .prompts import REPAIR, JudgePrompt, pair_prompt, single_prompt
+from .prompts import REPAIR, JudgePrompt, pair_prompt, single_prompt, use_reference
 from .questions import Question, read_jsonl
 from .verdicts import PAIR_SCHEMA, SINGLE_SCHEMA, parse
 
@@ -196,12 +196,21 @@ class JudgmentWriter:
         atomic_write_text(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()))
 
 
+def _common_fields(game: Game) -> dict[str, Any]:
+    """What every record says about its question: category, and where a reference came from."""
+    q = game.question
+    fields: dict[str, Any] = {"category": q.category}
+    if use_reference(q, game.turn):
+        fields["reference_source"] = q.reference_source or "inline"
+    return fields
+
+
 def single_record(game: Game, judge_model: str, o: Outcome) -> dict[str, Any]:
     row = {
         "question_id": game.question.question_id, "model": game.models[0],
         "judge": [judge_model, o.prompt_name], "user_prompt": o.user_prompt, "judgment": o.judgment,
         "score": o.verdict if o.verdict is not None else -1, "turn": game.turn, "tstamp": time.time(),
-        "category": game.question.category,
+        **_common_fields(game),
     }
     return {**row, "error": o.error} if o.error else row
 
@@ -222,7 +231,7 @@ def pair_record(game: Game, judge_model: str, g1: Outcome, g2: Outcome) -> dict[
         "g1_winner": _winner(g1.verdict, False), "g2_winner": _winner(g2.verdict, True),
         "judge": [judge_model, g1.prompt_name], "g1_user_prompt": g1.user_prompt, "g1_judgment": g1.judgment,
         "g2_user_prompt": g2.user_prompt, "g2_judgment": g2.judgment, "turn": game.turn, "tstamp": time.time(),
-        "category": game.question.category,
+        **_common_fields(game),
     }
     errors = [e for e in (g1.error and f"g1: {g1.error}", g2.error and f"g2: {g2.error}") if e]
     return {**row, "error": "; ".join(errors)} if errors else row
@@ -237,7 +246,12 @@ def estimate(games: list[Game], answers: dict[str, dict[Any, list[str]]], client
         if not client.cached(prompt.as_messages(), sampling, schema):
             calls += 1
             prompt_chars += sum(len(content) for _, content in prompt.messages)
-    return {"games": len(games), "calls": calls, "cached": len(games) - calls, "prompt_tokens": prompt_chars // CHARS_PER_TOKEN}
+    references: dict[str, int] = {}
+    for game in games:
+        if (source := _common_fields(game).get("reference_source")):
+            references[source] = references.get(source, 0) + 1
+    return {"games": len(games), "calls": calls, "cached": len(games) - calls, "prompt_tokens": prompt_chars // CHARS_PER_TOKEN,
+            "references": references}
 
 
 def run(

@@ -20,6 +20,7 @@ from ..core.errors import VicunaError
 
 BUILTIN = {"vicuna80": "vicuna80.jsonl"}
 DEFAULT_BENCH = "vicuna80"
+DEFAULT_REF_MODEL = "gpt-4"  # FastChat's gen_judgment default
 
 # Every category used by this project and by FastChat's benches (Vicuna bench, MT-bench, its
 # translations, arena-hard-200). A category outside this list is almost always a typo, and a
@@ -39,6 +40,7 @@ class Question:
     turns: list[str]
     reference: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reference_source: str | None = None  # "inline" or the reference-answer file it came from
 
     @property
     def needs_reference(self) -> bool:
@@ -91,7 +93,7 @@ def parse_question(row: dict[str, Any], where: str) -> Question:
     if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
         raise VicunaError(f"{where}: question {qid} has a 'reference' that is not a list of strings")
     extra = {k: v for k, v in row.items() if k not in ("question_id", "category", "turns", "reference")}
-    return Question(qid, category, list(turns), list(reference) if reference else None, extra)
+    return Question(qid, category, list(turns), list(reference) if reference else None, extra, "inline" if reference else None)
 
 
 def answer_turns(row: dict[str, Any], where: str) -> list[str]:
@@ -118,15 +120,17 @@ def _load_file(path: Path) -> list[Question]:
 
 
 def _attach_references(questions: list[Question], ref_file: Path) -> None:
-    """FastChat keeps judge reference answers as a model-answer file; questions keep their own."""
+    """FastChat's gen_judgment: the reference-guided categories take the reference model's answer
+    (a model-answer file); a question's inline `reference` is used only when the file has none."""
     refs = {row.get("question_id"): answer_turns(row, str(ref_file)) for row in read_jsonl(ref_file)}
     for q in questions:
-        if not q.reference and q.question_id in refs:
-            q.reference = refs[q.question_id]
+        if q.needs_reference and q.question_id in refs:
+            q.reference, q.reference_source = refs[q.question_id], f"{ref_file.parent.name}/{ref_file.name}"
 
 
-def load_bench(bench: str | Path | None = None) -> list[Question]:
-    """Questions from a built-in name, a question.jsonl file or a FastChat bench directory."""
+def load_bench(bench: str | Path | None = None, ref_model: str = DEFAULT_REF_MODEL) -> list[Question]:
+    """Questions from a built-in name, a question.jsonl file or a FastChat bench directory (whose
+    `reference_answer/<ref_model>.jsonl`, when the directory has reference answers, is read)."""
     bench = str(bench or DEFAULT_BENCH)
     if bench in BUILTIN:
         data = resources.files("vicuna_cli.judge").joinpath("data", BUILTIN[bench])
@@ -139,10 +143,12 @@ def load_bench(bench: str | Path | None = None) -> list[Question]:
             raise VicunaError(f"{path} has no question.jsonl", hint="pass a FastChat bench dir such as data/mt_bench")
         questions = _load_file(question_file)
         ref_dir = path / "reference_answer"
-        refs = sorted(ref_dir.glob("*.jsonl")) if ref_dir.is_dir() else []
+        refs = sorted(p.stem for p in ref_dir.glob("*.jsonl")) if ref_dir.is_dir() else []
+        if refs and ref_model not in refs:
+            raise VicunaError(f"{ref_dir} has no {ref_model}.jsonl; reference models there: {', '.join(refs)}",
+                              hint=f"pick one with --ref-model {refs[0]}")
         if refs:
-            preferred = ref_dir / "gpt-4.jsonl"
-            _attach_references(questions, preferred if preferred.exists() else refs[0])
+            _attach_references(questions, ref_dir / f"{ref_model}.jsonl")
         return questions
     if path.is_file():
         return _load_file(path)
@@ -150,6 +156,15 @@ def load_bench(bench: str | Path | None = None) -> list[Question]:
         f"no question set {bench!r}",
         hint=f"use a built-in name ({', '.join(BUILTIN)}), a question.jsonl file or a FastChat bench dir",
     )
+
+
+def reference_sources(questions: list[Question]) -> dict[str, int]:
+    """How many reference-guided questions take their reference from where (file or inline)."""
+    counts: dict[str, int] = {}
+    for q in questions:
+        if q.needs_reference and q.reference:
+            counts[q.reference_source or "inline"] = counts.get(q.reference_source or "inline", 0) + 1
+    return counts
 
 
 def bench_name(bench: str | Path | None) -> str:

@@ -71,6 +71,8 @@ def render(result: dict[str, Any]) -> None:
         )
     if single:
         out.print(f"single grading: unreadable verdicts: {single['errors']} of {single['records']} records")
+    if result.get("references"):
+        out.print("reference answers: " + ", ".join(f"{n} judgments used {src}" for src, n in result["references"].items()), markup=False)
     dupes = result.get("duplicates") or {}
     if dupes.get("count"):
         done = {"average": "averaged (each counts, as in FastChat)", "last": "dropped (only the last of each match kept)"}[dupes["policy"]]

@@ -332,6 +332,8 @@ def summarize(
     kept, count = resolve_duplicates(single + pair, duplicates)
     single, pair = [r for r in kept if "model" in r], [r for r in kept if "model" not in r]
     result["duplicates"] = {"policy": duplicates, "count": count}
+    sources = [r["reference_source"] for r in kept if r.get("reference_source")]
+    result["references"] = {src: sources.count(src) for src in sorted(set(sources))}
     if single:
         result["single"] = single_tables(single, categories, reference)
     if pair:
