@@ -224,3 +224,33 @@ def test_duplicate_judgments_average_like_fastchat_show_result(tmp_path):
     assert "3 duplicate judgments averaged" in res.stdout
     res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--duplicates", "first"])
     assert isinstance(res.exception, VicunaError) and "known: average, error, last" in res.exception.message
+
+
+def test_show_refuses_or_remaps_judgments_of_another_question_set(tmp_path):
+    from vicuna_cli.judge.questions import load_bench
+
+    builtin = load_bench("vicuna80")
+    name, digest = builtin[0].bench
+    ours = [{**_pair(q.question_id, "a", "b", "model_1", "model_1"), "category": q.category, "bench": name, "bench_hash": digest} for q in builtin[:2]]
+    # the same ids in another set: a copy whose question texts were edited, categories differ
+    theirs = [{**_pair(builtin[0].question_id, "a", "c", "model_2", "model_2"), "category": "math", "bench": "edited", "bench_hash": "0123456789abcdef"}]
+    _write(tmp_path / "ours_pair.jsonl", ours)
+    _write(tmp_path / "theirs_pair.jsonl", theirs)
+    with pytest.raises(VicunaError, match=r"judgments of different question sets: edited \(0123456789abcdef\), vicuna80 \(") as exc:
+        results.summarize([tmp_path], rounds=0)
+    assert "--bench" in exc.value.hint
+    # the judge run's own summary never re-maps: the run's questions are the truth
+    with pytest.raises(VicunaError, match=r"1 judgments were made on question set edited \(0123456789abcdef\), not vicuna80"):
+        results.summarize([tmp_path], builtin, remap=False, rounds=0)
+    res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--bench", "vicuna80", "--json", "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    assert "1 judgments were made on edited (0123456789abcdef), not on --bench vicuna80" in res.stderr
+    data = json.loads(res.stdout)
+    assert data["benches"]["remapped"] == 1 and data["benches"]["unknown_ids"] == 0
+    cats = {(c["model_1"], c["model_2"], c["category"]) for c in data["pairwise"]["categories"]}
+    assert ("a", "c", builtin[0].category) in cats and ("a", "c", "math") not in cats
+    # FastChat's vicuna_bench judgments (ids 1-80, no bench recorded) do not land on the built-in set's questions
+    _write(tmp_path / "theirs_pair.jsonl", [_pair(1, "a", "c", "tie", "tie")])
+    res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--bench", "vicuna80", "--json", "--bootstrap", "0"])
+    assert "1 judgments have question ids that vicuna80 does not hold: category 'unknown'" in res.stderr
+    assert ("a", "c", "unknown") in {(c["model_1"], c["model_2"], c["category"]) for c in json.loads(res.stdout)["pairwise"]["categories"]}

@@ -72,7 +72,7 @@ def judge(
         raise VicunaError(f"no model answers in {cfg.answers}", hint="generate them with `vicuna judge answer -m MODEL`")
     settings = judging.JudgeSettings(run_mode, chosen, cfg.baseline, cfg.sampling, cfg.concurrency, cfg.allow_missing, cfg.parse_retries)
     questions = load_bench(cfg.bench, cfg.ref_model)
-    model_answers = judging.load_model_answers(cfg.answers, chosen)
+    model_answers = judging.load_model_answers(cfg.answers, chosen, questions[0].bench)
     games = judging.plan_games(questions, model_answers, settings)
     key_env = cfg.judge_api_key_env or ("VICUNA_JUDGE_API_KEY" if os.environ.get("VICUNA_JUDGE_API_KEY") else "OPENAI_API_KEY")
     if not dry_run and "api.openai.com" in cfg.judge_api_base and not os.environ.get(key_env):
@@ -101,7 +101,7 @@ def judge(
         warn(f"{summary.errors} of {summary.records} judgments {unreadable}")
     if summary.stopped:
         warn(f"stopped: {summary.stopped}; run the same command again to continue (finished calls are cached)")
-    result = results.summarize([summary.path], questions, cfg.judge_model)
+    result = results.summarize([summary.path], questions, cfg.judge_model, remap=False)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
     if summary.errors == summary.records > 0:  # the tables hold only errors: a failed run, not a result
         raise VicunaError(f"all {summary.records} judgments {unreadable}", hint="this judge never answered in the verdict format: use a stronger --judge-model")

@@ -50,9 +50,21 @@ def answer_file(out_dir: Path, model_id: str) -> Path:
     return Path(out_dir) / f"{safe_name(model_id)}.jsonl"
 
 
-def load_answers(path: Path) -> dict[Any, list[str]]:
-    """question_id -> turns from a model-answer file (the last record of a question wins)."""
-    return {row.get("question_id"): answer_turns(row, str(path)) for row in read_jsonl(path)}
+def load_answers(path: Path, bench: tuple[str, str] | None = None) -> dict[Any, list[str]]:
+    """question_id -> turns from a model-answer file (the last record of a question wins).
+
+    Answers that record another question set than `bench` (name, hash) are refused: their ids
+    would silently pair them with other questions. Files that record none (FastChat's) load.
+    """
+    rows = read_jsonl(path)
+    if bench:
+        other = next((row for row in rows if row.get("bench_hash") not in (None, bench[1])), None)
+        if other:
+            raise VicunaError(
+                f"{path} answers bench {other.get('bench')!r} (questions hash {other['bench_hash']}), not {bench[0]!r} ({bench[1]})",
+                hint="answer this bench into another directory (-o), or pass the --bench those answers were made for",
+            )
+    return {row.get("question_id"): answer_turns(row, str(path)) for row in rows}
 
 
 def available_models(answer_dir: Path) -> list[str]:
@@ -66,7 +78,13 @@ def record(question: Question, model_id: str, turns: list[str]) -> dict[str, Any
         "model_id": model_id,
         "choices": [{"index": 0, "turns": turns}],
         "tstamp": time.time(),
+        **bench_fields(question),
     }
+
+
+def bench_fields(question: Question) -> dict[str, str]:
+    """The question set an answer or judgment belongs to (extra fields FastChat's tools ignore)."""
+    return {"bench": question.bench[0], "bench_hash": question.bench[1]} if question.bench else {}
 
 
 def _dedupe_sorted(path: Path) -> None:
@@ -149,7 +167,7 @@ def generate_answers(
     model_id = model_id or answerer.name
     path = answer_file(out_dir, model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    have = load_answers(path) if path.exists() else {}
+    have = load_answers(path, questions[0].bench if questions else None) if path.exists() else {}
     todo = [q for q in questions if q.question_id not in have or len(have[q.question_id]) < len(q.turns)]
     skipped = len(questions) - len(todo)
     if skipped:

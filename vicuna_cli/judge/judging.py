@@ -24,7 +24,7 @@ from typing import Any, Callable
 from ..core.console import warn
 from ..core.errors import VicunaError
 from ..core.store import atomic_write_text
-from .answers import answer_file, available_models, load_answers, safe_name
+from .answers import answer_file, available_models, bench_fields, load_answers, safe_name
 from .client import ApiClient, BudgetReached, Sampling
 from .pool import run_pool
 from .prompts import REPAIR, JudgePrompt, pair_prompt, single_prompt, use_reference
@@ -108,7 +108,7 @@ def pairs_for(settings: JudgeSettings) -> list[tuple[str, str]]:
     raise VicunaError(f"not a pairwise mode: {settings.mode}")
 
 
-def load_model_answers(answer_dir: Path, models: list[str]) -> dict[str, dict[Any, list[str]]]:
+def load_model_answers(answer_dir: Path, models: list[str], bench: tuple[str, str] | None = None) -> dict[str, dict[Any, list[str]]]:
     found = available_models(answer_dir)
     answers = {}
     for m in models:
@@ -119,7 +119,7 @@ def load_model_answers(answer_dir: Path, models: list[str]) -> dict[str, dict[An
                 f"no answers for model {m!r} in {answer_dir}; available: {listed}",
                 hint=f"generate them with: vicuna judge answer -m {m} -o {answer_dir}",
             )
-        answers[m] = load_answers(path)
+        answers[m] = load_answers(path, bench)
     return answers
 
 
@@ -199,7 +199,7 @@ class JudgmentWriter:
 def _common_fields(game: Game) -> dict[str, Any]:
     """What every record says about its question: category, and where a reference came from."""
     q = game.question
-    fields: dict[str, Any] = {"category": q.category}
+    fields: dict[str, Any] = {"category": q.category, **bench_fields(q)}
     if use_reference(q, game.turn):
         fields["reference_source"] = q.reference_source or "inline"
     return fields

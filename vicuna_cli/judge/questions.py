@@ -2,7 +2,8 @@
 
 A bench is one of
   - a built-in name (`vicuna80`: 80 questions in 8 categories written for this project, with
-    reference answers for math and coding),
+    reference answers for math and coding; ids "vicuna80-01".. so that they cannot be taken for
+    FastChat's numeric ids of other questions),
   - a FastChat `question.jsonl` file (`{question_id, category, turns, reference?}`), or
   - a FastChat bench directory (`data/mt_bench/`: `question.jsonl` plus, when present,
     `reference_answer/gpt-4.jsonl` in the model-answer format).
@@ -10,6 +11,7 @@ A bench is one of
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -41,6 +43,7 @@ class Question:
     reference: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     reference_source: str | None = None  # "inline" or the reference-answer file it came from
+    bench: tuple[str, str] | None = None  # (name, hash of the whole set's questions): bench_identity
 
     @property
     def needs_reference(self) -> bool:
@@ -128,9 +131,27 @@ def _attach_references(questions: list[Question], ref_file: Path) -> None:
             q.reference, q.reference_source = refs[q.question_id], f"{ref_file.parent.name}/{ref_file.name}"
 
 
+def bench_identity(name: str, questions: list[Question]) -> tuple[str, str]:
+    """(name, hash): the hash covers every question's id, category and text, so two sets that
+    reuse ids for other questions (FastChat's vicuna_bench and an edited copy) never match."""
+    digest = hashlib.sha256()
+    for q in questions:
+        digest.update(json.dumps([str(q.question_id), q.category, q.turns], ensure_ascii=False).encode() + b"\n")
+    return name, digest.hexdigest()[:16]
+
+
 def load_bench(bench: str | Path | None = None, ref_model: str = DEFAULT_REF_MODEL) -> list[Question]:
     """Questions from a built-in name, a question.jsonl file or a FastChat bench directory (whose
-    `reference_answer/<ref_model>.jsonl`, when the directory has reference answers, is read)."""
+    `reference_answer/<ref_model>.jsonl`, when the directory has reference answers, is read);
+    each carries the set's identity (`bench_identity`), which answers and judgments record."""
+    questions = _load_bench(bench, ref_model)
+    identity = bench_identity(bench_name(bench), questions)
+    for q in questions:
+        q.bench = identity
+    return questions
+
+
+def _load_bench(bench: str | Path | None, ref_model: str) -> list[Question]:
     bench = str(bench or DEFAULT_BENCH)
     if bench in BUILTIN:
         data = resources.files("vicuna_cli.judge").joinpath("data", BUILTIN[bench])

@@ -17,6 +17,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..core.console import warn
 from ..core.errors import VicunaError
 from .questions import Question, read_jsonl
 
@@ -86,6 +87,34 @@ def resolve_duplicates(rows: list[dict[str, Any]], policy: str = "average") -> t
         f"{count} duplicate judgments (same judge, models, question and turn), e.g. question {example[2]} turn {example[3]} of {' vs '.join(example[1])}",
         hint="--duplicates average counts each (FastChat's way), --duplicates last keeps the last",
     )
+
+
+def check_benches(rows: list[dict[str, Any]], questions: list[Question] | None, remap: bool) -> dict[str, Any]:
+    """Judgments record their question set (name, hash). Records of another set than `questions`
+    are refused, or with `remap` given the categories of `questions` by id, with a warning; with
+    no `questions`, records of several sets are refused (their ids mean different questions)."""
+    recorded = sorted({(str(r.get("bench")), str(r["bench_hash"])) for r in rows if r.get("bench_hash")})
+    if not questions:
+        if len(recorded) > 1:
+            raise VicunaError("judgments of different question sets: " + ", ".join(f"{n} ({h})" for n, h in recorded),
+                              hint="show them separately, or pass --bench QUESTIONS to re-map them all onto that set's categories")
+        return {"recorded": [list(b) for b in recorded]}
+    name, digest = questions[0].bench or ("?", "")
+    categories = {q.question_id: q.category for q in questions}
+    other = [r for r in rows if r.get("bench_hash") and r["bench_hash"] != digest]
+    if other and not remap:
+        n, h = next((str(r.get("bench")), r["bench_hash"]) for r in other)
+        raise VicunaError(f"{len(other)} judgments were made on question set {n} ({h}), not {name} ({digest})",
+                          hint="write this run to another -o directory, or look at them with `vicuna judge show --bench ...`")
+    for r in other:
+        r["category"] = categories.get(r.get("question_id"), "unknown")
+    if other:
+        sets = ", ".join(f"{n} ({h})" for n, h in recorded if h != digest)
+        warn(f"{len(other)} judgments were made on {sets}, not on --bench {name} ({digest}): their categories are re-mapped by question id")
+    unknown = sum(1 for r in rows if r.get("question_id") not in categories)
+    if unknown:
+        warn(f"{unknown} judgments have question ids that {name} does not hold: category 'unknown'")
+    return {"recorded": [list(b) for b in recorded], "bench": [name, digest], "remapped": len(other), "unknown_ids": unknown}
 
 
 def _category(row: dict[str, Any], categories: dict[Any, str]) -> str:
@@ -323,15 +352,18 @@ def summarize(
     reference: str | None = None,
     rounds: int = 200,
     duplicates: str = "average",
+    remap: bool = True,
 ) -> dict[str, Any]:
     single, pair = load(paths, judge)
     if not single and not pair:
         raise VicunaError("the judgment files hold no records", hint="run `vicuna judge` first")
+    benches = check_benches(single + pair, questions, remap)
     categories = {q.question_id: q.category for q in questions or []}
     result: dict[str, Any] = {"judge": judge or str(((single + pair)[0].get("judge") or ["?"])[0])}
     kept, count = resolve_duplicates(single + pair, duplicates)
     single, pair = [r for r in kept if "model" in r], [r for r in kept if "model" not in r]
     result["duplicates"] = {"policy": duplicates, "count": count}
+    result["benches"] = benches
     sources = [r["reference_source"] for r in kept if r.get("reference_source")]
     result["references"] = {src: sources.count(src) for src in sorted(set(sources))}
     if single:
