@@ -67,7 +67,13 @@ class JudgeDouble:
         if self.mode == "garbage" or user == "repair":
             return {"role": "assistant", "content": "Both answers have merits."}
         schema = "response_format" in body
-        if "Assistant A's" in user:
+        if "[The Start of Assistant 1's Answer]" in user:  # the 2023 method: two scores, first line
+            one, two = (re.search(rf"\[The Start of Assistant {i}'s Answer\]\n(.*?)\n\[The End of", user, re.S).group(1) for i in (1, 2))
+            s1, s2 = (9 if "correct" in a else 4 for a in (one, two))
+            if self.mode == "first":
+                s1, s2 = 8, 6
+            text = json.dumps({"score_1": s1, "score_2": s2, "explanation": "reviewed"}) if schema else f"{s1} {s2}\nreviewed"
+        elif "Assistant A's" in user:
             a = re.search(r"\[Start of Assistant A's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
             b = re.search(r"\[Start of Assistant B's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
             win = "A" if self.mode == "first" else ("A" if "correct" in a and "correct" not in b else "B" if "correct" in b and "correct" not in a else "tie")
@@ -382,7 +388,7 @@ def test_cli_errors_are_one_line(double, workdir):
     done = subprocess.run(_cli(workdir, "--pair", "good", "nobody"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "no answers for model 'nobody'" in done.stderr and "available: bad, good, meh" in done.stderr
     done = subprocess.run(_cli(workdir, "--mode", "sideways"), capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 1 and "error: --mode: unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, single\n" == done.stderr
+    assert done.returncode == 1 and "error: --mode: unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, pairwise-scores, single\n" == done.stderr
     done = subprocess.run(_cli(workdir, "--pair", "good", "meh"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "answers missing: meh lacks 2 (2, 4)" in done.stderr
     done = subprocess.run(_cli(workdir, "--pair", "good", "bad", "--max-calls", "3"), capture_output=True, text=True, env=env, timeout=60)

@@ -39,6 +39,7 @@ class AnswerSettings:
     temperature: float | None = None  # None: per category
     concurrency: int = 4
     seed: int = 0
+    format: str = "fastchat"  # or "2023": answer_<model>.jsonl with `text`
 
 
 def safe_name(name: str) -> str:
@@ -46,8 +47,15 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("_") or "model"
 
 
-def answer_file(out_dir: Path, model_id: str) -> Path:
-    return Path(out_dir) / f"{safe_name(model_id)}.jsonl"
+FORMATS = ("fastchat", "2023")
+
+
+def answer_file(out_dir: Path, model_id: str, fmt: str | None = None) -> Path:
+    """`{model}.jsonl`, or the 2023 tables' `answer_{model}.jsonl` (fmt "2023", or when only that exists)."""
+    plain, legacy = Path(out_dir) / f"{safe_name(model_id)}.jsonl", Path(out_dir) / f"answer_{safe_name(model_id)}.jsonl"
+    if fmt is None:
+        return legacy if legacy.exists() and not plain.exists() else plain
+    return legacy if fmt == "2023" else plain
 
 
 def load_answers(path: Path, bench: tuple[str, str] | None = None) -> dict[Any, list[str]]:
@@ -68,10 +76,13 @@ def load_answers(path: Path, bench: tuple[str, str] | None = None) -> dict[Any, 
 
 
 def available_models(answer_dir: Path) -> list[str]:
-    return sorted(p.stem for p in Path(answer_dir).glob("*.jsonl")) if Path(answer_dir).is_dir() else []
+    return sorted(p.stem.removeprefix("answer_") for p in Path(answer_dir).glob("*.jsonl")) if Path(answer_dir).is_dir() else []
 
 
-def record(question: Question, model_id: str, turns: list[str]) -> dict[str, Any]:
+def record(question: Question, model_id: str, turns: list[str], fmt: str = "fastchat") -> dict[str, Any]:
+    if fmt == "2023":  # one turn in `text`, as fastchat/eval's answer tables
+        return {"answer_id": uuid.uuid4().hex[:22], "model_id": model_id, "question_id": question.question_id,
+                "text": "\n\n".join(turns), "metadata": {}, **bench_fields(question)}
     return {
         "question_id": question.question_id,
         "answer_id": uuid.uuid4().hex[:22],
@@ -165,7 +176,7 @@ def generate_answers(
 ) -> tuple[Path, int, int]:
     """Answer the questions that have no answer yet. Returns (file, answered now, skipped)."""
     model_id = model_id or answerer.name
-    path = answer_file(out_dir, model_id)
+    path = answer_file(out_dir, model_id, settings.format)
     path.parent.mkdir(parents=True, exist_ok=True)
     have = load_answers(path, questions[0].bench if questions else None) if path.exists() else {}
     todo = [q for q in questions if q.question_id not in have or len(have[q.question_id]) < len(q.turns)]
@@ -178,7 +189,7 @@ def generate_answers(
 
         def on_result(question: Question, turns: list[str]) -> None:
             nonlocal done
-            out.write(json.dumps(record(question, model_id, turns), ensure_ascii=False) + "\n")
+            out.write(json.dumps(record(question, model_id, turns, settings.format), ensure_ascii=False) + "\n")
             out.flush()
             done += 1
             if progress:

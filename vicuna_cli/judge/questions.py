@@ -87,10 +87,12 @@ def parse_question(row: dict[str, Any], where: str) -> Question:
             hint="known categories: " + ", ".join(CATEGORIES),
         )
     turns = row.get("turns")
+    if turns is None and isinstance(row.get("text"), str):  # the 2023 format: one turn in `text`
+        turns, row = [row["text"]], {k: v for k, v in row.items() if k != "text"}
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise VicunaError(
             f"{where}: question {qid} has no 'turns' (a non-empty list of strings)",
-            hint='each line needs e.g. {"question_id": 1, "category": "writing", "turns": ["..."]}',
+            hint='each line needs e.g. {"question_id": 1, "category": "writing", "turns": ["..."]} (or, 2023 format, "text": "...")',
         )
     reference = row.get("reference")
     if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
@@ -100,7 +102,9 @@ def parse_question(row: dict[str, Any], where: str) -> Question:
 
 
 def answer_turns(row: dict[str, Any], where: str) -> list[str]:
-    """The turns of a FastChat model-answer record (first choice)."""
+    """The turns of a FastChat model-answer record (first choice), or of a 2023 one (`text`)."""
+    if "choices" not in row and isinstance(row.get("text"), str):
+        return [row["text"]]
     try:
         turns = row["choices"][0]["turns"]
     except (KeyError, IndexError, TypeError):

@@ -17,104 +17,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ..core.console import warn
 from ..core.errors import VicunaError
-from .questions import Question, read_jsonl
-
-
-def judgment_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(p.glob("*_single.jsonl")) + sorted(p.glob("*_pair.jsonl"))
-            if not found:
-                raise VicunaError(f"{p} holds no *_single.jsonl or *_pair.jsonl judgment files", hint="run `vicuna judge` first, or pass the files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise VicunaError(f"{p} does not exist", hint="pass judgment files or the directory that holds them")
-    return files
-
-
-def load(paths: list[Path], judge: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    single, pair = [], []
-    for path in judgment_files(paths):
-        for i, row in enumerate(read_jsonl(path), 1):
-            if "model" in row and "score" in row:
-                single.append(row)
-            elif "model_1" in row and "model_2" in row and ("winner" in row or ("g1_winner" in row and "g2_winner" in row)):
-                pair.append(row)
-            else:
-                raise VicunaError(f"{path}:{i}: not a judgment record (fields: {', '.join(sorted(row))})")
-    judges = sorted({str((r.get("judge") or ["?"])[0]) for r in single + pair})
-    if judge is not None:
-        single = [r for r in single if str((r.get("judge") or ["?"])[0]) == judge]
-        pair = [r for r in pair if str((r.get("judge") or ["?"])[0]) == judge]
-        if not single and not pair:
-            raise VicunaError(f"no judgments by {judge!r}; judges found: {', '.join(judges)}")
-    elif len(judges) > 1:
-        raise VicunaError(f"judgments from several judges: {', '.join(judges)}", hint="pick one with --judge")
-    return single, pair
-
-
-DUPLICATES = ("average", "last", "error")
-
-
-def _match_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    models = (row["model"],) if "model" in row else tuple(sorted((str(row["model_1"]), str(row["model_2"]))))
-    return (str((row.get("judge") or ["?"])[0]), models, str(row.get("question_id")), int(row.get("turn", 1)))
-
-
-def resolve_duplicates(rows: list[dict[str, Any]], policy: str = "average") -> tuple[list[dict[str, Any]], int]:
-    """(records to score, how many records repeat a judged match: same judge, models, question, turn).
-
-    average: every record counts, so a match judged twice weighs its verdicts equally in the
-    means and tallies -- what FastChat's show_result does with the rows of its files;
-    last: only the last record of each match (file order); error: refuse.
-    """
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[_match_key(row)].append(row)
-    count = len(rows) - len(groups)
-    if not count or policy == "average":
-        return rows, count
-    if policy == "last":
-        return [group[-1] for group in groups.values()], count
-    example = next(k for k, g in groups.items() if len(g) > 1)
-    raise VicunaError(
-        f"{count} duplicate judgments (same judge, models, question and turn), e.g. question {example[2]} turn {example[3]} of {' vs '.join(example[1])}",
-        hint="--duplicates average counts each (FastChat's way), --duplicates last keeps the last",
-    )
-
-
-def check_benches(rows: list[dict[str, Any]], questions: list[Question] | None, remap: bool) -> dict[str, Any]:
-    """Judgments record their question set (name, hash). Records of another set than `questions`
-    are refused, or with `remap` given the categories of `questions` by id, with a warning; with
-    no `questions`, records of several sets are refused (their ids mean different questions)."""
-    recorded = sorted({(str(r.get("bench")), str(r["bench_hash"])) for r in rows if r.get("bench_hash")})
-    if not questions:
-        if len(recorded) > 1:
-            raise VicunaError("judgments of different question sets: " + ", ".join(f"{n} ({h})" for n, h in recorded),
-                              hint="show them separately, or pass --bench QUESTIONS to re-map them all onto that set's categories")
-        return {"recorded": [list(b) for b in recorded]}
-    name, digest = questions[0].bench or ("?", "")
-    categories = {q.question_id: q.category for q in questions}
-    other = [r for r in rows if r.get("bench_hash") and r["bench_hash"] != digest]
-    if other and not remap:
-        n, h = next((str(r.get("bench")), r["bench_hash"]) for r in other)
-        raise VicunaError(f"{len(other)} judgments were made on question set {n} ({h}), not {name} ({digest})",
-                          hint="write this run to another -o directory, or look at them with `vicuna judge show --bench ...`")
-    for r in other:
-        r["category"] = categories.get(r.get("question_id"), "unknown")
-    if other:
-        sets = ", ".join(f"{n} ({h})" for n, h in recorded if h != digest)
-        warn(f"{len(other)} judgments were made on {sets}, not on --bench {name} ({digest}): their categories are re-mapped by question id")
-    unknown = sum(1 for r in rows if r.get("question_id") not in categories)
-    if unknown:
-        warn(f"{unknown} judgments have question ids that {name} does not hold: category 'unknown'")
-    return {"recorded": [list(b) for b in recorded], "bench": [name, digest], "remapped": len(other), "unknown_ids": unknown}
+from .original import scores_tables
+from .questions import Question
+from .records import DUPLICATES, check_benches, judgment_files, load, load_all, resolve_duplicates  # noqa: F401 (the module's API)
 
 
 def _category(row: dict[str, Any], categories: dict[Any, str]) -> str:
@@ -353,21 +259,26 @@ def summarize(
     rounds: int = 200,
     duplicates: str = "average",
     remap: bool = True,
+    answers: Path | None = None,
 ) -> dict[str, Any]:
-    single, pair = load(paths, judge)
-    if not single and not pair:
+    single, pair, scores = load_all(paths, judge, answers)
+    if not single and not pair and not scores:
         raise VicunaError("the judgment files hold no records", hint="run `vicuna judge` first")
-    benches = check_benches(single + pair, questions, remap)
+    benches = check_benches(single + pair + scores, questions, remap)
     categories = {q.question_id: q.category for q in questions or []}
-    result: dict[str, Any] = {"judge": judge or str(((single + pair)[0].get("judge") or ["?"])[0])}
-    kept, count = resolve_duplicates(single + pair, duplicates)
-    single, pair = [r for r in kept if "model" in r], [r for r in kept if "model" not in r]
+    result: dict[str, Any] = {"judge": judge or str(((single + pair + scores)[0].get("judge") or ["?"])[0])}
+    kept, count = resolve_duplicates(single + pair + scores, duplicates)
+    single = [r for r in kept if "model" in r]
+    pair = [r for r in kept if "model_1" in r and not isinstance(r.get("score"), list)]
+    scores = [r for r in kept if isinstance(r.get("score"), list)]
     result["duplicates"] = {"policy": duplicates, "count": count}
     result["benches"] = benches
     sources = [r["reference_source"] for r in kept if r.get("reference_source")]
     result["references"] = {src: sources.count(src) for src in sorted(set(sources))}
     if single:
         result["single"] = single_tables(single, categories, reference)
+    if scores:
+        result["scores"] = scores_tables(scores, lambda row: _category(row, categories))
     if pair:
         result["pairwise"] = pairwise_tables(pair, categories)
         result["pairwise"]["bradley_terry"] = bradley_terry(battles(pair), rounds=rounds)
