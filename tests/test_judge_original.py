@@ -102,7 +102,10 @@ def test_2023_tables_load_unchanged_and_give_the_total_score_ratio(table):
     assert (by_cat["math"]["n"], by_cat["math"]["errors"]) == (0, 1)
     assert data["scores"]["errors"] == [{"question_id": 3, "model_1": "gpt-3.5-turbo:20230327", "model_2": "vicuna-13b:20230322-clean-lang",
                                          "first_line": "I cannot compare these answers without the derivation."}]
-    res = runner.invoke(app, show)
+    png = table / "scores.png"
+    res = runner.invoke(app, show + ["--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "vicuna-13b:20230322-clean-lang reaches 91.2% of gpt-3.5-turbo:20230327 (total score 15.5 vs 17 over 2 reviews)" in res.stdout
     assert "unreadable reviews: 1 of 3 records" in res.stdout and "question 3 (" in res.stdout
 

@@ -308,7 +308,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
         models = [row["model"] for row in single["models"]]
         ylabel = "mean score (1-10)"
         series = {m: [c.get(m) or 0 for c in cats] for m in models}
-    elif pairwise["bradley_terry"]:
+    elif result.get("scores") and not pairwise:  # the 2023 method: total-score ratios, B/A
+        scores = result["scores"]
+        names = [f"{p['b']} / {p['a']}" for p in scores["pairs"]]
+        values = [100 * (p["ratio"] or 0) for p in scores["pairs"]]
+        left.barh(names, values, color="#4c72b0")
+        left.set_xlabel("total score of B, % of A's")
+        cats = [{"category": c} for c in sorted({c["category"] for c in scores["categories"]})]
+        models = names
+        ratios = {(f"{c['b']} / {c['a']}", c["category"]): 100 * (c["ratio"] or 0) for c in scores["categories"]}
+        series = {m: [ratios.get((m, c["category"]), 0) for c in cats] for m in models}
+        ylabel = "B's total score, % of A's"
+    elif pairwise and pairwise["bradley_terry"]:
         bt = pairwise["bradley_terry"]
         names = [r["model"] for r in bt]
         values = [r["rating"] for r in bt]
