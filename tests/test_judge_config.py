@@ -19,7 +19,7 @@ def test_precedence_and_flag_forms(tmp_path):
     cfg = build_config(JudgeConfig, {"concurrency": 2}, path)
     assert cfg.concurrency == 2  # flag beats file
     assert (cfg.max_tokens, cfg.pair, cfg.price, cfg.timeout) == (64, ("good", "bad"), (2.0, 8.0), 30.0)  # file beats default
-    assert (cfg.temperature, cfg.judge_model, cfg.retries, cfg.run_mode) == (0.0, "gpt-4.1", 6, "pair")  # defaults
+    assert (cfg.sampling.temperature, cfg.judge_model, cfg.retries, cfg.run_mode) == (0.0, "gpt-4.1", 6, "pair")  # defaults
     # --models is comma-separated on the command line, a list (or the same string) in YAML
     assert build_config(JudgeConfig, {"models": "a, b,,c"}).models == ["a", "b", "c"]
     path.write_text("models: [a, b]\nmode: pairwise-all\n")
@@ -33,7 +33,7 @@ def test_precedence_and_flag_forms(tmp_path):
         ("concurency: 4\n", r"^unknown option 'concurency' \(from .*judge.yaml\)$"),
         ("concurrency: 0\n", r"^--concurrency \(from .*judge.yaml\): Input should be greater than or equal to 1$"),
         ("max_tokens: many\n", r"^--max-tokens \(from .*judge.yaml\): Input should be a valid integer"),
-        ("mode: sideways\n", r"^--mode \(from .*judge.yaml\): unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, single$"),
+        ("mode: sideways\n", r"^--mode \(from .*judge.yaml\): unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, pairwise-scores, single$"),
         ("structured: maybe\n", r"^--structured \(from .*judge.yaml\): unknown 'maybe'; known: auto, off, on$"),
         ("pair: [a, b, c]\n", r"^--pair \(from .*judge.yaml\): Tuple should have at most 2 items"),
         ("price: 2;8\n", r"^--price \(from .*judge.yaml\): expected INPUT,OUTPUT in USD per million tokens, e.g. 2,8, not '2;8'$"),

@@ -94,19 +94,21 @@ def test_serve_answers_and_judges_itself(served, tmp_path):
     judge = ["--answers", str(answers), "-o", str(out), *common, "--judge-model", MODEL,
              "--judge-api-base", base, "--max-tokens", "24", "-j", "4", "--timeout", "900"]
     done = _vicuna(env, "judge", "--pair", "smol-served", "smol-local", *judge)
-    assert done.returncode == 0, done.stderr
     m = re.search(r"(\d+) judgments written to .* (\d+) judge calls.*?(\d+) from cache, .*?(\d+) unreadable verdicts", done.stderr, re.S)
     assert m, done.stderr
     records, calls, _, errors = map(int, m.groups())
     rows = [json.loads(line) for line in (out / f"{MODEL}_pair.jsonl").read_text().splitlines()]
     assert records == len(rows) == 2
+    failed = errors == records  # a run without one readable verdict exits 1, after its tables
+    assert done.returncode == (1 if failed else 0), done.stderr
+    assert ("error: all 2 judgments have no readable verdict" in done.stderr) == failed
     assert errors == sum(1 for r in rows if "error" in r)  # counted honestly
     unreadable_games = sum(r["g1_winner"] == "error" for r in rows) + sum(r["g2_winner"] == "error" for r in rows)
     assert calls == 4 + unreadable_games  # each unreadable game got one repair call
     assert f"unreadable verdicts: {errors} of 2 records" in done.stdout
     # a repeated run is served from the cache
     again = _vicuna(env, "judge", "--pair", "smol-served", "smol-local", *judge)
-    assert again.returncode == 0 and " 0 judge calls" in again.stderr, again.stderr
+    assert again.returncode == (1 if failed else 0) and " 0 judge calls" in again.stderr, again.stderr
     png = tmp_path / "judge.png"
     done = _vicuna(env, "judge", "show", str(out), "--plot", str(png), "--bootstrap", "20", timeout=120)
     assert done.returncode == 0, done.stderr

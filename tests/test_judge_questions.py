@@ -33,7 +33,8 @@ def _jsonl(path: Path, rows: list) -> Path:
 
 def test_builtin_set_has_80_questions_in_8_categories_with_references():
     qs = load_bench("vicuna80")
-    assert len(qs) == 80 and [q.question_id for q in qs] == list(range(1, 81))
+    # string ids: FastChat's vicuna_bench numbers other questions 1-80, and its judgments must not map onto these
+    assert len(qs) == 80 and [q.question_id for q in qs] == [f"vicuna80-{i:02d}" for i in range(1, 81)]
     assert Counter(q.category for q in qs) == {c: 10 for c in (
         "writing", "roleplay", "common-sense", "fermi", "counterfactual", "knowledge", "coding", "math")}
     assert {q.category for q in qs if q.reference} == {"coding", "math"}
@@ -48,8 +49,27 @@ def test_fastchat_bench_dir_loads_unchanged_with_references(tmp_path):
     qs = {q.question_id: q for q in load_bench(str(bench))}
     assert qs[81].turns[1].startswith("Rewrite your previous response") and qs[81].reference is None
     assert qs[111].reference == ["The area is 3.", "The area is 5 pi."]  # from the reference file
-    assert qs[101].reference == ["You are in second place.", "Uncertain."]  # the question's own wins
+    assert qs[111].reference_source == "reference_answer/gpt-4.jsonl"
     assert [q.question_id for q in load_bench(str(bench / "question.jsonl"))] == [81, 111, 101]
+
+
+def test_reference_answers_follow_fastchat_gen_judgment(tmp_path):
+    bench = tmp_path / "mt_bench"
+    inline_only = {"question_id": 130, "category": "coding", "turns": ["Reverse a list."], "reference": ["xs[::-1]"]}
+    _jsonl(bench / "question.jsonl", MT_BENCH_LINES + [inline_only])
+    _jsonl(bench / "reference_answer" / "gpt-4.jsonl", GPT4_REFERENCE)
+    _jsonl(bench / "reference_answer" / "claude-v1.jsonl", [{**GPT4_REFERENCE[1], "choices": [{"index": 0, "turns": ["claude says second", "-"]}]}])
+    qs = {q.question_id: q for q in load_bench(str(bench))}
+    # the reference model's answer wins over the question's short inline reference (FastChat's source)
+    assert qs[101].reference == ["second", "second to last"] and qs[101].reference_source == "reference_answer/gpt-4.jsonl"
+    # the inline reference only where the file has no entry
+    assert qs[130].reference == ["xs[::-1]"] and qs[130].reference_source == "inline"
+    qs = {q.question_id: q for q in load_bench(str(bench), ref_model="claude-v1")}
+    assert qs[101].reference == ["claude says second", "-"] and qs[101].reference_source == "reference_answer/claude-v1.jsonl"
+    assert qs[111].reference is None  # claude-v1 has no answer for it, and it has no inline one
+    with pytest.raises(VicunaError, match="has no gpt-3.5-turbo.jsonl; reference models there: claude-v1, gpt-4") as exc:
+        load_bench(str(bench), ref_model="gpt-3.5-turbo")
+    assert exc.value.hint == "pick one with --ref-model claude-v1"
 
 
 @pytest.mark.parametrize("row,message", [
@@ -112,7 +132,8 @@ def test_local_answers_multi_turn_fastchat_format_resumable(tmp_path, sp_model_d
     assert len(seen) == 4  # two questions, two turns each
     assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]  # turn 2 sees turn 1's answer
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    assert set(rows[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp"}
+    assert set(rows[0]) == {"question_id", "answer_id", "model_id", "choices", "tstamp", "bench", "bench_hash"}
+    assert (rows[0]["bench"], rows[0]["bench_hash"]) == qs[0].bench == (tmp_path.name, qs[1].bench[1])
     assert rows[0]["model_id"] == "tiny/sp:v1" and len(rows[0]["choices"][0]["turns"]) == 2
     assert rows[0]["choices"][0]["turns"][0] == seen[1][1]["content"]  # what turn 2 was shown
     # resume: only the missing question is answered; the file stays one record per question, sorted
@@ -122,3 +143,24 @@ def test_local_answers_multi_turn_fastchat_format_resumable(tmp_path, sp_model_d
     assert [json.loads(line)["question_id"] for line in path.read_text().splitlines()] == [81, 101, 111]
     assert answers_mod.available_models(out) == ["tiny_sp_v1"]
     assert set(answers_mod.load_answers(path)) == {81, 101, 111}
+
+
+def test_answers_record_their_bench_and_other_benches_are_refused(tmp_path):
+    one = _jsonl(tmp_path / "one" / "question.jsonl", MT_BENCH_LINES)
+    edited = [{**MT_BENCH_LINES[0], "turns": ["A different question under the same id.", "x"]}] + MT_BENCH_LINES[1:]
+    two = _jsonl(tmp_path / "two" / "question.jsonl", edited)
+    q1, q2 = load_bench(str(one)), load_bench(str(two))
+    assert q1[0].bench[0] == "one" and q2[0].bench[0] == "two"
+    assert q1[0].bench[1] != q2[0].bench[1]  # one question's text differs: another set
+    assert load_bench(str(tmp_path / "one"))[0].bench[1] == q1[0].bench[1]  # the same questions, as a dir
+    assert load_bench("vicuna80")[0].bench[0] == "vicuna80"
+    path = _jsonl(tmp_path / "answers" / "m.jsonl", [
+        {"question_id": 81, "model_id": "m", "choices": [{"index": 0, "turns": ["a", "b"]}], "bench": "one", "bench_hash": q1[0].bench[1]},
+    ])
+    assert answers_mod.load_answers(path, q1[0].bench) == {81: ["a", "b"]}
+    with pytest.raises(VicunaError, match=r"m.jsonl answers bench 'one' \(questions hash \w+\), not 'two'") as exc:
+        answers_mod.load_answers(path, q2[0].bench)
+    assert "-o" in exc.value.hint
+    # FastChat's answer files record no bench: they load
+    fastchat = _jsonl(tmp_path / "answers" / "f.jsonl", [{"question_id": 81, "choices": [{"index": 0, "turns": ["a"]}]}])
+    assert answers_mod.load_answers(fastchat, q2[0].bench) == {81: ["a"]}

@@ -168,3 +168,89 @@ def test_show_pairwise_only_plot_and_errors(tmp_path):
         results.load([bad])
     with pytest.raises(VicunaError, match="does not exist"):
         results.load([tmp_path / "nope"])
+
+
+def _fastchat_show_result(single_files: list[Path], pair_files: list[Path]) -> tuple[dict, dict]:
+    """FastChat's show_result.py (display_result_single / _pairwise), transcribed, over the
+    concatenation of the files: per-model mean score, and per-model win/loss/tie rates."""
+    import pandas as pd
+
+    df = pd.concat([pd.read_json(f, lines=True) for f in single_files])[["model", "score", "turn"]]
+    df = df[df["score"] != -1]
+    single = df[["model", "score"]].groupby(["model"]).mean()["score"].to_dict()
+    df_all = pd.concat([pd.read_json(f, lines=True) for f in pair_files])
+    df_all = df_all[(df_all["g1_winner"] != "error") & (df_all["g2_winner"] != "error")]
+    list_res = []
+    for _, row in df_all.iterrows():
+        if row["g1_winner"] == "tie" or row["g1_winner"] != row["g2_winner"]:
+            list_res += [{"model": row["model_1"], "win": 0, "loss": 0, "tie": 1}, {"model": row["model_2"], "win": 0, "loss": 0, "tie": 1}]
+        else:
+            winner, loser = (row["model_1"], row["model_2"]) if row["g1_winner"] == "model_1" else (row["model_2"], row["model_1"])
+            list_res += [{"model": winner, "win": 1, "loss": 0, "tie": 0}, {"model": loser, "win": 0, "loss": 1, "tie": 0}]
+    table = pd.DataFrame(list_res).groupby(["model"]).sum()
+    n = table["win"] + table["loss"] + table["tie"]
+    table["win_rate"], table["loss_rate"], table["win_rate_adjusted"] = table["win"] / n, table["loss"] / n, (table["win"] + 0.5 * table["tie"]) / n
+    return single, table[["win_rate", "loss_rate", "win_rate_adjusted"]].to_dict("index")
+
+
+def test_duplicate_judgments_average_like_fastchat_show_result(tmp_path):
+    # two runs over overlapping matches: question 1 and 2 are judged in both, differently
+    first = [_single(1, "a", 8), _single(1, "b", 4), _single(2, "a", 6), _single(2, "b", 5)]
+    second = [_single(1, "a", 4), _single(2, "b", -1), _single(3, "a", 9), _single(3, "b", 7)]
+    s1, s2 = _write(tmp_path / "run1_single.jsonl", first), _write(tmp_path / "run2_single.jsonl", second)
+    pair1 = [_pair(1, "a", "b", "model_1", "model_1"), _pair(2, "a", "b", "tie", "tie")]
+    pair2 = [_pair(1, "b", "a", "model_1", "model_1"), _pair(3, "a", "b", "model_2", "model_2")]  # question 1 again, names swapped
+    p1, p2 = _write(tmp_path / "run1_pair.jsonl", pair1), _write(tmp_path / "run2_pair.jsonl", pair2)
+    fc_single, fc_pair = _fastchat_show_result([s1, s2], [p1, p2])
+
+    result = results.summarize([s1, s2, p1, p2], rounds=0)
+    assert result["duplicates"] == {"policy": "average", "count": 3}  # a on 1, b on 2 (an error is a judgment too), pair on 1
+    assert {m["model"]: m["score"] for m in result["single"]["models"]} == pytest.approx(fc_single)
+    ours = {m["model"]: {k: m[k] for k in ("win_rate", "loss_rate", "win_rate_adjusted")} for m in result["pairwise"]["models"]}
+    assert ours.keys() == fc_pair.keys() and all(ours[m] == pytest.approx(fc_pair[m]) for m in ours)
+    # the total-score ratio takes each question turn's mean: a = (8+4)/2 + 6 + 9, b = 4 + 5 + 7
+    assert result["single"]["total_score_ratio"]["ratios"]["b"] == pytest.approx(16 / 21)
+
+    last = results.summarize([s1, s2, p1, p2], rounds=0, duplicates="last")
+    assert last["duplicates"] == {"policy": "last", "count": 3}
+    assert {m["model"]: m["score"] for m in last["single"]["models"]} == {"a": pytest.approx((4 + 6 + 9) / 3), "b": pytest.approx((4 + 7) / 2)}
+    assert last["pairwise"]["records"] == 3
+    with pytest.raises(VicunaError, match="3 duplicate judgments .*question 1 turn 1 of a") as exc:
+        results.summarize([s1, s2, p1, p2], rounds=0, duplicates="error")
+    assert "--duplicates average" in exc.value.hint
+
+    res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    assert "3 duplicate judgments averaged" in res.stdout
+    res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--duplicates", "first"])
+    assert isinstance(res.exception, VicunaError) and "known: average, error, last" in res.exception.message
+
+
+def test_show_refuses_or_remaps_judgments_of_another_question_set(tmp_path):
+    from vicuna_cli.judge.questions import load_bench
+
+    builtin = load_bench("vicuna80")
+    name, digest = builtin[0].bench
+    ours = [{**_pair(q.question_id, "a", "b", "model_1", "model_1"), "category": q.category, "bench": name, "bench_hash": digest} for q in builtin[:2]]
+    # the same ids in another set: a copy whose question texts were edited, categories differ
+    theirs = [{**_pair(builtin[0].question_id, "a", "c", "model_2", "model_2"), "category": "math", "bench": "edited", "bench_hash": "0123456789abcdef"}]
+    _write(tmp_path / "ours_pair.jsonl", ours)
+    _write(tmp_path / "theirs_pair.jsonl", theirs)
+    with pytest.raises(VicunaError, match=r"judgments of different question sets: edited \(0123456789abcdef\), vicuna80 \(") as exc:
+        results.summarize([tmp_path], rounds=0)
+    assert "--bench" in exc.value.hint
+    # the judge run's own summary never re-maps: the run's questions are the truth
+    with pytest.raises(VicunaError, match=r"1 judgments were made on question set edited \(0123456789abcdef\), not vicuna80"):
+        results.summarize([tmp_path], builtin, remap=False, rounds=0)
+    res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--bench", "vicuna80", "--json", "--bootstrap", "0"])
+    assert res.exit_code == 0, res.output
+    assert "1 judgments were made on edited (0123456789abcdef), not on --bench vicuna80" in res.stderr
+    data = json.loads(res.stdout)
+    assert data["benches"]["remapped"] == 1 and data["benches"]["unknown_ids"] == 0
+    cats = {(c["model_1"], c["model_2"], c["category"]) for c in data["pairwise"]["categories"]}
+    assert ("a", "c", builtin[0].category) in cats and ("a", "c", "math") not in cats
+    # FastChat's vicuna_bench judgments (ids 1-80, no bench recorded) do not land on the built-in set's questions
+    _write(tmp_path / "theirs_pair.jsonl", [_pair(1, "a", "c", "tie", "tie")])
+    res = CliRunner().invoke(app, ["judge", "show", str(tmp_path), "--bench", "vicuna80", "--json", "--bootstrap", "0"])
+    assert "1 judgments have question ids that vicuna80 does not hold: category 'unknown'" in res.stderr
+    assert ("a", "c", "unknown") in {(c["model_1"], c["model_2"], c["category"]) for c in json.loads(res.stdout)["pairwise"]["categories"]}

@@ -69,7 +69,13 @@ class JudgeDouble:
         if self.mode == "garbage" or user == "repair":
             return {"role": "assistant", "content": "Both answers have merits."}
         schema = "response_format" in body
-        if "Assistant A's" in user:
+        if "[The Start of Assistant 1's Answer]" in user:  # the 2023 method: two scores, first line
+            one, two = (re.search(rf"\[The Start of Assistant {i}'s Answer\]\n(.*?)\n\[The End of", user, re.S).group(1) for i in (1, 2))
+            s1, s2 = (9 if "correct" in a else 4 for a in (one, two))
+            if self.mode == "first":
+                s1, s2 = 8, 6
+            text = json.dumps({"score_1": s1, "score_2": s2, "explanation": "reviewed"}) if schema else f"{s1} {s2}\nreviewed"
+        elif "Assistant A's" in user:
             a = re.search(r"\[Start of Assistant A's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
             b = re.search(r"\[Start of Assistant B's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
             win = "A" if self.mode == "first" else ("A" if "correct" in a and "correct" not in b else "B" if "correct" in b and "correct" not in a else "tie")
@@ -178,7 +184,7 @@ def test_pairwise_both_orders_fastchat_records(double, workdir):
     assert all(r["temperature"] == 0.0 for r in double.requests)
     rows = _rows(summary.path)
     assert summary.path.name == "judge-x_pair.jsonl"
-    assert all(set(r) == FASTCHAT_PAIR_FIELDS | {"category"} for r in rows)
+    assert all(set(r) == FASTCHAT_PAIR_FIELDS | {"category"} | ({"reference_source"} if r["category"] in ("math", "coding") else set()) for r in rows)
     assert {(r["question_id"], r["turn"], r["g1_winner"], r["g2_winner"]) for r in rows} == {
         (1, 1, "model_1", "model_1"), (2, 1, "model_1", "model_1"), (3, 1, "model_1", "model_1"),
         (4, 1, "model_1", "model_1"), (5, 1, "model_1", "model_1"), (5, 2, "model_1", "model_1"),
@@ -254,8 +260,10 @@ def test_unreadable_verdicts_are_retried_then_counted(double, workdir):
     # the command says so, and says what to do when the judge never produced a verdict
     res = runner.invoke(app, ["judge", "--pair", "good", "bad", "--answers", str(workdir / "answers"), "-o", str(workdir / "cli"),
                               "--bench", str(workdir / "question.jsonl"), "--judge-model", "judge-x", "--judge-api-base", double.base])
-    assert res.exit_code == 0, res.output
-    assert "6 of 6 judgments have no readable verdict" in res.stderr and "use a stronger --judge-model" in res.stderr
+    # a run with no readable verdict at all is a failure, not a result
+    assert res.exit_code == 1 and isinstance(res.exception, VicunaError), res.output
+    assert "all 6 judgments have no readable verdict" in res.exception.message and "use a stronger --judge-model" in res.exception.hint
+    assert len(_rows(workdir / "cli" / "judge-x_pair.jsonl")) == 6  # the error records are kept
 
 
 def test_max_calls_stops_cleanly_and_resume_finishes(double, workdir):
@@ -384,7 +392,7 @@ def test_cli_errors_are_one_line(double, workdir):
     done = subprocess.run(_cli(workdir, "--pair", "good", "nobody"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "no answers for model 'nobody'" in done.stderr and "available: bad, good, meh" in done.stderr
     done = subprocess.run(_cli(workdir, "--mode", "sideways"), capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 1 and "error: --mode: unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, single\n" == done.stderr
+    assert done.returncode == 1 and "error: --mode: unknown 'sideways'; known: pair, pairwise-all, pairwise-baseline, pairwise-scores, single\n" == done.stderr
     done = subprocess.run(_cli(workdir, "--pair", "good", "meh"), capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 1 and "answers missing: meh lacks 2 (2, 4)" in done.stderr
     done = subprocess.run(_cli(workdir, "--pair", "good", "bad", "--max-calls", "3"), capture_output=True, text=True, env=env, timeout=60)
@@ -408,3 +416,26 @@ def test_cli_run_from_the_cache_makes_no_call_and_does_not_import_openai(double,
     assert "6 judgments written" in done.stderr and "0 judge calls, 12 from cache" in done.stderr
     assert "openai imported: False torch imported: False" in done.stderr
     assert "position consistency: 100.0%" in done.stdout
+
+
+def test_reference_source_in_dry_run_records_and_show(double, workdir):
+    bench = workdir / "bench"
+    (bench / "reference_answer").mkdir(parents=True)
+    (bench / "question.jsonl").write_text((workdir / "question.jsonl").read_text())
+    # the reference model answered question 3 (math) only; 4 (coding) keeps its inline reference
+    (bench / "reference_answer" / "gpt-4.jsonl").write_text(json.dumps(
+        {"question_id": 3, "answer_id": "r3", "model_id": "gpt-4", "choices": [{"index": 0, "turns": ["2+2 = 4, worked"]}]}) + "\n")
+    args = ["judge", "--pair", "good", "bad", "--answers", str(workdir / "answers"), "-o", str(workdir / "refs"),
+            "--bench", str(bench), "--judge-model", "judge-x", "--judge-api-base", double.base]
+    runner = CliRunner()
+    res = runner.invoke(app, args + ["--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "reference answers: 2 calls from inline, 2 calls from reference_answer/gpt-4.jsonl" in res.stdout
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = {r["question_id"]: r for r in _rows(workdir / "refs" / "judge-x_pair.jsonl")}
+    assert rows[3]["reference_source"] == "reference_answer/gpt-4.jsonl" and "2+2 = 4, worked" in rows[3]["g1_user_prompt"]
+    assert rows[4]["reference_source"] == "inline" and "xs[::-1]" in rows[4]["g1_user_prompt"]
+    assert "reference_source" not in rows[1]
+    res = runner.invoke(app, ["judge", "show", str(workdir / "refs"), "--bootstrap", "0"])
+    assert "reference answers: 1 judgments used inline, 1 judgments used reference_answer/gpt-4.jsonl" in res.stdout

@@ -25,10 +25,12 @@ BENCH_HELP = "Built-in set name (vicuna80), a FastChat question.jsonl, or a Fast
 def judge(
     ctx: typer.Context,
     pair: Optional[Tuple[str, str]] = typer.Option(None, "--pair", help="Judge MODEL_A against MODEL_B, both orders."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="single, pairwise-baseline or pairwise-all (--pair implies pair)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="single, pairwise-baseline, pairwise-all (--pair implies pair), or pairwise-scores (the original 2023 method: two scores in one review)."),
+    swap: bool = typer.Option(False, "--swap", help="pairwise-scores: also judge each pair in the other order (position bias)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="The baseline model for --mode pairwise-baseline."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated models to judge (default: every answer file)."),
     bench: Optional[str] = typer.Option(None, "--bench", help=BENCH_HELP),
+    ref_model: str = typer.Option("gpt-4", "--ref-model", help="A bench dir's reference_answer/<MODEL>.jsonl, used for math, reasoning and coding (an inline reference only where it has none)."),
     answers: Path = typer.Option(ANSWERS, "--answers", help="Directory of model-answer files ({model}.jsonl)."),
     output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml."),
     judge_model: str = typer.Option("gpt-4.1", "--judge-model", help="The judge's model id."),
@@ -40,7 +42,7 @@ def judge(
     price: Optional[str] = typer.Option(None, "--price", help="USD per million tokens, INPUT,OUTPUT (e.g. 2,8), for --dry-run's cost."),
     est_output_tokens: int = typer.Option(300, "--est-output-tokens", help="Expected tokens per judge reply, for --dry-run."),
     allow_missing: bool = typer.Option(False, "--allow-missing", help="Judge on the questions that have answers from every model."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Judge sampling temperature."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Judge sampling temperature [default: 0; 0.2 for pairwise-scores, the original's]."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Longest judge reply."),
     timeout: float = typer.Option(120.0, "--timeout", help="Seconds per judge call before it is retried."),
     retries: int = typer.Option(6, "--retries", help="Retries of a failed call (429, 5xx, timeouts)."),
@@ -69,9 +71,9 @@ def judge(
         chosen.append(cfg.baseline)
     if not chosen:
         raise VicunaError(f"no model answers in {cfg.answers}", hint="generate them with `vicuna judge answer -m MODEL`")
-    settings = judging.JudgeSettings(run_mode, chosen, cfg.baseline, cfg.sampling, cfg.concurrency, cfg.allow_missing, cfg.parse_retries)
-    questions = load_bench(cfg.bench)
-    model_answers = judging.load_model_answers(cfg.answers, chosen)
+    settings = judging.JudgeSettings(run_mode, chosen, cfg.baseline, cfg.sampling, cfg.concurrency, cfg.allow_missing, cfg.parse_retries, cfg.swap)
+    questions = load_bench(cfg.bench, cfg.ref_model)
+    model_answers = judging.load_model_answers(cfg.answers, chosen, questions[0].bench)
     games = judging.plan_games(questions, model_answers, settings)
     key_env = cfg.judge_api_key_env or ("VICUNA_JUDGE_API_KEY" if os.environ.get("VICUNA_JUDGE_API_KEY") else "OPENAI_API_KEY")
     if not dry_run and "api.openai.com" in cfg.judge_api_base and not os.environ.get(key_env):
@@ -83,24 +85,27 @@ def judge(
     if dry_run:
         est = judging.estimate(games, model_answers, client, settings.sampling)
         out_tokens = est["calls"] * min(cfg.est_output_tokens, cfg.max_tokens)
-        records = est["games"] // (1 if run_mode == "single" else 2)
+        records = est["games"] // (2 if settings.kind == "pair" else 1)
         line = f"{records} judgments planned, {est['games']} judge calls: {est['calls']} needed ({est['cached']} in the cache), ~{est['prompt_tokens']} prompt tokens + ~{out_tokens} output tokens"
         if cfg.price:
             line += f", ~${(est['prompt_tokens'] * cfg.price[0] + out_tokens * cfg.price[1]) / 1e6:.2f}"
         typer.echo(line + " (retries of unreadable verdicts not included)")
+        if est["references"]:
+            typer.echo("reference answers: " + ", ".join(f"{n} calls from {src}" for src, n in sorted(est["references"].items())))
         return
     save_config(cfg, cfg.output / "config.yaml")
     with err.status(f"judging {len(games)} games with {cfg.judge_model} ...") as status:
         summary = judging.run(games, model_answers, client, settings, cfg.output, lambda d, n: status.update(f"judging: {d}/{n} games"))
     report.run_summary(summary)
-    if summary.errors:
-        every = summary.errors == summary.records
-        warn(f"{summary.errors} of {summary.records} judgments have no readable verdict (kept as errors, with an 'error' field, in {summary.path})"
-             + ("; this judge never answered in the verdict format: use a stronger --judge-model" if every else ""))
+    unreadable = f"have no readable verdict (kept as errors, with an 'error' field, in {summary.path})"
+    if summary.errors and summary.errors < summary.records:
+        warn(f"{summary.errors} of {summary.records} judgments {unreadable}")
     if summary.stopped:
         warn(f"stopped: {summary.stopped}; run the same command again to continue (finished calls are cached)")
-    result = results.summarize([summary.path], questions, cfg.judge_model)
+    result = results.summarize([summary.path], questions, cfg.judge_model, remap=False)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
+    if summary.errors == summary.records > 0:  # the tables hold only errors: a failed run, not a result
+        raise VicunaError(f"all {summary.records} judgments {unreadable}", hint="this judge never answered in the verdict format: use a stronger --judge-model")
     info(f"see `vicuna judge show {cfg.output}` for all judgments in {cfg.output}")
 
 
@@ -139,6 +144,7 @@ def answer_cmd(
     bench: Optional[str] = typer.Option(None, "--bench", help=BENCH_HELP),
     output: Path = typer.Option(ANSWERS, "-o", "--output", help="Directory for {model_id}.jsonl."),
     max_new_tokens: int = typer.Option(1024, "--max-new-tokens", min=1, help="Longest answer per turn."),
+    answer_format: str = typer.Option("fastchat", "--format", help="fastchat ({model_id}.jsonl) or 2023 (answer_{model_id}.jsonl with `text`, as fastchat/eval's tables)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: per category, FastChat's)."),
     concurrency: int = typer.Option(4, "--concurrency", "-j", min=1, help="Questions in flight (API models; a local model answers one at a time)."),
     first_n: Optional[int] = typer.Option(None, "--first-n", min=1, help="Only the first N questions."),
@@ -149,17 +155,22 @@ def answer_cmd(
     """Answer a question set (multi-turn aware) into FastChat's model-answer JSONL; resumable."""
     from ..core.console import err, info
     from ..core.errors import VicunaError
-    from ..judge.answers import AnswerSettings, ApiAnswerer, LocalAnswerer, generate_answers
+    from ..core.errors import unknown_choice
+    from ..judge.answers import FORMATS, AnswerSettings, ApiAnswerer, LocalAnswerer, generate_answers
     from ..judge.questions import load_bench
 
+    if answer_format not in FORMATS:
+        raise unknown_choice("--format", answer_format, list(FORMATS))
     qs = load_bench(bench)[:first_n]
+    if answer_format == "2023" and any(len(q.turns) > 1 for q in qs):
+        raise VicunaError("--format 2023 holds one answer per question; this set has multi-turn questions", hint="use --format fastchat")
     if api_base:
         if not model:
             raise VicunaError("--api-base needs -m MODEL (the server's model id)")
         answerer = ApiAnswerer(api_base, api_key, model)
     else:
         answerer = LocalAnswerer(model, template, device, dtype)
-    settings = AnswerSettings(max_new_tokens, temperature, concurrency)
+    settings = AnswerSettings(max_new_tokens, temperature, concurrency, format=answer_format)
     with err.status(f"answering {len(qs)} questions with {answerer.name} ...") as status:
         path, done, skipped = generate_answers(qs, answerer, output, settings, model_id, lambda d, n: status.update(f"answered {d}/{n}"))
     info(f"{done} answers written, {skipped} already there: {path}")
@@ -170,18 +181,23 @@ def show_cmd(
     paths: Optional[List[Path]] = typer.Argument(None, help=f"Judgment files or directories (default {JUDGMENTS})."),
     bench: Optional[str] = typer.Option(None, "--bench", help="Question set, for categories of files that do not record them. " + BENCH_HELP),
     judge: Optional[str] = typer.Option(None, "--judge", help="Only this judge model's records."),
+    answers: Optional[Path] = typer.Option(None, "--answers", help="2023 review tables: the answer files' directory (maps answer*_id to models)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Model the total-score ratio is relative to (default: the best)."),
     bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="Bootstrap rounds for the rating CIs."),
+    duplicates: str = typer.Option("average", "--duplicates", help="Judgments of the same match repeated across files: average (each counts, FastChat's show_result), last, or error."),
     json_output: bool = typer.Option(False, "--json", help="Print everything as JSON."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: relative scores and per-category scores."),
 ) -> None:
     """Win/tie/loss, total-score ratio, Bradley-Terry ratings and position consistency."""
     from ..core.console import info
+    from ..core.errors import unknown_choice
     from ..judge import report, results
     from ..judge.questions import load_bench
 
+    if duplicates not in results.DUPLICATES:
+        raise unknown_choice("--duplicates policy", duplicates, list(results.DUPLICATES))
     questions = load_bench(bench) if bench else None
-    result = results.summarize(paths or [JUDGMENTS], questions, judge, reference, bootstrap)
+    result = results.summarize(paths or [JUDGMENTS], questions, judge, reference, bootstrap, duplicates, answers=answers)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
     if plot_file:
         results.plot(result, plot_file)

@@ -39,6 +39,7 @@ class AnswerSettings:
     temperature: float | None = None  # None: per category
     concurrency: int = 4
     seed: int = 0
+    format: str = "fastchat"  # or "2023": answer_<model>.jsonl with `text`
 
 
 def safe_name(name: str) -> str:
@@ -51,27 +52,55 @@ def lock_file(path: Path) -> Path:
     return path.parent / f".{path.name}.lock"
 
 
-def answer_file(out_dir: Path, model_id: str) -> Path:
-    return Path(out_dir) / f"{safe_name(model_id)}.jsonl"
+FORMATS = ("fastchat", "2023")
 
 
-def load_answers(path: Path) -> dict[Any, list[str]]:
-    """question_id -> turns from a model-answer file (the last record of a question wins)."""
-    return {row.get("question_id"): answer_turns(row, str(path)) for row in read_jsonl(path)}
+def answer_file(out_dir: Path, model_id: str, fmt: str | None = None) -> Path:
+    """`{model}.jsonl`, or the 2023 tables' `answer_{model}.jsonl` (fmt "2023", or when only that exists)."""
+    plain, legacy = Path(out_dir) / f"{safe_name(model_id)}.jsonl", Path(out_dir) / f"answer_{safe_name(model_id)}.jsonl"
+    if fmt is None:
+        return legacy if legacy.exists() and not plain.exists() else plain
+    return legacy if fmt == "2023" else plain
+
+
+def load_answers(path: Path, bench: tuple[str, str] | None = None) -> dict[Any, list[str]]:
+    """question_id -> turns from a model-answer file (the last record of a question wins).
+
+    Answers that record another question set than `bench` (name, hash) are refused: their ids
+    would silently pair them with other questions. Files that record none (FastChat's) load.
+    """
+    rows = read_jsonl(path)
+    if bench:
+        other = next((row for row in rows if row.get("bench_hash") not in (None, bench[1])), None)
+        if other:
+            raise VicunaError(
+                f"{path} answers bench {other.get('bench')!r} (questions hash {other['bench_hash']}), not {bench[0]!r} ({bench[1]})",
+                hint="answer this bench into another directory (-o), or pass the --bench those answers were made for",
+            )
+    return {row.get("question_id"): answer_turns(row, str(path)) for row in rows}
 
 
 def available_models(answer_dir: Path) -> list[str]:
-    return sorted(p.stem for p in Path(answer_dir).glob("*.jsonl")) if Path(answer_dir).is_dir() else []
+    return sorted(p.stem.removeprefix("answer_") for p in Path(answer_dir).glob("*.jsonl")) if Path(answer_dir).is_dir() else []
 
 
-def record(question: Question, model_id: str, turns: list[str]) -> dict[str, Any]:
+def record(question: Question, model_id: str, turns: list[str], fmt: str = "fastchat") -> dict[str, Any]:
+    if fmt == "2023":  # one turn in `text`, as fastchat/eval's answer tables
+        return {"answer_id": uuid.uuid4().hex[:22], "model_id": model_id, "question_id": question.question_id,
+                "text": "\n\n".join(turns), "metadata": {}, **bench_fields(question)}
     return {
         "question_id": question.question_id,
         "answer_id": uuid.uuid4().hex[:22],
         "model_id": model_id,
         "choices": [{"index": 0, "turns": turns}],
         "tstamp": time.time(),
+        **bench_fields(question),
     }
+
+
+def bench_fields(question: Question) -> dict[str, str]:
+    """The question set an answer or judgment belongs to (extra fields FastChat's tools ignore)."""
+    return {"bench": question.bench[0], "bench_hash": question.bench[1]} if question.bench else {}
 
 
 def _dedupe_sorted(path: Path) -> None:
@@ -152,9 +181,9 @@ def generate_answers(
 ) -> tuple[Path, int, int]:
     """Answer the questions that have no answer yet. Returns (file, answered now, skipped)."""
     model_id = model_id or answerer.name
-    path = answer_file(out_dir, model_id)
+    path = answer_file(out_dir, model_id, settings.format)
     path.parent.mkdir(parents=True, exist_ok=True)
-    have = load_answers(path) if path.exists() else {}
+    have = load_answers(path, questions[0].bench if questions else None) if path.exists() else {}
     todo = [q for q in questions if q.question_id not in have or len(have[q.question_id]) < len(q.turns)]
     skipped = len(questions) - len(todo)
     if skipped:
@@ -168,7 +197,7 @@ def generate_answers(
 
             def on_result(question: Question, turns: list[str]) -> None:
                 nonlocal done
-                out.write(json.dumps(record(question, model_id, turns), ensure_ascii=False) + "\n")
+                out.write(json.dumps(record(question, model_id, turns, settings.format), ensure_ascii=False) + "\n")
                 out.flush()
                 done += 1
                 if progress:

@@ -16,6 +16,8 @@ from ..core.config import CommandConfig
 from . import ANSWERS, JUDGMENTS
 from .client import DEFAULT_API_BASE, Sampling
 from .judging import MODES
+from .original import TEMPERATURE as ORIGINAL_TEMPERATURE
+from .questions import DEFAULT_REF_MODEL
 
 STRUCTURED = ("auto", "on", "off")
 
@@ -26,6 +28,7 @@ class JudgeConfig(CommandConfig):
     baseline: Optional[str] = None
     models: Optional[list[str]] = None
     bench: Optional[str] = None
+    ref_model: str = DEFAULT_REF_MODEL
     answers: Path = ANSWERS
     output: Path = JUDGMENTS
     judge_model: str = "gpt-4.1"
@@ -36,7 +39,8 @@ class JudgeConfig(CommandConfig):
     price: Optional[tuple[float, float]] = None
     est_output_tokens: int = Field(300, ge=0)
     allow_missing: bool = False
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)  # None: 0, or the original's 0.2 for pairwise-scores
+    swap: bool = False
     max_tokens: int = Field(1024, ge=1)
     timeout: float = Field(120.0, gt=0)
     retries: int = Field(6, ge=0)
@@ -72,14 +76,19 @@ class JudgeConfig(CommandConfig):
 
     @model_validator(mode="after")
     def _mode_fits(self) -> "JudgeConfig":
-        if self.pair and self.mode not in (None, "pair"):
+        if self.pair and self.mode not in (None, "pair", "pairwise-scores"):
             raise ValueError(f"--pair judges one pair; it does not go with --mode {self.mode}")
+        if self.swap and self.run_mode != "pairwise-scores":
+            raise ValueError("--swap is for --mode pairwise-scores (the other pairwise modes always judge both orders)")
         return self
 
     @property
     def run_mode(self) -> str:
+        if self.mode == "pairwise-scores":
+            return self.mode
         return "pair" if self.pair else (self.mode or "single")
 
     @property
     def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.max_tokens)
+        default = ORIGINAL_TEMPERATURE if self.run_mode == "pairwise-scores" else 0.0
+        return Sampling(default if self.temperature is None else self.temperature, self.max_tokens)

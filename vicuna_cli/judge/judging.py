@@ -5,6 +5,9 @@ Modes (FastChat's, plus `pair`):
   pair A B           A against B
   pairwise-baseline  every model against --baseline
   pairwise-all       every pair of models
+  pairwise-scores    the original 2023 method (original.py): both answers in one prompt, two
+                     scores; --pair A B, else each model after --baseline, else every pair;
+                     one judge call per pair (two with --swap)
 Every pairwise match is judged twice, A/B then B/A (games g1 and g2). A win counts only when both
 orders agree; `results.py` turns disagreements into ties and reports the consistency rate.
 Multi-turn questions get one judgment per turn (later turns judged in the context of the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,14 +28,19 @@ from typing import Any, Callable
 from ..core.console import warn
 from ..core.errors import VicunaError
 from ..core.store import atomic_write_text, exclusive
-from .answers import answer_file, available_models, load_answers, lock_file, safe_name
+from .answers import answer_file, available_models, bench_fields, load_answers, lock_file, safe_name
 from .client import ApiClient, BudgetReached, Sampling
 from .pool import run_pool
-from .prompts import REPAIR, JudgePrompt, pair_prompt, single_prompt
+from .prompts import REPAIR, JudgePrompt, pair_prompt, single_prompt, use_reference
 from .questions import Question, read_jsonl
+from .original import REPAIR as SCORES_REPAIR
+from .original import SCORES_SCHEMA, parse_scores, review_text, scores_prompt
 from .verdicts import PAIR_SCHEMA, SINGLE_SCHEMA, parse
 
-MODES = ("single", "pair", "pairwise-baseline", "pairwise-all")
+SCHEMAS = {"pair": PAIR_SCHEMA, "single": SINGLE_SCHEMA, "scores": SCORES_SCHEMA}
+REPAIRS = {**REPAIR, "scores": SCORES_REPAIR}
+
+MODES = ("single", "pair", "pairwise-baseline", "pairwise-all", "pairwise-scores")
 CHARS_PER_TOKEN = 4  # for --dry-run estimates; tokenizers differ, English averages about 4
 
 
@@ -44,6 +53,12 @@ class JudgeSettings:
     concurrency: int = 8
     allow_missing: bool = False
     parse_retries: int = 1  # repair turns asked after an unreadable verdict
+    swap: bool = False  # pairwise-scores: also judge each pair in the other order
+
+    @property
+    def kind(self) -> str:
+        """The judgment file's kind: {judge}_{kind}.jsonl."""
+        return {"single": "single", "pairwise-scores": "scores"}.get(self.mode, "pair")
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,7 @@ class Game:
     turn: int
     models: tuple[str, ...]  # (model,) for single; (model_1, model_2) for pairwise
     swapped: bool = False  # pairwise game 2: model_2 shown as A
+    scores: bool = False  # the 2023 method: one record per game, the shown order's scores
 
     @property
     def match(self) -> tuple[Any, ...]:
@@ -101,6 +117,10 @@ def pairs_for(settings: JudgeSettings) -> list[tuple[str, str]]:
         if not pairs:
             raise VicunaError("no model to compare with the baseline", hint="name them with --models A,B")
         return pairs
+    if settings.mode == "pairwise-scores":  # the named order is kept: model_1 is A of "B reaches N % of A"
+        if settings.baseline:
+            return [(settings.baseline, m) for m in models if m != settings.baseline]
+        return [(models[0], models[1])] if len(models) == 2 else list(itertools.combinations(sorted(models), 2))
     if settings.mode == "pairwise-all":
         if len(models) < 2:
             raise VicunaError("--mode pairwise-all needs at least two models with answers")
@@ -108,7 +128,7 @@ def pairs_for(settings: JudgeSettings) -> list[tuple[str, str]]:
     raise VicunaError(f"not a pairwise mode: {settings.mode}")
 
 
-def load_model_answers(answer_dir: Path, models: list[str]) -> dict[str, dict[Any, list[str]]]:
+def load_model_answers(answer_dir: Path, models: list[str], bench: tuple[str, str] | None = None) -> dict[str, dict[Any, list[str]]]:
     found = available_models(answer_dir)
     answers = {}
     for m in models:
@@ -119,7 +139,7 @@ def load_model_answers(answer_dir: Path, models: list[str]) -> dict[str, dict[An
                 f"no answers for model {m!r} in {answer_dir}; available: {listed}",
                 hint=f"generate them with: vicuna judge answer -m {m} -o {answer_dir}",
             )
-        answers[m] = load_answers(path)
+        answers[m] = load_answers(path, bench)
     return answers
 
 
@@ -143,9 +163,12 @@ def plan_games(questions: list[Question], answers: dict[str, dict[Any, list[str]
             if settings.mode == "single":
                 games += [Game(q, turn, (m,)) for m in settings.models if _has(answers[m], q, turn)]
                 continue
+            scores = settings.mode == "pairwise-scores"
             for m1, m2 in pairs_for(settings):
                 if _has(answers[m1], q, turn) and _has(answers[m2], q, turn):
-                    games += [Game(q, turn, (m1, m2)), Game(q, turn, (m1, m2), swapped=True)]
+                    games.append(Game(q, turn, (m1, m2), scores=scores))
+                    if settings.swap or not scores:
+                        games.append(Game(q, turn, (m1, m2), swapped=True, scores=scores))
     return games
 
 
@@ -154,24 +177,33 @@ def build_prompt(game: Game, answers: dict[str, dict[Any, list[str]]]) -> JudgeP
     if len(game.models) == 1:
         return single_prompt(q, answers[game.models[0]][q.question_id], game.turn)
     a, b = (game.models[1], game.models[0]) if game.swapped else game.models
+    if game.scores:
+        name, messages = scores_prompt(q, answers[a][q.question_id], answers[b][q.question_id], game.turn)
+        return JudgePrompt(name, "scores", tuple(messages))
     return pair_prompt(q, answers[a][q.question_id], answers[b][q.question_id], game.turn)
 
 
 def judge_game(client: ApiClient, prompt: JudgePrompt, sampling: Sampling, parse_retries: int) -> Outcome:
-    schema = PAIR_SCHEMA if prompt.kind == "pair" else SINGLE_SCHEMA
+    schema = SCHEMAS[prompt.kind]
     messages = prompt.as_messages()
     reply = client.complete(messages, sampling, schema)
     texts = [reply.text]
-    verdict = parse(prompt.kind, reply.text)
+    verdict = _verdict(prompt.kind, reply.text)
     for _ in range(parse_retries):
         if verdict is not None:
             break
-        messages = messages + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": REPAIR[prompt.kind]}]
+        messages = messages + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": REPAIRS[prompt.kind]}]
         reply = client.complete(messages, sampling, schema)
         texts.append(reply.text)
-        verdict = parse(prompt.kind, reply.text)
+        verdict = _verdict(prompt.kind, reply.text)
     error = None if verdict is not None else f"no readable verdict after {len(texts)} replies"
+    if prompt.kind == "scores":
+        texts[-1] = review_text(texts[-1], verdict)  # type: ignore[arg-type]
     return Outcome(verdict, prompt.messages[-1][1], "\n\n[repair]\n".join(texts), prompt.name, error)
+
+
+def _verdict(kind: str, text: str | None) -> Any:
+    return parse_scores(text) if kind == "scores" else parse(kind, text)
 
 
 class JudgmentWriter:
@@ -205,12 +237,21 @@ class JudgmentWriter:
             self._lock.__exit__(None, None, None)
 
 
+def _common_fields(game: Game) -> dict[str, Any]:
+    """What every record says about its question: category, and where a reference came from."""
+    q = game.question
+    fields: dict[str, Any] = {"category": q.category, **bench_fields(q)}
+    if use_reference(q, game.turn):
+        fields["reference_source"] = q.reference_source or "inline"
+    return fields
+
+
 def single_record(game: Game, judge_model: str, o: Outcome) -> dict[str, Any]:
     row = {
         "question_id": game.question.question_id, "model": game.models[0],
         "judge": [judge_model, o.prompt_name], "user_prompt": o.user_prompt, "judgment": o.judgment,
         "score": o.verdict if o.verdict is not None else -1, "turn": game.turn, "tstamp": time.time(),
-        "category": game.question.category,
+        **_common_fields(game),
     }
     return {**row, "error": o.error} if o.error else row
 
@@ -231,10 +272,22 @@ def pair_record(game: Game, judge_model: str, g1: Outcome, g2: Outcome) -> dict[
         "g1_winner": _winner(g1.verdict, False), "g2_winner": _winner(g2.verdict, True),
         "judge": [judge_model, g1.prompt_name], "g1_user_prompt": g1.user_prompt, "g1_judgment": g1.judgment,
         "g2_user_prompt": g2.user_prompt, "g2_judgment": g2.judgment, "turn": game.turn, "tstamp": time.time(),
-        "category": game.question.category,
+        **_common_fields(game),
     }
     errors = [e for e in (g1.error and f"g1: {g1.error}", g2.error and f"g2: {g2.error}") if e]
     return {**row, "error": "; ".join(errors)} if errors else row
+
+
+def scores_record(game: Game, judge_model: str, o: Outcome) -> dict[str, Any]:
+    """One 2023-style review: model_1 is the answer shown first (Assistant 1), score[0] its score."""
+    first, second = (game.models[1], game.models[0]) if game.swapped else game.models
+    row = {
+        "review_id": uuid.uuid4().hex[:22], "question_id": game.question.question_id, "model_1": first, "model_2": second,
+        "reviewer_id": o.prompt_name, "judge": [judge_model, o.prompt_name], "text": o.judgment,
+        "score": list(o.verdict) if o.verdict is not None else [-1, -1], "swapped": game.swapped,
+        "user_prompt": o.user_prompt, "turn": game.turn, "tstamp": time.time(), **_common_fields(game),
+    }
+    return {**row, "error": o.error} if o.error else row
 
 
 def estimate(games: list[Game], answers: dict[str, dict[Any, list[str]]], client: ApiClient, sampling: Sampling) -> dict[str, int]:
@@ -242,11 +295,16 @@ def estimate(games: list[Game], answers: dict[str, dict[Any, list[str]]], client
     calls = prompt_chars = 0
     for game in games:
         prompt = build_prompt(game, answers)
-        schema = PAIR_SCHEMA if prompt.kind == "pair" else SINGLE_SCHEMA
+        schema = SCHEMAS[prompt.kind]
         if not client.cached(prompt.as_messages(), sampling, schema):
             calls += 1
             prompt_chars += sum(len(content) for _, content in prompt.messages)
-    return {"games": len(games), "calls": calls, "cached": len(games) - calls, "prompt_tokens": prompt_chars // CHARS_PER_TOKEN}
+    references: dict[str, int] = {}
+    for game in games:
+        if (source := _common_fields(game).get("reference_source")):
+            references[source] = references.get(source, 0) + 1
+    return {"games": len(games), "calls": calls, "cached": len(games) - calls, "prompt_tokens": prompt_chars // CHARS_PER_TOKEN,
+            "references": references}
 
 
 def run(
@@ -257,7 +315,7 @@ def run(
     out_dir: Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> RunSummary:
-    kind = "single" if settings.mode == "single" else "pair"
+    kind = settings.kind
     path = judgment_file(out_dir, client.model, kind)
     summary = RunSummary(path, len(games))
     writer = JudgmentWriter(path)
@@ -275,6 +333,8 @@ def run(
             progress(done_games, len(games))
         if kind == "single":
             row = single_record(game, client.model, outcome)
+        elif kind == "scores":
+            row = scores_record(game, client.model, outcome)
         else:
             halves = pending.setdefault(game.match, {})
             halves[game.swapped] = outcome

@@ -2,7 +2,8 @@
 
 A bench is one of
   - a built-in name (`vicuna80`: 80 questions in 8 categories written for this project, with
-    reference answers for math and coding),
+    reference answers for math and coding; ids "vicuna80-01".. so that they cannot be taken for
+    FastChat's numeric ids of other questions),
   - a FastChat `question.jsonl` file (`{question_id, category, turns, reference?}`), or
   - a FastChat bench directory (`data/mt_bench/`: `question.jsonl` plus, when present,
     `reference_answer/gpt-4.jsonl` in the model-answer format).
@@ -10,6 +11,7 @@ A bench is one of
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +22,7 @@ from ..core.errors import VicunaError
 
 BUILTIN = {"vicuna80": "vicuna80.jsonl"}
 DEFAULT_BENCH = "vicuna80"
+DEFAULT_REF_MODEL = "gpt-4"  # FastChat's gen_judgment default
 
 # Every category used by this project and by FastChat's benches (Vicuna bench, MT-bench, its
 # translations, arena-hard-200). A category outside this list is almost always a typo, and a
@@ -39,6 +42,8 @@ class Question:
     turns: list[str]
     reference: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    reference_source: str | None = None  # "inline" or the reference-answer file it came from
+    bench: tuple[str, str] | None = None  # (name, hash of the whole set's questions): bench_identity
 
     @property
     def needs_reference(self) -> bool:
@@ -82,20 +87,24 @@ def parse_question(row: dict[str, Any], where: str) -> Question:
             hint="known categories: " + ", ".join(CATEGORIES),
         )
     turns = row.get("turns")
+    if turns is None and isinstance(row.get("text"), str):  # the 2023 format: one turn in `text`
+        turns, row = [row["text"]], {k: v for k, v in row.items() if k != "text"}
     if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
         raise VicunaError(
             f"{where}: question {qid} has no 'turns' (a non-empty list of strings)",
-            hint='each line needs e.g. {"question_id": 1, "category": "writing", "turns": ["..."]}',
+            hint='each line needs e.g. {"question_id": 1, "category": "writing", "turns": ["..."]} (or, 2023 format, "text": "...")',
         )
     reference = row.get("reference")
     if reference is not None and not (isinstance(reference, list) and all(isinstance(r, str) for r in reference)):
         raise VicunaError(f"{where}: question {qid} has a 'reference' that is not a list of strings")
     extra = {k: v for k, v in row.items() if k not in ("question_id", "category", "turns", "reference")}
-    return Question(qid, category, list(turns), list(reference) if reference else None, extra)
+    return Question(qid, category, list(turns), list(reference) if reference else None, extra, "inline" if reference else None)
 
 
 def answer_turns(row: dict[str, Any], where: str) -> list[str]:
-    """The turns of a FastChat model-answer record (first choice)."""
+    """The turns of a FastChat model-answer record (first choice), or of a 2023 one (`text`)."""
+    if "choices" not in row and isinstance(row.get("text"), str):
+        return [row["text"]]
     try:
         turns = row["choices"][0]["turns"]
     except (KeyError, IndexError, TypeError):
@@ -118,15 +127,35 @@ def _load_file(path: Path) -> list[Question]:
 
 
 def _attach_references(questions: list[Question], ref_file: Path) -> None:
-    """FastChat keeps judge reference answers as a model-answer file; questions keep their own."""
+    """FastChat's gen_judgment: the reference-guided categories take the reference model's answer
+    (a model-answer file); a question's inline `reference` is used only when the file has none."""
     refs = {row.get("question_id"): answer_turns(row, str(ref_file)) for row in read_jsonl(ref_file)}
     for q in questions:
-        if not q.reference and q.question_id in refs:
-            q.reference = refs[q.question_id]
+        if q.needs_reference and q.question_id in refs:
+            q.reference, q.reference_source = refs[q.question_id], f"{ref_file.parent.name}/{ref_file.name}"
 
 
-def load_bench(bench: str | Path | None = None) -> list[Question]:
-    """Questions from a built-in name, a question.jsonl file or a FastChat bench directory."""
+def bench_identity(name: str, questions: list[Question]) -> tuple[str, str]:
+    """(name, hash): the hash covers every question's id, category and text, so two sets that
+    reuse ids for other questions (FastChat's vicuna_bench and an edited copy) never match."""
+    digest = hashlib.sha256()
+    for q in questions:
+        digest.update(json.dumps([str(q.question_id), q.category, q.turns], ensure_ascii=False).encode() + b"\n")
+    return name, digest.hexdigest()[:16]
+
+
+def load_bench(bench: str | Path | None = None, ref_model: str = DEFAULT_REF_MODEL) -> list[Question]:
+    """Questions from a built-in name, a question.jsonl file or a FastChat bench directory (whose
+    `reference_answer/<ref_model>.jsonl`, when the directory has reference answers, is read);
+    each carries the set's identity (`bench_identity`), which answers and judgments record."""
+    questions = _load_bench(bench, ref_model)
+    identity = bench_identity(bench_name(bench), questions)
+    for q in questions:
+        q.bench = identity
+    return questions
+
+
+def _load_bench(bench: str | Path | None, ref_model: str) -> list[Question]:
     bench = str(bench or DEFAULT_BENCH)
     if bench in BUILTIN:
         data = resources.files("vicuna_cli.judge").joinpath("data", BUILTIN[bench])
@@ -139,10 +168,12 @@ def load_bench(bench: str | Path | None = None) -> list[Question]:
             raise VicunaError(f"{path} has no question.jsonl", hint="pass a FastChat bench dir such as data/mt_bench")
         questions = _load_file(question_file)
         ref_dir = path / "reference_answer"
-        refs = sorted(ref_dir.glob("*.jsonl")) if ref_dir.is_dir() else []
+        refs = sorted(p.stem for p in ref_dir.glob("*.jsonl")) if ref_dir.is_dir() else []
+        if refs and ref_model not in refs:
+            raise VicunaError(f"{ref_dir} has no {ref_model}.jsonl; reference models there: {', '.join(refs)}",
+                              hint=f"pick one with --ref-model {refs[0]}")
         if refs:
-            preferred = ref_dir / "gpt-4.jsonl"
-            _attach_references(questions, preferred if preferred.exists() else refs[0])
+            _attach_references(questions, ref_dir / f"{ref_model}.jsonl")
         return questions
     if path.is_file():
         return _load_file(path)
@@ -150,6 +181,15 @@ def load_bench(bench: str | Path | None = None) -> list[Question]:
         f"no question set {bench!r}",
         hint=f"use a built-in name ({', '.join(BUILTIN)}), a question.jsonl file or a FastChat bench dir",
     )
+
+
+def reference_sources(questions: list[Question]) -> dict[str, int]:
+    """How many reference-guided questions take their reference from where (file or inline)."""
+    counts: dict[str, int] = {}
+    for q in questions:
+        if q.needs_reference and q.reference:
+            counts[q.reference_source or "inline"] = counts.get(q.reference_source or "inline", 0) + 1
+    return counts
 
 
 def bench_name(bench: str | Path | None) -> str:

@@ -42,6 +42,8 @@ def render(result: dict[str, Any]) -> None:
         models = [r["model"] for r in single["models"]]
         rows = [[c["category"], *(_num(c.get(m)) for m in models)] for c in single["categories"]]
         out.print(_table("Mean score by category", ["category", *models], rows))
+    if result.get("scores"):
+        _render_scores(result["scores"])
     pairwise = result.get("pairwise")
     if pairwise:
         rows = [
@@ -71,6 +73,12 @@ def render(result: dict[str, Any]) -> None:
         )
     if single:
         out.print(f"single grading: unreadable verdicts: {single['errors']} of {single['records']} records")
+    if result.get("references"):
+        out.print("reference answers: " + ", ".join(f"{n} judgments used {src}" for src, n in result["references"].items()), markup=False)
+    dupes = result.get("duplicates") or {}
+    if dupes.get("count"):
+        done = {"average": "averaged (each counts, as in FastChat)", "last": "dropped (only the last of each match kept)"}[dupes["policy"]]
+        out.print(f"{dupes['count']} duplicate judgments {done}; --duplicates average|last|error chooses")
 
 
 def run_summary(summary: Any) -> None:
@@ -83,3 +91,24 @@ def run_summary(summary: Any) -> None:
         highlight=False,
         markup=False,
     )
+
+
+def _render_scores(scores: dict[str, Any]) -> None:
+    """The original 2023 evaluation's figures: total scores, their ratio, win/tie/loss."""
+    for p in scores["pairs"]:
+        if p["ratio"] is not None:
+            out.print(f"{p['b']} reaches {_pct(p['ratio'])} of {p['a']} (total score {p['b_total']:g} vs {p['a_total']:g} over {p['n']} reviews)", markup=False)
+    rows = [[p["a"], p["b"], f"{p['a_total']:g}", f"{p['b_total']:g}", _pct(p["ratio"]), str(p["b_wins"]), str(p["ties"]), str(p["a_wins"]), str(p["n"]), str(p["errors"])]
+            for p in scores["pairs"]]
+    cols = ["A", "B", "A total", "B total", "B/A", "B wins", "ties", "A wins", "reviews", "errors"]
+    out.print(_table("Pairwise scores (the 2023 method: two scores per review; B/A = total-score ratio)", cols, rows))
+    rows = [[c["category"], f"{c['b']} vs {c['a']}", f"{c['a_total']:g}", f"{c['b_total']:g}", _pct(c["ratio"]), str(c["b_wins"]), str(c["ties"]), str(c["a_wins"]), str(c["errors"])]
+            for c in scores["categories"]]
+    out.print(_table("Pairwise scores by category", ["category", "B vs A", "A total", "B total", "B/A", "B wins", "ties", "A wins", "errors"], rows))
+    if scores["first_shown_advantage"] is not None:
+        out.print(f"the answer shown first scored {scores['first_shown_advantage']:+.2f} on average over the other (position bias; --swap judges both orders)")
+    out.print(f"pairwise scores: unreadable reviews: {len(scores['errors'])} of {scores['records']} records (never averaged in)")
+    for e in scores["errors"][:20]:
+        out.print(f"  question {e['question_id']} ({e['model_1']} vs {e['model_2']}): first line {e['first_line']!r}", markup=False, highlight=False)
+    if len(scores["errors"]) > 20:
+        out.print(f"  ... and {len(scores['errors']) - 20} more (--json lists all)")

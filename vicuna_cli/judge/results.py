@@ -18,44 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import VicunaError
-from .questions import Question, read_jsonl
-
-
-def judgment_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            found = sorted(p.glob("*_single.jsonl")) + sorted(p.glob("*_pair.jsonl"))
-            if not found:
-                raise VicunaError(f"{p} holds no *_single.jsonl or *_pair.jsonl judgment files", hint="run `vicuna judge` first, or pass the files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise VicunaError(f"{p} does not exist", hint="pass judgment files or the directory that holds them")
-    return files
-
-
-def load(paths: list[Path], judge: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    single, pair = [], []
-    for path in judgment_files(paths):
-        for i, row in enumerate(read_jsonl(path), 1):
-            if "model" in row and "score" in row:
-                single.append(row)
-            elif "model_1" in row and "model_2" in row and ("winner" in row or ("g1_winner" in row and "g2_winner" in row)):
-                pair.append(row)
-            else:
-                raise VicunaError(f"{path}:{i}: not a judgment record (fields: {', '.join(sorted(row))})")
-    judges = sorted({str((r.get("judge") or ["?"])[0]) for r in single + pair})
-    if judge is not None:
-        single = [r for r in single if str((r.get("judge") or ["?"])[0]) == judge]
-        pair = [r for r in pair if str((r.get("judge") or ["?"])[0]) == judge]
-        if not single and not pair:
-            raise VicunaError(f"no judgments by {judge!r}; judges found: {', '.join(judges)}")
-    elif len(judges) > 1:
-        raise VicunaError(f"judgments from several judges: {', '.join(judges)}", hint="pick one with --judge")
-    return single, pair
+from .original import scores_tables
+from .questions import Question
+from .records import DUPLICATES, check_benches, judgment_files, load, load_all, resolve_duplicates  # noqa: F401 (the module's API)
 
 
 def _category(row: dict[str, Any], categories: dict[Any, str]) -> str:
@@ -229,7 +194,9 @@ def bradley_terry(games: list[tuple[str, str, float]], rounds: int = 200, seed: 
 
 
 def single_tables(rows: list[dict[str, Any]], categories: dict[Any, str], reference: str | None = None) -> dict[str, Any]:
-    scores: dict[str, dict[tuple[Any, int], float]] = defaultdict(dict)
+    # a question turn judged more than once keeps every score: the means run over records, as
+    # FastChat's show_result computes them, and the total-score ratio takes each turn's mean
+    scores: dict[str, dict[tuple[Any, int], list[float]]] = defaultdict(lambda: defaultdict(list))
     errors: dict[str, int] = defaultdict(int)
     cat_of: dict[tuple[Any, int], str] = {}
     for row in rows:
@@ -240,32 +207,39 @@ def single_tables(rows: list[dict[str, Any]], categories: dict[Any, str], refere
             errors[row["model"]] += 1
             scores[row["model"]]  # the model still appears
         else:
-            scores[row["model"]][key] = float(score)
-    models = sorted(scores, key=lambda m: -(_mean(list(scores[m].values())) or 0))
+            scores[row["model"]][key].append(float(score))
+
+    def mean_where(model: str, keep: Any = lambda key: True) -> float | None:
+        return _mean([v for key, values in scores[model].items() if keep(key) for v in values])
+
+    models = sorted(scores, key=lambda m: -(mean_where(m) or 0))
     table = []
     for m in models:
-        s = scores[m]
         table.append({
             "model": m,
-            "score": _mean(list(s.values())),
-            "turn_1": _mean([v for (q, t), v in s.items() if t == 1]),
-            "turn_2": _mean([v for (q, t), v in s.items() if t == 2]),
-            "n": len(s),
+            "score": mean_where(m),
+            "turn_1": mean_where(m, lambda k: k[1] == 1),
+            "turn_2": mean_where(m, lambda k: k[1] == 2),
+            "n": len(scores[m]),
             "error": errors[m],
         })
     cats = sorted({cat_of[k] for m in models for k in scores[m]})
-    per_cat = [{"category": c, **{m: _mean([v for k, v in scores[m].items() if cat_of[k] == c]) for m in models}} for c in cats]
+    per_cat = [{"category": c, **{m: mean_where(m, lambda k: cat_of[k] == c) for m in models}} for c in cats]
     common = set.intersection(*(set(s) for s in scores.values())) if scores else set()
     ratio = None
     if models:
         reference = reference or models[0]
         if reference not in scores:
             raise VicunaError(f"no single-grading scores for reference model {reference!r}; models: {', '.join(models)}")
-        base = sum(scores[reference][k] for k in common)
+
+        def total(model: str) -> float:
+            return sum(_mean(scores[model][k]) or 0.0 for k in common)
+
+        base = total(reference)
         ratio = {
             "reference": reference,
             "questions": len(common),
-            "ratios": {m: (sum(scores[m][k] for k in common) / base if base else None) for m in models},
+            "ratios": {m: (total(m) / base if base else None) for m in models},
         }
     return {"models": table, "categories": per_cat, "total_score_ratio": ratio, "errors": sum(errors.values()), "records": len(rows)}
 
@@ -283,14 +257,28 @@ def summarize(
     judge: str | None = None,
     reference: str | None = None,
     rounds: int = 200,
+    duplicates: str = "average",
+    remap: bool = True,
+    answers: Path | None = None,
 ) -> dict[str, Any]:
-    single, pair = load(paths, judge)
-    if not single and not pair:
+    single, pair, scores = load_all(paths, judge, answers)
+    if not single and not pair and not scores:
         raise VicunaError("the judgment files hold no records", hint="run `vicuna judge` first")
+    benches = check_benches(single + pair + scores, questions, remap)
     categories = {q.question_id: q.category for q in questions or []}
-    result: dict[str, Any] = {"judge": judge or str(((single + pair)[0].get("judge") or ["?"])[0])}
+    result: dict[str, Any] = {"judge": judge or str(((single + pair + scores)[0].get("judge") or ["?"])[0])}
+    kept, count = resolve_duplicates(single + pair + scores, duplicates)
+    single = [r for r in kept if "model" in r]
+    pair = [r for r in kept if "model_1" in r and not isinstance(r.get("score"), list)]
+    scores = [r for r in kept if isinstance(r.get("score"), list)]
+    result["duplicates"] = {"policy": duplicates, "count": count}
+    result["benches"] = benches
+    sources = [r["reference_source"] for r in kept if r.get("reference_source")]
+    result["references"] = {src: sources.count(src) for src in sorted(set(sources))}
     if single:
         result["single"] = single_tables(single, categories, reference)
+    if scores:
+        result["scores"] = scores_tables(scores, lambda row: _category(row, categories))
     if pair:
         result["pairwise"] = pairwise_tables(pair, categories)
         result["pairwise"]["bradley_terry"] = bradley_terry(battles(pair), rounds=rounds)
@@ -320,7 +308,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
         models = [row["model"] for row in single["models"]]
         ylabel = "mean score (1-10)"
         series = {m: [c.get(m) or 0 for c in cats] for m in models}
-    elif pairwise["bradley_terry"]:
+    elif result.get("scores") and not pairwise:  # the 2023 method: total-score ratios, B/A
+        scores = result["scores"]
+        names = [f"{p['b']} / {p['a']}" for p in scores["pairs"]]
+        values = [100 * (p["ratio"] or 0) for p in scores["pairs"]]
+        left.barh(names, values, color="#4c72b0")
+        left.set_xlabel("total score of B, % of A's")
+        cats = [{"category": c} for c in sorted({c["category"] for c in scores["categories"]})]
+        models = names
+        ratios = {(f"{c['b']} / {c['a']}", c["category"]): 100 * (c["ratio"] or 0) for c in scores["categories"]}
+        series = {m: [ratios.get((m, c["category"]), 0) for c in cats] for m in models}
+        ylabel = "B's total score, % of A's"
+    elif pairwise and pairwise["bradley_terry"]:
         bt = pairwise["bradley_terry"]
         names = [r["model"] for r in bt]
         values = [r["rating"] for r in bt]
