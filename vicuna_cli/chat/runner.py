@@ -30,6 +30,7 @@ class ChatConfig(CommandConfig):
     device: str = "auto"
     dtype: str = "auto"
     implementation: Literal["auto", "native", "transformers"] = "auto"
+    trust_remote_code: bool = False  # a local model folder's own Python code runs only when True
     prompt: list[str] = Field(default_factory=list)
     json_output: bool = False
 
@@ -55,7 +56,8 @@ def make_backend(config: ChatConfig, model: Optional[str] = None):
 
     if config.api_base:
         return OpenAIBackend(config.api_base, config.api_key, model or config.model)
-    return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation)
+    return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation,
+                        trust_remote_code=config.trust_remote_code)
 
 
 def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:

@@ -23,12 +23,15 @@ from typing import Any
 
 from . import console
 from .errors import VicunaError, unknown_choice
+from .hf import has_remote_code, load_pretrained
+from .hf import quiet_transformers as _quiet_transformers
 from .store import atomic_dir, atomic_write_text, dir_size, human_size, models_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# *.py: a model's own code; downloaded (inert) so that --trust-remote-code can run it, and only then.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 
 
 @dataclass(frozen=True)
@@ -282,8 +285,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
     with _quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = load_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
+            model = load_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:
             raise VicunaError(f"could not read GGUF model {gguf}: {_first_line(exc)}") from exc
     # transformers refuses to save a model it thinks is quantized; the weights are already
@@ -298,23 +301,6 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         (tmp / "vicuna-source.json").write_text(json.dumps({"gguf": str(gguf)}) + "\n")
     return target
-
-
-class _quiet_transformers:
-    """Silence transformers' tqdm bars and info logs while it converts or loads."""
-
-    def __enter__(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        self._level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self._level)
-        hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,9 +355,10 @@ def pick_attention(device: str) -> str:
 IMPLEMENTATIONS = ("auto", "native", "transformers")
 
 
-def pick_implementation(path: Path, device: str, requested: str = "auto") -> tuple[str, str]:
+def pick_implementation(path: Path, device: str, requested: str = "auto", trust_remote_code: bool = False) -> tuple[str, str]:
     """(implementation, why). `auto` takes the native Llama path on CPU when the checkpoint fits
-    it (it starts ~2.5 s sooner), else transformers (any architecture; flash-attn 2 on CUDA)."""
+    it (it starts ~2.5 s sooner), else transformers (any architecture; flash-attn 2 on CUDA).
+    A model whose own code the user allowed runs that code, which only transformers can do."""
     from .native_llama import read_config, unsupported_reason
 
     if requested not in IMPLEMENTATIONS:
@@ -379,6 +366,8 @@ def pick_implementation(path: Path, device: str, requested: str = "auto") -> tup
     if requested == "transformers":
         return "transformers", "requested"
     reason = unsupported_reason(read_config(path))
+    if reason is None and trust_remote_code and has_remote_code(path):
+        reason = "the model's own code (--trust-remote-code)"
     if reason is None and not (path / "tokenizer.json").is_file():
         reason = "no tokenizer.json"
     if reason is None and not any(path.glob("*.safetensors")):
@@ -398,6 +387,8 @@ def load(
     dtype: str = "auto",
     progress: bool = True,
     implementation: str = "auto",
+    *,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     resolved = resolve(name, progress)
     import torch
@@ -406,13 +397,13 @@ def load(
     dtype = pick_dtype(device, dtype)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise unknown_choice("dtype", dtype, ["auto", "float32", "bfloat16", "float16"])
-    implementation, why = pick_implementation(resolved.path, device, implementation)
+    implementation, why = pick_implementation(resolved.path, device, implementation, trust_remote_code)
     if implementation == "native":
         model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device)
         attention = "sdpa"
     else:
         attention = pick_attention(device)
-        model, tokenizer = _load_transformers(resolved.path, getattr(torch, dtype), device, attention)
+        model, tokenizer = _load_transformers(resolved.path, getattr(torch, dtype), device, attention, trust_remote_code)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     console.info(
         f"model {name or DEFAULT_MODEL} · {device} · {dtype} · {implementation} ({why}) · "
@@ -447,16 +438,21 @@ def _load_native(path: Path, dtype: Any, device: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_transformers(path: Path, dtype: Any, device: str, attention: str) -> tuple[Any, Any]:
+def _load_transformers(path: Path, dtype: Any, device: str, attention: str, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        except VicunaError:
+            raise
         except Exception as exc:
             raise VicunaError(f"could not load the tokenizer of {path}: {_first_line(exc)}") from exc
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+            model = load_pretrained(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                    attn_implementation=attention)
+        except VicunaError:
+            raise
         except Exception as exc:
             raise VicunaError(f"could not load model {path}: {_first_line(exc)}", hint=_COMPLETE_MODEL) from exc
     return model.to(device).eval(), tokenizer
