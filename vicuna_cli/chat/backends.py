@@ -55,7 +55,7 @@ class LocalBackend:
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True).text
+        text = self.template.prompt_text(messages, add_generation_prompt=True)
         # A Jinja chat template writes its own BOS; the fixed templates rely on the tokenizer's.
         return self.engine.encode(text, add_special_tokens=self.template.name != "auto")
 

@@ -67,7 +67,7 @@ def _tokenizer(model: Optional[str], trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     from ..core import models
-    from ..core.errors import VicunaError
+    from ..core.errors import VicunaError, first_line
     from ..core.hf import load_pretrained, quiet_transformers
 
     path = models.resolve(model).path
@@ -77,4 +77,4 @@ def _tokenizer(model: Optional[str], trust_remote_code: bool):
         except VicunaError:
             raise
         except Exception as exc:  # transformers raises many types for a tokenizer it cannot read
-            raise VicunaError(f"could not load the tokenizer of {path}: {models._first_line(exc)}") from exc
+            raise VicunaError(f"could not load the tokenizer of {path}: {first_line(exc)}") from exc

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import console
 from .errors import VicunaError, unknown_choice
+from .errors import first_line as _first_line
 from .hf import has_remote_code, load_pretrained
 from .hf import quiet_transformers as _quiet_transformers
 from .store import atomic_dir, atomic_write_text, dir_size, human_size, models_dir
@@ -190,11 +191,6 @@ def _hub_patterns(repo_id: str) -> list[str]:
     if any(f.endswith(".safetensors") for f in files):
         return HUB_FILES
     return [*HUB_FILES, "*.bin"]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 # ---------------------------------------------------------------------------------------------
