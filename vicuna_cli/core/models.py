@@ -203,6 +203,12 @@ def check_model_dir(path: Path) -> None:
             f"{path} is not a model directory: config.json is missing",
             hint="a Hugging Face model dir holds config.json, weights (*.safetensors) and tokenizer files",
         )
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VicunaError(f"{path / 'config.json'} is not valid JSON: {_first_line(exc)}", hint=_REDOWNLOAD) from exc
+    if not isinstance(config, dict):
+        raise VicunaError(f"{path / 'config.json'} is not a model config (a JSON object)", hint=_REDOWNLOAD)
     weights = [p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)]
     if not weights:
         raise VicunaError(
@@ -306,11 +312,17 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 def pick_device(device: str = "auto") -> str:
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise VicunaError(f"unknown device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    mps = getattr(torch.backends, "mps", None)
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not (mps and mps.is_available())):
+        raise VicunaError(f"--device {device}: this machine's torch cannot use it",
+                          hint="use --device cpu (or auto), or install a torch build for that device")
+    return device
 
 
 def pick_dtype(device: str, dtype: str = "auto") -> str:
@@ -347,6 +359,9 @@ def pick_attention(device: str) -> str:
         return "flash_attention_2"
     return "sdpa"
 
+
+# The same dtype has the same spellings in every command (train and apply-delta say bf16).
+DTYPE_SPELLINGS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 IMPLEMENTATIONS = ("auto", "native", "transformers")
 
@@ -390,7 +405,7 @@ def load(
     import torch
 
     device = pick_device(device)
-    dtype = pick_dtype(device, dtype)
+    dtype = pick_dtype(device, DTYPE_SPELLINGS.get(dtype, dtype))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise unknown_choice("dtype", dtype, ["auto", "float32", "bfloat16", "float16"])
     implementation, why = pick_implementation(resolved.path, device, implementation, trust_remote_code)
