@@ -158,3 +158,34 @@ def test_cpu_dtype_follows_native_bf16_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(m, "cpu_has_native_bf16", lambda: True)
     assert m.pick_dtype("cpu") == "bfloat16"
     assert m.pick_dtype("cpu", "float16") == "float16"
+
+
+# -- user errors that used to end as "please report it" (issue #18: "check the other user-error paths")
+
+
+@pytest.mark.parametrize("text", ["{bad", "[1, 2]", "\udcff"])
+def test_an_unreadable_config_json_is_a_user_error(sp_model_dir, tmp_path, text):
+    model = copy_model(sp_model_dir, tmp_path / "m")
+    if text == "\udcff":
+        (model / "config.json").write_bytes(b"\xff\xfe{}")
+    else:
+        (model / "config.json").write_text(text)
+    with pytest.raises(VicunaError, match="config.json is not"):
+        models.load(str(model), device="cpu")
+
+
+@pytest.mark.parametrize("device, says", [("cuda", "cannot use it"), ("cuda:1", "cannot use it"),
+                                          ("mps", "cannot use it"), ("tpu9", "unknown device")])
+def test_a_device_this_torch_cannot_use_is_a_user_error(monkeypatch, device, says):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(VicunaError, match=says):
+        models.pick_device(device)
+    assert models.pick_device("auto") == "cpu"
+
+
+def test_dtype_has_the_short_spellings_too(sp_model_dir):
+    assert models.load(str(sp_model_dir), device="cpu", dtype="bf16", progress=False).dtype == "bfloat16"
+    assert models.load(str(sp_model_dir), device="cpu", dtype="fp32", progress=False).dtype == "float32"

@@ -43,16 +43,19 @@ class LocalBackend:
         device: str = "auto",
         dtype: str = "auto",
         implementation: str = "auto",
+        *,
+        trust_remote_code: bool = False,
     ):
         from ..core import models
 
-        self.loaded = models.load(model, device=device, dtype=dtype, implementation=implementation)
+        self.loaded = models.load(model, device=device, dtype=dtype, implementation=implementation,
+                                  trust_remote_code=trust_remote_code)
         self.name = self.loaded.name
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True).text
+        text = self.template.prompt_text(messages, add_generation_prompt=True)
         # A Jinja chat template writes its own BOS; the fixed templates rely on the tokenizer's.
         return self.engine.encode(text, add_special_tokens=self.template.name != "auto")
 

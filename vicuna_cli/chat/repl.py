@@ -169,7 +169,7 @@ class Repl:
 
     def cmd_system(self, arg: str) -> None:
         if arg:
-            self.session.system = arg
+            self.session.system = self.session.clean(arg)
             console.info("system message set")
         else:
             console.err.print(self.session.system or "(the template's default system message)", markup=False)

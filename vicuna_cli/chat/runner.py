@@ -31,6 +31,7 @@ class ChatConfig(CommandConfig):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: Literal["auto", "native", "transformers"] = "auto"
+    trust_remote_code: bool = False  # a local model folder's own Python code runs only when True
     prompt: list[str] = Field(default_factory=list)
     json_output: bool = False
 
@@ -56,7 +57,8 @@ def make_backend(config: ChatConfig, model: Optional[str] = None):
 
     if config.api_base:
         return OpenAIBackend(config.api_base, config.api_key, model or config.model)
-    return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation)
+    return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation,
+                        trust_remote_code=config.trust_remote_code)
 
 
 def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:
@@ -73,8 +75,19 @@ def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:
 
         Repl(session, config).run()
     else:
-        prompts = config.prompt or (line.rstrip("\n") for line in sys.stdin)
+        prompts = config.prompt or (line.rstrip("\n") for line in _stdin_lines())
         run_scripted(session, prompts, config.json_output)
+
+
+def _stdin_lines() -> Iterable[str]:
+    """stdin as UTF-8 text whose undecodable bytes survive as surrogates, for ChatSession.clean
+    to replace (and say so) instead of a UnicodeDecodeError ending the whole run."""
+    import io
+
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # already text (a test's StringIO)
+        return sys.stdin
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape")
 
 
 def run_scripted(session: ChatSession, prompts: Iterable[str], as_json: bool) -> None:
@@ -82,6 +95,7 @@ def run_scripted(session: ChatSession, prompts: Iterable[str], as_json: bool) ->
     for prompt in prompts:
         if not prompt.strip():
             continue
+        prompt = session.clean(prompt)  # also echoed in --json, which must encode
         stream = session.ask(prompt)
         if as_json:
             answer = "".join(stream)
@@ -106,6 +120,8 @@ def run_scripted(session: ChatSession, prompts: Iterable[str], as_json: bool) ->
             sys.stdout.write("\n")  # one line per answer, even an empty one
         sys.stdout.flush()
         print_stats(session.last_stats)
+    if session.invalid_inputs > 1:
+        console.warn(f"{session.invalid_inputs} inputs were not valid UTF-8; their undecodable bytes were replaced with U+FFFD")
 
 
 def print_stats(stats: Optional[GenerationStats]) -> None:

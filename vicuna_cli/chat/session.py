@@ -29,6 +29,31 @@ class ChatSession:
     messages: list[Message] = field(default_factory=list)  # user/assistant turns only
     last_stats: GenerationStats | None = None
     notify: Callable[[str], None] = lambda message: None
+    invalid_inputs: int = 0  # texts that held bytes which are not UTF-8 (replaced, said once)
+
+    def __post_init__(self) -> None:
+        if self.system is not None:
+            self.system = self.clean(self.system)
+
+    def clean(self, text: str) -> str:
+        """`text` with what was not valid UTF-8 replaced by U+FFFD.
+
+        Readers keep undecodable bytes as lone surrogates (stdin read with surrogateescape,
+        Python's argv, a JSON "\\udcff" escape); the tokenizer and stdout cannot encode those,
+        which crashed chat on the line and never answered the next one."""
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            pass
+        try:
+            fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte (e.g. from a JSON escape)
+            fixed = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        self.invalid_inputs += 1
+        if self.invalid_inputs == 1:
+            self.notify("input is not valid UTF-8: its undecodable bytes were replaced with U+FFFD (said once)")
+        return fixed
 
     def conversation(self, turns: list[Message] | None = None) -> list[Message]:
         """The system message (if set) followed by `turns` (default: the session's turns)."""
@@ -39,7 +64,7 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to `text`. The turn is kept even if the stream is cut short."""
-        self.messages.append({"role": "user", "content": text})
+        self.messages.append({"role": "user", "content": self.clean(text)})
         return self._answer(on_failure=self.messages.pop)
 
     def regenerate(self) -> Iterator[str]:
@@ -66,24 +91,39 @@ class ChatSession:
             self.last_stats = stream.stats
 
     def _fit_context(self) -> None:
-        """Drop the oldest exchanges until the prompt fits; change nothing if even the newest
-        message alone cannot fit."""
+        """Drop the fewest oldest exchanges (user turn + answer) that make the prompt fit; change
+        nothing if even the newest message alone cannot fit.
+
+        A binary search over the number dropped: O(log n) renders of the conversation, where
+        dropping one exchange at a time re-rendered it once per exchange (2,000 exchanges after
+        /load never got an answer). It finds what the one-at-a-time rule found because the prompt
+        only gets shorter as more of its oldest exchanges go (tests/test_session.py compares them).
+        """
         if not self.backend.trims_history:
             return
         limit = self.backend.engine.context_length
         reserve = min(MIN_ANSWER_TOKENS, self.params.max_new_tokens)
-        kept, dropped = list(self.messages), 0
-        while True:
-            prompt = len(self.backend.prompt_ids(self.conversation(kept)))
-            if prompt + reserve <= limit:
-                break
-            if len(kept) <= 1:
-                raise ContextOverflow(prompt, limit, reserve)
-            del kept[:2]  # the oldest user turn and its answer
-            dropped += 1
-        if dropped:
-            self.messages[:] = kept
-            self.notify(f"history trimmed: dropped the {dropped} oldest turn(s) to fit the {limit}-token context")
+        lengths: dict[int, int] = {}
+
+        def fits(dropped: int) -> bool:
+            kept = self.messages[2 * dropped:]
+            lengths[dropped] = len(self.backend.prompt_ids(self.conversation(kept)))
+            return lengths[dropped] + reserve <= limit
+
+        if fits(0):
+            return
+        most = len(self.messages) // 2  # exchanges are dropped while more than one message is left
+        if most == 0 or not fits(most):
+            raise ContextOverflow(lengths[most], limit, reserve)
+        too_few, enough = 0, most
+        while enough - too_few > 1:
+            middle = (too_few + enough) // 2
+            if fits(middle):
+                enough = middle
+            else:
+                too_few = middle
+        self.messages[:] = self.messages[2 * enough:]
+        self.notify(f"history trimmed: dropped the {enough} oldest turn(s) to fit the {limit}-token context")
 
     # -- history editing --------------------------------------------------------------------
 
@@ -129,5 +169,5 @@ class ChatSession:
         system = data.get("system") if isinstance(data, dict) else None
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
-        self.system = system
-        self.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        self.system = None if system is None else self.clean(system)
+        self.messages = [{"role": m["role"], "content": self.clean(m["content"])} for m in messages]

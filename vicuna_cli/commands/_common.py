@@ -6,6 +6,11 @@ from typing import Any
 
 import typer
 
+from ..core.hf import TRUST_REMOTE_CODE_HELP
+
+# Every command that loads a model takes this flag, with the same meaning (core/hf.py).
+TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
+
 
 def given_flags(ctx: typer.Context, exclude: tuple[str, ...] = ("config",)) -> dict[str, Any]:
     """Only the options set on the command line (or env), so a `--config` file is not overridden

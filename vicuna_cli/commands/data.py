@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ._common import TRUST_REMOTE_CODE
+
 app = typer.Typer(help="Fetch, clean and describe conversation datasets.", no_args_is_help=True)
 
 FORMATS_HELP = (
@@ -69,6 +71,7 @@ def clean(
     lang: Optional[str] = typer.Option(None, "--lang", help="Keep only these languages, e.g. en,ko (ISO 639-1)."),
     model: Optional[str] = _MODEL,
     template: Optional[str] = _TEMPLATE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     max_length: int = typer.Option(2048, "--max-length", help="With -m: most tokens per piece."),
     workers: int = _WORKERS,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report as JSON here."),
@@ -94,6 +97,7 @@ def stats(
     input_format: str = _INPUT_FORMAT,
     model: Optional[str] = _MODEL,
     template: Optional[str] = _TEMPLATE,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     languages: bool = typer.Option(True, "--languages/--no-languages", help="Identify each conversation's language."),
     workers: int = _WORKERS,
     json_output: bool = typer.Option(False, "--json", help="Print the figures as JSON."),

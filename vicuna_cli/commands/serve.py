@@ -8,6 +8,8 @@ from typing import List, Optional
 
 import typer
 
+from ._common import TRUST_REMOTE_CODE
+
 app = typer.Typer(
     help="Serve models over an OpenAI-compatible API: `vicuna serve -m MODEL` runs everything here; "
     "the subcommands run one role each (controller, worker, api) on different machines.",
@@ -75,6 +77,7 @@ def serve(
     device: str = DEVICE,
     dtype: str = DTYPE,
     implementation: str = IMPL,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     api_key: Optional[List[str]] = API_KEY,
     api_keys_file: Optional[Path] = KEYS_FILE,
     cors_origin: Optional[List[str]] = CORS,
@@ -129,6 +132,7 @@ def worker(
     device: str = DEVICE,
     dtype: str = DTYPE,
     implementation: str = IMPL,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     max_batch_size: int = BATCH,
     max_queue: int = QUEUE,
     prefix_cache_mb: int = PREFIX_CACHE,

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from ._common import TRUST_REMOTE_CODE
+
 app = typer.Typer(help="List conversation templates, or show how one renders.", invoke_without_command=True)
 
 
@@ -46,6 +48,7 @@ def show(
     model: Optional[str] = typer.Option(None, "-m", "--model", help="Model whose tokenizer renders `auto`."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message to render with."),
     raw: bool = typer.Option(False, "--repr", help="Print the exact string as a Python repr."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Render an example conversation with template NAME (exact text on stdout)."""
     from ..core.console import out
@@ -53,16 +56,25 @@ def show(
 
     tokenizer = None
     if name == "auto":
-        tokenizer = _tokenizer(model)
+        tokenizer = _tokenizer(model, trust_remote_code)
     template = get_template(name, tokenizer)
     messages = ([{"role": "system", "content": system}] if system else []) + EXAMPLE_CONVERSATION
     text = template.render(messages).text
     out.print(repr(text) if raw else text, markup=False)
 
 
-def _tokenizer(model: Optional[str]):
+def _tokenizer(model: Optional[str], trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     from ..core import models
+    from ..core.errors import VicunaError, first_line
+    from ..core.hf import load_pretrained, quiet_transformers
 
-    return AutoTokenizer.from_pretrained(models.resolve(model).path)
+    path = models.resolve(model).path
+    with quiet_transformers():
+        try:
+            return load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        except VicunaError:
+            raise
+        except Exception as exc:  # transformers raises many types for a tokenizer it cannot read
+            raise VicunaError(f"could not load the tokenizer of {path}: {first_line(exc)}") from exc

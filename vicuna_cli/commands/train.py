@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from ._common import TRUST_REMOTE_CODE
+
 app = typer.Typer(help="Fine-tune chat models the Vicuna way (loss on the assistant's turns only).",
                   no_args_is_help=True)
 
@@ -20,6 +22,7 @@ _MAX_LENGTH = typer.Option(None, "--max-length", help="Most tokens per sample (d
 def sft(
     ctx: typer.Context,
     model: Optional[str] = _MODEL,
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
     data: Optional[List[str]] = _DATA,
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run dir: config.yaml, metrics.jsonl, checkpoints/, the final model."),
     template: Optional[str] = _TEMPLATE,
@@ -105,6 +108,7 @@ def inspect_data(
     sample: str = typer.Option("0", "--sample", "-s", help="Sample id, or its index in the data."),
     template: Optional[str] = _TEMPLATE,
     max_length: int = typer.Option(2048, "--max-length", help="Most tokens per sample."),
+    trust_remote_code: bool = TRUST_REMOTE_CODE,
 ) -> None:
     """Show one sample token by token with its label; supervised tokens are highlighted.
 
@@ -116,7 +120,7 @@ def inspect_data(
     from ..core import console
     from ..train.inspect import inspect_sample
 
-    result = inspect_sample(model, data, sample, template, max_length)
+    result = inspect_sample(model, data, sample, template, max_length, trust_remote_code=trust_remote_code)
     table = Table(title=f"sample {result.sample_id} · template {result.template}", show_edge=False)
     for column in ("#", "id", "token", "text", "label"):
         table.add_column(column, justify="right" if column in ("#", "id", "label") else "left")

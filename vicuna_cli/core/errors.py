@@ -17,6 +17,12 @@ class VicunaError(Exception):
         self.exit_code = exit_code
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line, for the one-line error message."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 def unknown_choice(kind: str, name: str, choices: list[str], hint: str | None = None) -> VicunaError:
     """The error for an unknown name: it always lists the valid ones."""
     listed = ", ".join(sorted(choices)) or "(none)"

@@ -24,12 +24,16 @@ from typing import Any
 from . import console
 from .choices import dtype_name
 from .errors import VicunaError, unknown_choice
+from .errors import first_line as _first_line
+from .hf import has_remote_code, load_pretrained
+from .hf import quiet_transformers as _quiet_transformers
 from .store import atomic_dir, atomic_write_text, dir_size, human_size, models_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# *.py: a model's own code; downloaded (inert) so that --trust-remote-code can run it, and only then.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
 
 
 @dataclass(frozen=True)
@@ -190,11 +194,6 @@ def _hub_patterns(repo_id: str) -> list[str]:
     return [*HUB_FILES, "*.bin"]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation: catch broken inputs before transformers turns them into a long traceback
 
@@ -205,6 +204,12 @@ def check_model_dir(path: Path) -> None:
             f"{path} is not a model directory: config.json is missing",
             hint="a Hugging Face model dir holds config.json, weights (*.safetensors) and tokenizer files",
         )
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VicunaError(f"{path / 'config.json'} is not valid JSON: {_first_line(exc)}", hint=_REDOWNLOAD) from exc
+    if not isinstance(config, dict):
+        raise VicunaError(f"{path / 'config.json'} is not a model config (a JSON object)", hint=_REDOWNLOAD)
     weights = [p for pattern in WEIGHT_PATTERNS for p in path.glob(pattern)]
     if not weights:
         raise VicunaError(
@@ -283,8 +288,8 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
 
     with _quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = load_pretrained(AutoTokenizer, gguf.parent, gguf_file=gguf.name)
+            model = load_pretrained(AutoModelForCausalLM, gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         except Exception as exc:
             raise VicunaError(f"could not read GGUF model {gguf}: {_first_line(exc)}") from exc
     # transformers refuses to save a model it thinks is quantized; the weights are already
@@ -301,23 +306,6 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-class _quiet_transformers:
-    """Silence transformers' tqdm bars and info logs while it converts or loads."""
-
-    def __enter__(self) -> None:
-        from transformers.utils import logging as hf_logging
-
-        self._level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-    def __exit__(self, *exc: object) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self._level)
-        hf_logging.enable_progress_bar()
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -325,11 +313,17 @@ class _quiet_transformers:
 def pick_device(device: str = "auto") -> str:
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise VicunaError(f"unknown device {device!r}", hint="use auto, cpu, cuda, cuda:N or mps") from None
+    mps = getattr(torch.backends, "mps", None)
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not (mps and mps.is_available())):
+        raise VicunaError(f"--device {device}: this machine's torch cannot use it",
+                          hint="use --device cpu (or auto), or install a torch build for that device")
+    return device
 
 
 def pick_dtype(device: str, dtype: str = "auto") -> str:
@@ -374,9 +368,10 @@ def pick_attention(device: str) -> str:
 IMPLEMENTATIONS = ("auto", "native", "transformers")
 
 
-def pick_implementation(path: Path, device: str, requested: str = "auto") -> tuple[str, str]:
+def pick_implementation(path: Path, device: str, requested: str = "auto", trust_remote_code: bool = False) -> tuple[str, str]:
     """(implementation, why). `auto` takes the native Llama path on CPU when the checkpoint fits
-    it (it starts ~2.5 s sooner), else transformers (any architecture; flash-attn 2 on CUDA)."""
+    it (it starts ~2.5 s sooner), else transformers (any architecture; flash-attn 2 on CUDA).
+    A model whose own code the user allowed runs that code, which only transformers can do."""
     from .native_llama import read_config, unsupported_reason
 
     if requested not in IMPLEMENTATIONS:
@@ -384,6 +379,8 @@ def pick_implementation(path: Path, device: str, requested: str = "auto") -> tup
     if requested == "transformers":
         return "transformers", "requested"
     reason = unsupported_reason(read_config(path))
+    if reason is None and trust_remote_code and has_remote_code(path):
+        reason = "the model's own code (--trust-remote-code)"
     if reason is None and not (path / "tokenizer.json").is_file():
         reason = "no tokenizer.json"
     if reason is None and not any(path.glob("*.safetensors")):
@@ -403,19 +400,21 @@ def load(
     dtype: str = "auto",
     progress: bool = True,
     implementation: str = "auto",
+    *,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     resolved = resolve(name, progress)
     import torch
 
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    implementation, why = pick_implementation(resolved.path, device, implementation)
+    implementation, why = pick_implementation(resolved.path, device, implementation, trust_remote_code)
     if implementation == "native":
         model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device)
         attention = "sdpa"
     else:
         attention = pick_attention(device)
-        model, tokenizer = _load_transformers(resolved.path, getattr(torch, dtype), device, attention)
+        model, tokenizer = _load_transformers(resolved.path, getattr(torch, dtype), device, attention, trust_remote_code)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     console.info(
         f"model {name or DEFAULT_MODEL} · {device} · {dtype} · {implementation} ({why}) · "
@@ -450,16 +449,21 @@ def _load_native(path: Path, dtype: Any, device: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_transformers(path: Path, dtype: Any, device: str, attention: str) -> tuple[Any, Any]:
+def _load_transformers(path: Path, dtype: Any, device: str, attention: str, trust_remote_code: bool) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with _quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        except VicunaError:
+            raise
         except Exception as exc:
             raise VicunaError(f"could not load the tokenizer of {path}: {_first_line(exc)}") from exc
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+            model = load_pretrained(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype,
+                                    attn_implementation=attention)
+        except VicunaError:
+            raise
         except Exception as exc:
             raise VicunaError(f"could not load model {path}: {_first_line(exc)}", hint=_COMPLETE_MODEL) from exc
     return model.to(device).eval(), tokenizer

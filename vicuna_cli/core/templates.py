@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from .errors import VicunaError, unknown_choice
+from .errors import VicunaError, first_line, unknown_choice
 
 Message = dict[str, str]
 Style = Literal["colon_two", "colon_single", "llama2"]
@@ -74,6 +74,10 @@ class Template:
             parts.append(f"{assistant_role}:")
         return Rendered("".join(parts), tuple(spans))
 
+    def prompt_text(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """`render(...).text`: the spans cost nothing extra here."""
+        return self.render(messages, add_generation_prompt).text
+
     def _render_llama2(self, system: str, turns: list[Message], add_generation_prompt: bool) -> Rendered:
         user_tag, assistant_tag = self.roles
         text = f"{user_tag} " + (self.system_template.format(system=system) if system else "")
@@ -118,10 +122,32 @@ class ChatTemplate:
                 spans.append((len(before), len(through)))
         return Rendered(text, tuple(spans))
 
+    def prompt_text(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """`render(...).text` in ONE Jinja render: the spans would cost two more per assistant turn,
+        which made a long conversation quadratic to prompt."""
+        messages = [dict(m) for m in messages]
+        validate_messages(messages)
+        return self._apply(messages, add_generation_prompt)
+
     def _apply(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2.exceptions import SecurityError, TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        # The template is the model's (a file in its folder), so its failures are the user's to fix,
+        # not bugs of vicuna: name the template and the way around it.
+        except (SecurityError, OverflowError) as exc:  # the sandbox blocked it (OverflowError: a huge range())
+            raise VicunaError(
+                f"the model's chat template is unsafe: the Jinja sandbox blocked it ({first_line(exc)})",
+                hint=f"use a built-in template with --template NAME ({', '.join(_BUILTIN)})",
+            ) from None
+        except TemplateError as exc:  # raise_exception(...) in the template, bad syntax, an undefined name
+            raise VicunaError(
+                f"the model's chat template failed on this conversation: {first_line(exc)}",
+                hint=f"use a built-in template with --template NAME ({', '.join(_BUILTIN)})",
+            ) from None
 
 
 _BUILTIN: dict[str, Template] = {

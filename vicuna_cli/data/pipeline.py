@@ -50,6 +50,7 @@ class CleanConfig(CommandConfig):
     lang: Optional[str] = None
     model: Optional[str] = None
     template: Optional[str] = None
+    trust_remote_code: bool = False  # the -m model's own tokenizer code runs only when True
     max_length: int = Field(2048, ge=8)
     workers: int = Field(0, ge=0)
     report: Optional[Path] = None
@@ -72,7 +73,7 @@ def worker_count(requested: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def load_token_counter(model: str, template: Optional[str]):
+def load_token_counter(model: str, template: Optional[str], *, trust_remote_code: bool = False):
     """The tokenizer of `model` (no weights) and its template, as a TokenCounter.
 
     With a tokenizer.json it is read by `tokenizers` directly (core/tokenizer.py renders chat
@@ -96,7 +97,11 @@ def load_token_counter(model: str, template: Optional[str]):
         else:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            from ..core.hf import load_pretrained
+
+            tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    except VicunaError:
+        raise
     except Exception as exc:
         raise VicunaError(f"could not load the tokenizer of {path}: {str(exc).splitlines()[0][:300]}") from exc
     return TokenCounter(tokenizer, template_for_model(tokenizer, template or resolved.template), backend)
@@ -289,7 +294,8 @@ def clean(config: CleanConfig) -> Report:
     if config.model:
         from .split import Splitter
 
-        splitter = Splitter(load_token_counter(config.model, config.template), config.max_length, config.split)
+        splitter = Splitter(load_token_counter(config.model, config.template, trust_remote_code=config.trust_remote_code),
+                            config.max_length, config.split)
     elif config.split and (config.template or "max_length" in config.model_fields_set):
         raise VicunaError("splitting to --max-length needs the model's tokenizer", hint="pass -m MODEL")
     report = Report(

@@ -24,6 +24,7 @@ class StatsConfig(CommandConfig):
     input_format: Literal["auto", "sharegpt", "openai", "alpaca"] = "auto"
     model: Optional[str] = None
     template: Optional[str] = None
+    trust_remote_code: bool = False  # the -m model's own tokenizer code runs only when True
     languages: bool = True
     workers: int = Field(0, ge=0)
 
@@ -50,7 +51,7 @@ def _stats_chunk(chunk: list) -> list[tuple]:
 
 
 def stats(config: StatsConfig) -> dict[str, Any]:
-    counter = load_token_counter(config.model, config.template) if config.model else None
+    counter = load_token_counter(config.model, config.template, trust_remote_code=config.trust_remote_code) if config.model else None
     inputs = open_inputs(config.inputs, config.input_format)
     skipped: Counter = Counter()
     roles: Counter = Counter()

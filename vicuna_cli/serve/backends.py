@@ -85,13 +85,16 @@ class HFBackend:
         max_batch_size: int = 16,
         max_queue: int = 256,
         prefix_cache_mb: int = 256,
+        *,
+        trust_remote_code: bool = False,
     ):
         from ..core import models
         from ..core.templates import template_for_model
 
         from ..core.batch import BatchEngine
 
-        self.loaded = models.load(model_ref, device=device, dtype=dtype, implementation=implementation)
+        self.loaded = models.load(model_ref, device=device, dtype=dtype, implementation=implementation,
+                                  trust_remote_code=trust_remote_code)
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.tokenizer = self.loaded.tokenizer
         self.engine = BatchEngine(
@@ -257,8 +260,9 @@ class VLLMBackend:
     so templates stay the ones from core/templates.py."""
 
     def __init__(self, name: str, model_ref: str | None, template: str | None = None, max_batch_size: int = 256,
-                 max_queue: int = 1024, dtype: str = "auto"):
+                 max_queue: int = 1024, dtype: str = "auto", *, trust_remote_code: bool = False):
         from ..core.extras import require
+        from ..core.hf import load_pretrained
         from ..core.models import resolve
         from ..core.templates import template_for_model
 
@@ -272,9 +276,10 @@ class VLLMBackend:
 
         self.vllm = vllm
         path = resolve(model_ref).path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
         self.template = template_for_model(self.tokenizer, template)
-        self.engine = engine_class.from_engine_args(AsyncEngineArgs(model=str(path), max_num_seqs=max_batch_size, dtype=dtype))
+        self.engine = engine_class.from_engine_args(AsyncEngineArgs(model=str(path), max_num_seqs=max_batch_size, dtype=dtype,
+                                                                    trust_remote_code=trust_remote_code))
         self.context_length = int(getattr(self.engine.model_config, "max_model_len", 0) or 2048)
         self.max_queue = max_queue
         self.active = 0

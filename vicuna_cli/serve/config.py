@@ -48,6 +48,7 @@ class WorkerConfig(_Common):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: str = "auto"
+    trust_remote_code: bool = False  # a model folder's own Python code runs only when True
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
     prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
@@ -101,6 +102,7 @@ class ServeConfig(ApiConfig, _Timing):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: str = "auto"
+    trust_remote_code: bool = False  # passed to every worker it starts
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
     prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
@@ -180,10 +182,12 @@ def run_worker(config: WorkerConfig) -> None:
             backends.append(OpenAIProxyBackend(name, config.upstream, config.upstream_model or ref,
                                                os.environ.get(config.upstream_key_env), config.max_queue))
         elif config.backend == "vllm":
-            backends.append(VLLMBackend(name, ref, config.template, config.max_batch_size, config.max_queue, config.dtype))
+            backends.append(VLLMBackend(name, ref, config.template, config.max_batch_size, config.max_queue, config.dtype,
+                                        trust_remote_code=config.trust_remote_code))
         else:
             backends.append(HFBackend(name, ref, config.template, config.device, config.dtype, config.implementation,
-                                      config.max_batch_size, config.max_queue, config.prefix_cache_mb))
+                                      config.max_batch_size, config.max_queue, config.prefix_cache_mb,
+                                      trust_remote_code=config.trust_remote_code))
     address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
     if config.port == 0 and not config.advertise:
         raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")

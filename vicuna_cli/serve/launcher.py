@@ -72,6 +72,8 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
                 args += ["-m", model]
             if config.template:
                 args += ["--template", config.template]
+            if config.trust_remote_code:
+                args.append("--trust-remote-code")
             roles.append((f"worker:{port}", args))
             port += 1
     api = ["api", "--port", str(config.port), "--controller", controller, "--max-body-bytes", str(config.max_body_bytes),

@@ -17,6 +17,7 @@ DEFAULT_GLOBAL_BATCH = 128
 
 class TrainConfig(CommandConfig):
     model: str = "smollm2-135m-instruct"
+    trust_remote_code: bool = False  # the base model folder's own Python code runs only when True
     data: list[str] = Field(default_factory=list)
     output: Path | None = None
     template: str | None = None  # None: the tokenizer's chat template, else vicuna_v1.1

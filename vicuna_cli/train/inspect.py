@@ -33,14 +33,15 @@ class Inspection:
         return sum(1 for row in self.rows if row.label != IGNORE)
 
 
-def inspect_sample(model: str | None, data: list[str], which: str, template: str | None, max_length: int) -> Inspection:
+def inspect_sample(model: str | None, data: list[str], which: str, template: str | None, max_length: int,
+                   *, trust_remote_code: bool = False) -> Inspection:
     from transformers import AutoTokenizer
 
     from ..core import models
 
     resolved = models.resolve(model)
     with models._quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        tokenizer = models.load_pretrained(AutoTokenizer, resolved.path, trust_remote_code=trust_remote_code)
     skipped: Counter = Counter()
     conversations = read_conversations(data, skipped)
     if not conversations:

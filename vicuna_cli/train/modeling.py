@@ -72,8 +72,9 @@ def load_for_training(config: TrainConfig, device: str) -> Setup:
             bnb_4bit_compute_dtype=torch.bfloat16 if mixed == "bf16" else torch.float16)
     with models._quiet_transformers():
         try:
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+            tokenizer = models.load_pretrained(AutoTokenizer, resolved.path, trust_remote_code=config.trust_remote_code)
+            model = models.load_pretrained(AutoModelForCausalLM, resolved.path, trust_remote_code=config.trust_remote_code,
+                                           **kwargs)
         except VicunaError:
             raise
         except Exception as exc:
