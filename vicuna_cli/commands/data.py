@@ -144,3 +144,31 @@ def pairs(
     result = run(build_config(PairsConfig, flags, config))
     result.print()
     console.info(f"wrote {result.records_out} pairs to {output} in {result.seconds:.1f} s")
+
+
+@app.command("mix")
+def mix(
+    ctx: typer.Context,
+    sources: List[str] = typer.Argument(..., help="PATH:SHARE (e.g. oasst.json:0.5) or PATH:RECORDS (e.g. alpaca.json:1000).", show_default=False),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file: *.json or *.jsonl."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the sampling and the output order (default 42)."),
+    total: Optional[int] = typer.Option(None, "--total", help="Records in the mix, with shares (default: all distinct records of the sources)."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="auto (from the first source), conversations or pairs."),
+    format: Optional[str] = typer.Option(None, "--format", help="Output format json or jsonl (default: from -o's extension)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the per-source figures as JSON here."),
+    config: Optional[Path] = _CONFIG,
+) -> None:
+    """Mix conversation (or preference) files in given shares into one file, deterministically.
+
+    Each source is sampled without replacement until it runs out, then with replacement (reported);
+    a record already taken from an earlier source is dropped from later ones (counted)."""
+    from ..core import console
+    from ..core.config import build_config
+    from ..data.mix import MixConfig, mix as run, print_mix
+    from ._common import given_flags
+
+    flags = {k: v for k, v in given_flags(ctx).items() if v is not None}
+    result = run(build_config(MixConfig, flags, config))
+    print_mix(result)
+    console.info(f"wrote {sum(s.taken for s in result)} records to {output}")

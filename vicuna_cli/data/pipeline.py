@@ -233,16 +233,19 @@ def clean(config: CleanConfig) -> Report:
         unit="tokens" if splitter else "characters",
     )
     inputs = open_inputs(config.inputs, config.input_format)
-    return write_atomically(config.output, fmt, inputs, report, config.report, started, "no conversation survived cleaning",
-                            lambda writer: _run(config, opts, splitter, inputs, writer, report))
+    write_atomically(config.output, fmt, inputs, report, config.report, started, "no conversation survived cleaning",
+                     lambda writer: _run(config, opts, splitter, inputs, writer, report))
+    return report
 
 
-def write_atomically(output: Path, fmt: str, inputs: list[InputFile], report: Report, report_path: Optional[Path],
-                     started: float, empty_warning: str, body: Callable[[RecordWriter], None]) -> Report:
+def write_atomically(output: Path, fmt: str, inputs: list[InputFile], report: Optional[Report],
+                     report_path: Optional[Path], started: float, empty_warning: str,
+                     body: Callable[[RecordWriter], None]) -> Optional[Report]:
     """Run `body` into a temp file that becomes `output` only when it completed; then the report."""
     writer = None
     try:
-        report.inputs = [{"path": inp.name, "container": inp.container, "format": inp.format} for inp in inputs]
+        if report is not None:
+            report.inputs = [{"path": inp.name, "container": inp.container, "format": inp.format} for inp in inputs]
         writer = RecordWriter(output, fmt)
         body(writer)
         writer.commit()
@@ -253,9 +256,10 @@ def write_atomically(output: Path, fmt: str, inputs: list[InputFile], report: Re
     finally:
         for inp in inputs:
             inp.close()
-    report.seconds = time.monotonic() - started
-    if report_path:
-        report.save(report_path)
+    if report is not None:
+        report.seconds = time.monotonic() - started
+        if report_path:
+            report.save(report_path)
     if not writer.count:
         console.warn(f"{empty_warning}; {output} holds no records")
     return report

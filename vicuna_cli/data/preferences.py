@@ -227,7 +227,8 @@ def pairs(config: PairsConfig) -> Report:
                     writer.write(pair)
                 progress.update(sum(i.read_bytes for i in inputs), n)
 
-    return write_atomically(config.output, "jsonl", inputs, report, config.report, started, "no pair survived", run)
+    write_atomically(config.output, "jsonl", inputs, report, config.report, started, "no pair survived", run)
+    return report
 
 
 def read_pairs(paths: list[str], notes: Any, shp_min_ratio: float = 2.0) -> list[dict[str, Any]]:
