@@ -46,9 +46,9 @@ def setup(sp_model_dir, tmp_path_factory):
     return sp_model_dir, data, reference
 
 
-def start(model_dir: Path, data: Path, out: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vicuna_cli", "train", "sft", "-m", str(model_dir), "--data", str(data),
-               "-o", str(out), *ARGS]
+def start(model_dir: Path, data: Path, out: Path, method: str = "sft", args: list[str] = ARGS) -> subprocess.Popen:
+    command = [sys.executable, "-m", "vicuna_cli", "train", method, "-m", str(model_dir), "--data", str(data),
+               "-o", str(out), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
