@@ -3,7 +3,6 @@ per-step losses as an uninterrupted run, and 2 gloo processes equal 1 (helpers o
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 
@@ -11,12 +10,11 @@ import pytest
 import torch
 import yaml
 
-from vicuna_cli.train.checkpoint import MARKER
 from vicuna_cli.train.rm import RewardConfig, run_rm
 from vicuna_cli.train.rundir import read_metrics
 
 from test_train_distributed import flags, free_port
-from test_train_resume import losses, start, wait_for_steps
+from test_train_resume import kill_then_resume, losses, start, terminate_then_resume
 from test_train_rm import write_pairs
 
 STEPS = 8
@@ -46,17 +44,8 @@ ARGS = [*flags(OPTIONS), "--lora", "--lora-r", "4"]
 def test_rm_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
     model_dir, data, reference = setup
     out = tmp_path / "killed"
-    process = start(model_dir, data, out, "rm", ARGS)
-    try:
-        wait_for_steps(process, out, 5)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        process.kill()
-        process.communicate(timeout=30)
-    assert len(losses(out)) < STEPS
-    result = run_rm(config(model_dir, data, out, resume="auto"))
-    assert result.resumed_from is not None and result.resumed_from.parent == out / "checkpoints"
+    kill_then_resume(start(model_dir, data, out, "rm", ARGS), out, STEPS,
+                     lambda: run_rm(config(model_dir, data, out, resume="auto")))
     assert losses(out) == losses(reference)
 
 
@@ -64,20 +53,8 @@ def test_rm_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_pat
 def test_rm_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
     model_dir, data, reference = setup
     out = tmp_path / "terminated"
-    process = start(model_dir, data, out, "rm", ARGS)
-    try:
-        wait_for_steps(process, out, 3)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 143, stderr[-2000:]
-    stopped = len(losses(out))
-    assert 3 <= stopped < STEPS and f"stopped by SIGTERM after step {stopped}" in stderr
-    saved = out / "checkpoints" / f"step-{stopped:06d}"
-    assert (saved / MARKER).is_file()
-    result = run_rm(config(model_dir, data, out, resume="auto"))
-    assert result.resumed_from == saved
+    terminate_then_resume(start(model_dir, data, out, "rm", ARGS), out, STEPS,
+                          lambda: run_rm(config(model_dir, data, out, resume="auto")))
     assert losses(out) == losses(reference)
 
 
