@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from vicuna_cli.cli import app
 
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.train.rm import RewardConfig, build_pair_samples, collate, rm_loss, run_rm
@@ -108,13 +111,19 @@ def config(model_dir, data, out, **overrides) -> RewardConfig:
     return RewardConfig(**values)
 
 
-def test_learns_a_synthetic_preference_and_loads_back_as_a_sequence_classifier(bpe_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def trained(bpe_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rm")
+    data = write_pairs(root / "train.jsonl", 240, seed=1)
+    held = write_pairs(root / "held.jsonl", 60, seed=2)
+    out = root / "run"
+    return out, held, run_rm(config(bpe_model_dir, data, out, eval_data=[str(held)], epochs=3))
+
+
+def test_learns_a_synthetic_preference_and_loads_back_as_a_sequence_classifier(trained):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    data = write_pairs(tmp_path / "train.jsonl", 240, seed=1)
-    held = write_pairs(tmp_path / "held.jsonl", 60, seed=2)
-    out = tmp_path / "run"
-    result = run_rm(config(bpe_model_dir, data, out, eval_data=[str(held)], epochs=3))
+    out, held, result = trained
     assert result.eval_metrics["eval_accuracy"] >= 0.95, result.eval_metrics
     assert set(result.eval_metrics["eval_accuracy_by_source"]) == {"alpha", "beta"}
     last = read_metrics(out)[-1]
@@ -128,6 +137,46 @@ def test_learns_a_synthetic_preference_and_loads_back_as_a_sequence_classifier(b
         hf = model(input_ids=torch.tensor([sample.chosen])).logits.squeeze()
         ours = rm_loss(model, {**collate([sample], True, tokenizer.pad_token_id), "want_rewards": torch.tensor(1)})[0]
     assert float(hf) == pytest.approx(float(ours), abs=1e-5)
+
+
+def test_rm_score_pairs_agrees_with_the_training_eval(trained):
+    out, held, result = trained
+    run = CliRunner().invoke(app, ["rm", "score", "-m", str(out), str(held), "--json", "--batch-tokens", "300"])
+    assert run.exit_code == 0, run.output
+    figures = json.loads(run.stdout)
+    assert figures["kind"] == "pairs" and figures["pairs"] == 60
+    assert figures["accuracy"] == pytest.approx(result.eval_metrics["eval_accuracy"])
+    assert figures["mean_margin"] == pytest.approx(result.eval_metrics["eval_margin"], abs=1e-4)
+    assert {s: v["accuracy"] for s, v in figures["by_source"].items()} == pytest.approx(
+        result.eval_metrics["eval_accuracy_by_source"])
+
+
+def test_rm_score_adds_a_reward_to_conversations_and_fastchat_answers(trained, bpe_model_dir, tmp_path):
+    out, _, _ = trained
+    conversations = tmp_path / "c.json"
+    conversations.write_text(json.dumps([
+        {"id": "good", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "fine Paris thank you"}]},
+        {"id": "bad", "conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "fine the thank you"}]}]))
+    scored = tmp_path / "scored.jsonl"
+    run = CliRunner().invoke(app, ["rm", "score", "-m", str(out), str(conversations), "-o", str(scored)])
+    assert run.exit_code == 0, run.output
+    rows = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["good", "bad"] and rows[0]["reward"] > rows[1]["reward"]
+    answers = tmp_path / "model.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": q, "answer_id": f"a{q}", "model_id": "m", "choices": [
+        {"index": 0, "turns": [text]}]}) + "\n" for q, text in ((1, "Paris is fine"), (2, "the the the"), (999, "x"))))
+    run = CliRunner().invoke(app, ["rm", "score", "-m", str(out), str(answers), "-o", str(tmp_path / "a.jsonl"), "--json"])
+    assert run.exit_code == 0, run.output
+    figures = json.loads(run.stdout)
+    assert figures["kind"] == "answers" and figures["scored"] == 2
+    assert figures["skipped"] == {"answer to a question not in the bench": 1}
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == [1, 2] and all(isinstance(r["reward"], float) for r in rows)
+    # a chat model is not a reward model
+    with pytest.raises(VicunaError, match="is not a reward model"):
+        from vicuna_cli.train.score import ScoreConfig, score
+
+        score(ScoreConfig(model=str(bpe_model_dir), input=str(conversations), output=tmp_path / "x.jsonl"))
 
 
 def test_bad_pairs_are_counted_and_never_truncated(bpe_model_dir, tmp_path):
