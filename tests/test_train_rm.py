@@ -71,7 +71,8 @@ def test_loss_and_accuracy_equal_trl_reward_trainer(bpe_model_dir, tmp_path):
     margins = [0.0, 0.5, -0.25, 1.0, 0.0, 2.0, 0.1, 0.0]
     samples = [type(s)(s.id, s.source, s.chosen, s.rejected, m) for s, m in zip(samples, margins)]
     examples = [{"chosen_ids": s.chosen, "rejected_ids": s.rejected, "margin": s.margin} for s in samples]
-    args = TrlConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=8)
+    args = TrlConfig(output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, per_device_train_batch_size=8,
+                     bf16=False, gradient_checkpointing=False)  # fp32, as ours
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(examples))
     model.train()  # TRL disables dropout; the tiny model has none either way
     with torch.no_grad():
