@@ -198,7 +198,8 @@ def _log_plan(config: TrainConfig, setup: Any, samples: list, eval_samples: list
     console.info(f"model {config.model} · {accelerator.device.type} × {accelerator.num_processes} "
                  f"({accelerator.distributed_type}) · " + " · ".join(setup.notes))
     console.info(kernel_note)
-    batch = f"{config.batch_size()} sequences" if config.batch_size() else f"{config.global_batch_tokens} tokens"
+    batch = (f"{config.batch_size()} {'pairs' if unit == 'pairs' else 'sequences'}" if config.batch_size()
+             else f"{config.global_batch_tokens} tokens")
     share = f"{supervised} supervised = {supervised / max(tokens, 1):.0%}" if unit == "supervised tokens" else f"{supervised} {unit}"
     console.info(f"data: {len(samples)} samples ({tokens} tokens, {share}), template {template}, {len(eval_samples)} eval samples; "
                  f"global batch {batch}, {'packed' if config.packing else 'padded'}, {total} steps")
