@@ -46,9 +46,9 @@ def setup(sp_model_dir, tmp_path_factory):
     return sp_model_dir, data, reference
 
 
-def start(model_dir: Path, data: Path, out: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vicuna_cli", "train", "sft", "-m", str(model_dir), "--data", str(data),
-               "-o", str(out), *ARGS]
+def start(model_dir: Path, data: Path, out: Path, method: str = "sft", args: list[str] = ARGS) -> subprocess.Popen:
+    command = [sys.executable, "-m", "vicuna_cli", "train", method, "-m", str(model_dir), "--data", str(data),
+               "-o", str(out), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -63,11 +63,8 @@ def wait_for_steps(process: subprocess.Popen, out: Path, steps: int, timeout: fl
     raise AssertionError(f"no step {steps} within {timeout} s")
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
-    model_dir, data, reference = setup
-    out = tmp_path / "killed"
-    process = start(model_dir, data, out)
+def kill_then_resume(process: subprocess.Popen, out: Path, steps: int, resume) -> None:
+    """SIGKILL after 5 steps, then `resume()` (the run with --resume auto) continues from a checkpoint."""
     try:
         wait_for_steps(process, out, 5)
         process.send_signal(signal.SIGKILL)
@@ -75,17 +72,13 @@ def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
     finally:
         process.kill()
         process.communicate(timeout=30)
-    assert len(losses(out)) < STEPS
-    result = run_sft(config(model_dir, data, out, resume="auto"))
+    assert len(losses(out)) < steps
+    result = resume()
     assert result.resumed_from is not None and result.resumed_from.parent == out / "checkpoints"
-    assert losses(out) == losses(reference)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
-    model_dir, data, reference = setup
-    out = tmp_path / "terminated"
-    process = start(model_dir, data, out)
+def terminate_then_resume(process: subprocess.Popen, out: Path, steps: int, resume) -> None:
+    """SIGTERM after 3 steps saves a checkpoint of the last finished step; `resume()` starts there."""
     try:
         wait_for_steps(process, out, 3)
         process.send_signal(signal.SIGTERM)
@@ -94,12 +87,27 @@ def test_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_
         process.kill()
     assert process.returncode == 143, stderr[-2000:]
     stopped = len(losses(out))
-    assert 3 <= stopped < STEPS
+    assert 3 <= stopped < steps
     assert f"stopped by SIGTERM after step {stopped}" in stderr
     saved = out / "checkpoints" / f"step-{stopped:06d}"
     assert (saved / MARKER).is_file()
-    result = run_sft(config(model_dir, data, out, resume="auto"))
-    assert result.resumed_from == saved
+    assert resume().resumed_from == saved
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
+    model_dir, data, reference = setup
+    out = tmp_path / "killed"
+    kill_then_resume(start(model_dir, data, out), out, STEPS, lambda: run_sft(config(model_dir, data, out, resume="auto")))
+    assert losses(out) == losses(reference)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
+    model_dir, data, reference = setup
+    out = tmp_path / "terminated"
+    terminate_then_resume(start(model_dir, data, out), out, STEPS,
+                          lambda: run_sft(config(model_dir, data, out, resume="auto")))
     assert losses(out) == losses(reference)
 
 

@@ -9,7 +9,7 @@ import sys
 import typer
 
 from . import __version__
-from .commands import apply_delta, chat, data, judge, launch, models, serve, templates, train
+from .commands import apply_delta, chat, data, judge, launch, models, rm, serve, templates, train
 
 app = typer.Typer(
     name="vicuna",
@@ -26,6 +26,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(serve.app, name="serve")
 app.add_typer(judge.app, name="judge")
 app.add_typer(train.app, name="train")
+app.add_typer(rm.app, name="rm")
 app.command("chat")(chat.chat)
 app.command("apply-delta", help=apply_delta.APPLY_DELTA_HELP)(apply_delta.apply_delta)
 app.command("make-delta", help=apply_delta.MAKE_DELTA_HELP)(apply_delta.apply_delta)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+import inspect
+from typing import Any, List, Optional, get_type_hints
 
 import typer
 
@@ -74,31 +75,67 @@ def sft(
     (configs in recipes/accelerate/). SIGTERM or Ctrl-C saves a checkpoint and stops; continue
     with --resume auto.
     """
+    from ..train.config import TrainConfig
+    from ..train.sft import run_sft
+
+    _train(ctx, TrainConfig, run_sft, config, accelerate_config, num_processes)
+
+
+def _train(ctx: typer.Context, config_class: type, run: Any, config: Optional[Path], accelerate_config: Optional[Path],
+           num_processes: Optional[int]) -> None:
     from ..core import console
     from ..core.config import build_config
     from ..core.errors import VicunaError
-    from ..train.config import TrainConfig
-    from ..train.loop import Stop
-    from ..train.sft import run_sft
-    from ._common import given_flags
-
     from ..train.launch import launched, relaunch
+    from ..train.loop import Stop
+    from ._common import given_flags
 
     if accelerate_config is not None and not launched():
         relaunch(accelerate_config, num_processes)
     flags = {k: v for k, v in given_flags(ctx, exclude=("config", "accelerate_config", "num_processes")).items()
              if v is not None}
-    cfg = build_config(TrainConfig, flags, config)
+    cfg = build_config(config_class, flags, config)
     try:
-        result = run_sft(cfg)
+        result = run(cfg)
     except Stop as stop:
         raise VicunaError(f"stopped by {stop.signame} after step {stop.step}; checkpoint saved to {stop.path}",
                           hint="continue with the same command plus --resume auto",
                           exit_code=130 if stop.signame == "SIGINT" else 143) from None
     if result.files:  # the main process: it wrote the model
         loss = f" · final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+        accuracy = result.eval_metrics.get("eval_accuracy")
+        loss += f" · eval pair accuracy {accuracy:.1%}" if accuracy is not None else ""
         console.err.print(f"[green]done[/green] {result.steps} steps in {result.seconds:.0f} s{loss}")
         console.out.print(str(result.run_dir), markup=False)
+
+
+def _rm_signature() -> inspect.Signature:
+    """`train sft`'s options, with --data naming pair files and SHP's ratio filter added."""
+    hints = get_type_hints(sft)  # the annotations are strings here (postponed evaluation)
+    params = {name: p.replace(annotation=hints[name]) for name, p in inspect.signature(sft).parameters.items()}
+    params["data"] = params["data"].replace(default=typer.Option(
+        None, "--data", help="Preference pairs: `vicuna data pairs` output, HH-RLHF, SHP, OASST1 or {prompt, chosen, rejected}; repeat for more."))
+    params["eval_data"] = params["eval_data"].replace(default=typer.Option(None, "--eval-data", help="Eval pair file(s) instead of --eval-split."))
+    params["shp_min_ratio"] = inspect.Parameter("shp_min_ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float],
+                                                default=typer.Option(None, "--shp-min-ratio", help="SHP inputs: least score ratio of a pair (default 2)."))
+    return inspect.Signature(list(params.values()))
+
+
+def rm(ctx: typer.Context, **options: Any) -> None:
+    """Train a reward model from MODEL (the SFT model) on preference pairs: a scalar head at the last
+    token of prompt + answer, Bradley–Terry loss -log σ(r_chosen − r_rejected − margin).
+
+    Same loop, run dir, checkpoints, --resume, kernels, LoRA and accelerate launch as `train sft`
+    (defaults here: 1 epoch, lr 1e-5, 64 pairs per step; --max-length bounds each side). Eval
+    reports pair accuracy, mean margin and accuracy per source. The run dir loads back with
+    transformers' AutoModelForSequenceClassification (num_labels=1)."""
+    from ..train.rm import RewardConfig, run_rm
+
+    _train(ctx, RewardConfig, run_rm, options.get("config"), options.get("accelerate_config"), options.get("num_processes"))
+
+
+rm.__signature__ = _rm_signature()  # type: ignore[attr-defined]
+app.command("rm")(rm)
 
 
 @app.command("inspect-data")

@@ -394,6 +394,16 @@ def pick_implementation(path: Path, device: str, requested: str = "auto", trust_
     return ("transformers", reason) if reason else ("native", "llama checkpoint on CPU")
 
 
+def check_not_reward_model(path: Path, name: str) -> None:
+    """A `vicuna train rm` output scores answers; loading it to generate would read a random LM head."""
+    config = path / "config.json"
+    architectures = json.loads(config.read_text()).get("architectures") or [] if config.is_file() else []
+    reward = [a for a in architectures if a.endswith("ForSequenceClassification")]
+    if reward:
+        raise VicunaError(f"{name} is a reward model ({reward[0]}): it scores answers and cannot chat or generate",
+                          hint=f"score answers with `vicuna rm score -m {name} FILE`; chat with the SFT model it came from")
+
+
 def load(
     name: str | None = None,
     device: str = "auto",
@@ -404,6 +414,7 @@ def load(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     resolved = resolve(name, progress)
+    check_not_reward_model(resolved.path, name or DEFAULT_MODEL)
     import torch
 
     device = pick_device(device)

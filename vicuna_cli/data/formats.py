@@ -14,7 +14,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from ..core.errors import VicunaError
 from ..core.store import AtomicFile
@@ -23,6 +23,9 @@ INPUT_FORMATS = {
     "sharegpt": 'ShareGPT JSON or JSONL: {"id", "conversations": [{"from": "human"|"gpt"|"system", "value"}]}',
     "openai": 'OpenAI messages JSONL: {"messages": [{"role": "system"|"user"|"assistant", "content"}]}',
     "alpaca": 'Alpaca: {"instruction", "input"?, "output"} (JSON array or JSONL)',
+    "gpt4all": 'GPT4All prompt generations: {"prompt", "response", "source"?}',
+    "oasst1": 'OASST1 message table {"message_id", "parent_id", "message_tree_id", "role", "text", "rank", ...} '
+              'or its nested tree export {"message_tree_id", "prompt": {..., "replies"}}',
 }
 OUTPUT_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 ROLE_NAMES = {
@@ -70,7 +73,10 @@ class _Counted:
 class InputFile:
     """An opened input (`-` is stdin): its container, its record format, and its records."""
 
-    def __init__(self, path: str | Path, input_format: str = "auto"):
+    def __init__(self, path: str | Path, input_format: str = "auto", formats: dict[str, str] | None = None,
+                 detect: Callable[[Any, str], str] | None = None):
+        # Conversation formats unless told otherwise (preferences.py passes the pair formats).
+        self._formats, self._detect = formats or INPUT_FORMATS, detect or detect_format
         self.path = str(path)
         self.name = "<stdin>" if self.path == "-" else self.path
         if self.path != "-" and not Path(self.path).exists():
@@ -87,6 +93,11 @@ class InputFile:
     def _open(self, input_format: str) -> None:
         info = os.fstat(self._file.fileno())
         self.size = info.st_size if stat.S_ISREG(info.st_mode) else None  # None: a pipe, size unknown
+        if self.path.endswith(".gz"):  # Hub datasets ship gzipped JSONL (HH-RLHF)
+            import gzip
+
+            self._gzipped = self._file
+            self._file, self.size = gzip.GzipFile(fileobj=self._file), None  # type: ignore[assignment]
         head = self._file.read(_HEAD)
         while head and not head.lstrip(_SPACE) and len(head) % _HEAD == 0:  # only whitespace yet
             more = self._file.read(_HEAD)
@@ -99,7 +110,7 @@ class InputFile:
         if start not in (b"[", b"{"):
             raise VicunaError(
                 f"unknown format: {self.name} is neither a JSON array nor JSON Lines (it starts with {start!r})",
-                hint="supported: " + "; ".join(INPUT_FORMATS.values()),
+                hint="supported: " + "; ".join(self._formats.values()),
             )
         self.container = "json" if start == b"[" else "jsonl"
         self._reader = _Counted(self._file, head.removeprefix(b"\xef\xbb\xbf"))  # the parsers reject a BOM
@@ -107,9 +118,9 @@ class InputFile:
         self._first = next(self._records, None)
         if self._first is None:
             raise VicunaError(f"input {self.name} is empty: it holds no records", hint="pass a file that holds conversations")
-        self.format = detect_format(self._first.value, self.name) if input_format == "auto" else input_format
-        if self.format not in INPUT_FORMATS:
-            raise VicunaError(f"unknown input format {self.format!r}; known: auto, {', '.join(INPUT_FORMATS)}")
+        self.format = self._detect(self._first.value, self.name) if input_format == "auto" else input_format
+        if self.format not in self._formats:
+            raise VicunaError(f"unknown input format {self.format!r}; known: auto, {', '.join(self._formats)}")
 
     @property
     def read_bytes(self) -> int:
@@ -121,9 +132,20 @@ class InputFile:
             yield first
         yield from self._records
 
+    def conversation_records(self, oasst_paths: str = "best") -> Iterator[Raw]:
+        """Records that each hold one conversation: an OASST1 file's messages are assembled into
+        trees and come out one record per path (oasst.py); other formats as read."""
+        if self.format != "oasst1":
+            return self.records()
+        from .oasst import conversation_records
+
+        return conversation_records(self.records(), oasst_paths)
+
     def close(self) -> None:
         if self._file is not sys.stdin.buffer:
             self._file.close()
+        if getattr(self, "_gzipped", None) is not None:
+            self._gzipped.close()
 
     def _json_records(self) -> Iterator[Raw]:
         import ijson
@@ -244,6 +266,12 @@ def detect_format(value: Any, name: str) -> str:
             return "openai"
         if "instruction" in value and "output" in value:
             return "alpaca"
+        if "prompt" in value and "response" in value:
+            return "gpt4all"
+        from .oasst import is_message, is_tree
+
+        if is_message(value) or is_tree(value):
+            return "oasst1"
     keys = ", ".join(sorted(value)[:8]) if isinstance(value, dict) else type(value).__name__
     raise VicunaError(
         f"unknown format: the first record of {name} has {keys or 'no keys'}",
@@ -271,6 +299,18 @@ def to_sharegpt(raw: Raw, input_format: str) -> dict[str, Any]:
             raise Skip("no 'messages' list")
         out = [_turn(m, "role", "content", i) for i, m in enumerate(messages)]
         record = {k: v for k, v in value.items() if k != "messages"}
+    elif input_format == "gpt4all":
+        prompt, response = value.get("prompt"), value.get("response")
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise Skip("gpt4all record without string 'prompt' and 'response'")
+        out = [{"from": "human", "value": prompt}, {"from": "gpt", "value": response}]
+        record = {k: v for k, v in value.items() if k not in ("prompt", "response")}
+    elif input_format == "oasst1":  # already a path of a tree (InputFile.conversation_records)
+        if "oasst_skip" in value:
+            raise Skip(value["oasst_skip"])
+        if not isinstance(value.get("conversations"), list):
+            raise Skip("OASST1 record read without assembling its tree")
+        out, record = value["conversations"], {k: v for k, v in value.items() if k != "conversations"}
     else:
         instruction, extra, output = value.get("instruction"), value.get("input") or "", value.get("output")
         if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, str):

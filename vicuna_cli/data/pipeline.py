@@ -35,7 +35,8 @@ class CleanConfig(CommandConfig):
     inputs: list[str] = Field(min_length=1)
     output: Path
     format: Optional[Literal["json", "jsonl"]] = None
-    input_format: Literal["auto", "sharegpt", "openai", "alpaca"] = "auto"
+    input_format: Literal["auto", "sharegpt", "openai", "alpaca", "gpt4all", "oasst1"] = "auto"
+    oasst_paths: Literal["best", "all"] = "best"
     overwrite: bool = False
     strict: bool = False
     html: bool = True
@@ -228,10 +229,10 @@ class OrderedPool:
         _STATE.clear()
 
 
-def chunked(inputs: list[InputFile]) -> Iterator[list[tuple[Raw, str]]]:
+def chunked(inputs: list[InputFile], oasst_paths: str = "best") -> Iterator[list[tuple[Raw, str]]]:
     chunk: list[tuple[Raw, str]] = []
     for inp in inputs:
-        for raw in inp.records():
+        for raw in inp.conversation_records(oasst_paths):
             chunk.append((raw, inp.format))
             if len(chunk) >= CHUNK_SIZE:
                 yield chunk
@@ -240,11 +241,12 @@ def chunked(inputs: list[InputFile]) -> Iterator[list[tuple[Raw, str]]]:
         yield chunk
 
 
-def open_inputs(paths: list[str], input_format: str) -> list[InputFile]:
+def open_inputs(paths: list[str], input_format: str, formats: Optional[dict[str, str]] = None,
+                detect: Optional[Callable[[Any, str], str]] = None) -> list[InputFile]:
     opened: list[InputFile] = []
     try:
         for path in paths:
-            opened.append(InputFile(path, input_format))
+            opened.append(InputFile(path, input_format, formats, detect))
     except BaseException:
         for inp in opened:
             inp.close()
@@ -268,6 +270,14 @@ def check_output(output: Path, overwrite: bool, inputs: list[str]) -> None:
     for path in inputs:
         if path != "-" and Path(path).exists() and output.exists() and Path(path).samefile(output):
             raise VicunaError(f"output {output} is also an input", hint="write the cleaned data to a new file")
+
+
+def strict_check(result: Any, strict: bool) -> None:
+    if result.dropped == "read" and strict:
+        raise VicunaError(
+            f"{result.where} has the wrong shape: {result.reason}",
+            hint="fix or remove it, or run without --strict to skip and count such records",
+        )
 
 
 def clean(config: CleanConfig) -> Report:
@@ -304,12 +314,21 @@ def clean(config: CleanConfig) -> Report:
         unit="tokens" if splitter else "characters",
     )
     inputs = open_inputs(config.inputs, config.input_format)
+    write_atomically(config.output, fmt, inputs, report, config.report, started, "no conversation survived cleaning",
+                     lambda writer: _run(config, opts, splitter, inputs, writer, report))
+    return report
+
+
+def write_atomically(output: Path, fmt: str, inputs: list[InputFile], report: Optional[Report],
+                     report_path: Optional[Path], started: float, empty_warning: str,
+                     body: Callable[[RecordWriter], None]) -> Optional[Report]:
+    """Run `body` into a temp file that becomes `output` only when it completed; then the report."""
     writer = None
     try:
-        for inp in inputs:
-            report.inputs.append({"path": inp.name, "container": inp.container, "format": inp.format})
-        writer = RecordWriter(config.output, fmt)
-        _run(config, opts, splitter, inputs, writer, report)
+        if report is not None:
+            report.inputs = [{"path": inp.name, "container": inp.container, "format": inp.format} for inp in inputs]
+        writer = RecordWriter(output, fmt)
+        body(writer)
         writer.commit()
     except BaseException:
         if writer is not None:
@@ -318,11 +337,12 @@ def clean(config: CleanConfig) -> Report:
     finally:
         for inp in inputs:
             inp.close()
-    report.seconds = time.monotonic() - started
-    if config.report:
-        report.save(config.report)
+    if report is not None:
+        report.seconds = time.monotonic() - started
+        if report_path:
+            report.save(report_path)
     if not writer.count:
-        console.warn(f"no conversation survived cleaning; {config.output} holds no records")
+        console.warn(f"{empty_warning}; {output} holds no records")
     return report
 
 
@@ -334,14 +354,10 @@ def _run(config: CleanConfig, opts: StepOptions, splitter: Any, inputs: list[Inp
     records = 0
     with OrderedPool(worker_count(config.workers), {"opts": opts, "splitter": splitter}) as pool, \
             Progress("clean", total) as progress:
-        for results in pool.map(_clean_chunk, chunked(inputs)):
+        for results in pool.map(_clean_chunk, chunked(inputs, config.oasst_paths)):
             for result in results:
                 records += 1
-                if result.dropped == "read" and config.strict:
-                    raise VicunaError(
-                        f"{result.where} has the wrong shape: {result.reason}",
-                        hint="fix or remove it, or run without --strict to skip and count such records",
-                    )
+                strict_check(result, config.strict)
                 if opts.dedup and result.dropped in (None, "split"):
                     if result.id in seen_ids:
                         result.dropped, result.reason = "dedup", "same id"

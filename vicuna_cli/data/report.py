@@ -24,15 +24,18 @@ STEP_HELP = {
     "lang": "language filter",
     "dedup": "duplicate ids and first exchanges",
     "split": "pieces that fit --max-length tokens",
+    "identical": "pairs whose chosen and rejected answers are the same",
+    "ratio": "SHP pairs under --shp-min-ratio",
 }
 
 
 class Report:
-    def __init__(self, enabled: dict[str, bool], unit: str):
-        self.enabled = {step: enabled.get(step, True) for step in STEPS}
+    def __init__(self, enabled: dict[str, bool], unit: str, steps: tuple[str, ...] = STEPS, title: str = "data clean"):
+        self.order, self.title = steps, title
+        self.enabled = {step: enabled.get(step, True) for step in steps}
         self.unit = unit  # "tokens" or "characters"
         self.steps: dict[str, dict[str, Any]] = {
-            s: {"in": 0, "out": 0, "dropped": Counter(), "notes": Counter()} for s in STEPS
+            s: {"in": 0, "out": 0, "dropped": Counter(), "notes": Counter()} for s in steps
         }
         self.inputs: list[dict[str, Any]] = []
         self.languages: Counter = Counter()
@@ -40,12 +43,12 @@ class Report:
         self.seconds = 0.0
 
     def add(self, result: Result) -> None:
-        stop = STEPS.index(result.dropped) if result.dropped else len(STEPS)
-        for i, step in enumerate(STEPS[: stop + 1]):
+        stop = self.order.index(result.dropped) if result.dropped else len(self.order)
+        for i, step in enumerate(self.order[: stop + 1]):
             counts = self.steps[step]
             counts["in"] += 1
             if i < stop:
-                counts["out"] += len(result.pieces) if step == "split" else 1
+                counts["out"] += len(result.pieces) if step == self.order[-1] else 1
             else:
                 counts["dropped"][result.reason or "dropped"] += 1
         for key, n in result.notes.items():
@@ -58,7 +61,7 @@ class Report:
 
     @property
     def records_out(self) -> int:
-        return self.steps["split"]["out"]
+        return self.steps[self.order[-1]]["out"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,7 +88,7 @@ class Report:
         """The per-step table and the histogram, on stderr."""
         from rich.table import Table
 
-        table = Table("step", "in", "out", "dropped", "details", title="data clean", title_justify="left")
+        table = Table("step", "in", "out", "dropped", "details", title=self.title, title_justify="left")
         for step, c in self.steps.items():
             if not self.enabled[step]:
                 table.add_row(step, "", "", "", "off")

@@ -21,7 +21,7 @@ from .steps import detect_language, normalise_roles
 
 class StatsConfig(CommandConfig):
     inputs: list[str] = Field(min_length=1)
-    input_format: Literal["auto", "sharegpt", "openai", "alpaca"] = "auto"
+    input_format: Literal["auto", "sharegpt", "openai", "alpaca", "gpt4all", "oasst1"] = "auto"
     model: Optional[str] = None
     template: Optional[str] = None
     trust_remote_code: bool = False  # the -m model's own tokenizer code runs only when True

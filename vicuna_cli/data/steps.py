@@ -104,7 +104,8 @@ def process(raw: Raw, input_format: str, opts: StepOptions) -> Result:
             return _drop(result, "lang", f"language {result.lang}")
     record["conversations"] = turns
     if opts.dedup:
-        result.key = first_exchange_key(turns)
+        # The paths of one OASST1 tree share their first exchange by construction: key them whole.
+        result.key = first_exchange_key(turns) if input_format != "oasst1" else conversation_key(turns)
     result.pieces, result.lengths = [record], [sum(len(t["value"]) for t in turns)]
     return result
 
@@ -206,7 +207,16 @@ def first_exchange_key(turns: list[dict[str, str]]) -> bytes | None:
         first.setdefault(turn["from"], turn["value"])
     if "human" not in first or "gpt" not in first:
         return None
-    text = _SPACES.sub(" ", f"{first['human']}\x00{first['gpt']}".casefold()).strip()
+    return text_key([first["human"], first["gpt"]])
+
+
+def conversation_key(turns: list[dict[str, str]]) -> bytes:
+    return text_key([f"{t['from']}:{t['value']}" for t in turns])
+
+
+def text_key(parts: list[str]) -> bytes:
+    """Digest of `parts`, case- and whitespace-insensitive (the dedup keys of data clean and pairs)."""
+    text = _SPACES.sub(" ", "\x00".join(parts).casefold()).strip()
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 

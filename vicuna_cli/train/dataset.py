@@ -1,4 +1,4 @@
-"""Training conversations from files: ShareGPT, OpenAI messages or Alpaca, read with the same
+"""Training conversations from files: ShareGPT, OpenAI messages, Alpaca, GPT4All or OASST1, read with the same
 readers as `vicuna data clean` (`data/formats.py`), as (id, OpenAI-style messages) pairs."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Conversation:
     messages: list[dict[str, str]]
 
 
-def read_conversations(paths: Sequence[str], skipped: Counter) -> list[Conversation]:
+def read_conversations(paths: Sequence[str], skipped: Counter, oasst_paths: str = "best") -> list[Conversation]:
     """Every usable conversation of `paths`, in file order; unusable records are counted in
     `skipped` by reason (a leading assistant turn and a trailing user turn are trimmed, as in
     FastChat: they carry nothing to learn)."""
@@ -28,7 +28,7 @@ def read_conversations(paths: Sequence[str], skipped: Counter) -> list[Conversat
     for path in paths:
         source = InputFile(path)
         try:
-            for raw in source.records():
+            for raw in source.conversation_records(oasst_paths):
                 try:
                     record = to_sharegpt(raw, source.format)
                 except Skip as exc:

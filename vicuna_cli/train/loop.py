@@ -52,6 +52,7 @@ class LoopSpec:
     keep_checkpoints: int = 3
     max_grad_norm: float = 1.0
     eval_lengths: list[int] = field(default_factory=list)
+    eval_metrics: Callable[[Any, Any, "LoopSpec"], dict] | None = None  # a method's figures beyond eval loss
 
     def plans(self) -> list[list[list[int]]]:
         """The steps of each epoch: `epochs` of them, or as many as `max_steps` needs (it wins,
@@ -132,6 +133,8 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                           "supervised_tokens_per_s": n_sup / seconds, "step_s": seconds, "elapsed_s": state.seconds}
                 if spec.eval_samples and spec.eval_every and state.global_step % spec.eval_every == 0:
                     record["eval_loss"] = evaluate(accelerator, module, spec, world, rank)
+                    if spec.eval_metrics:
+                        record.update(spec.eval_metrics(accelerator, module, spec))
                 metrics.write(record)
                 if track:
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)

@@ -50,8 +50,10 @@ def pick_training_attention(requested: str, device: str, packing: bool) -> tuple
     return "sdpa", why + ("" if device != "cuda" else "; pip install 'vicuna-cli[gpu]' for flash-attn 2 varlen")
 
 
-def load_for_training(config: TrainConfig, device: str) -> Setup:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_for_training(config: TrainConfig, device: str, head: str = "causal") -> Setup:
+    """`head` "reward": the model as *ForSequenceClassification with one label (a new scalar
+    head on the causal LM's body), for `train rm`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     resolved = models.resolve(config.model)
     mixed = resolve_precision(config.precision, device)
@@ -73,19 +75,23 @@ def load_for_training(config: TrainConfig, device: str) -> Setup:
     with models._quiet_transformers():
         try:
             tokenizer = models.load_pretrained(AutoTokenizer, resolved.path, trust_remote_code=config.trust_remote_code)
-            model = models.load_pretrained(AutoModelForCausalLM, resolved.path, trust_remote_code=config.trust_remote_code,
-                                           **kwargs)
+            model_class = AutoModelForSequenceClassification if head == "reward" else AutoModelForCausalLM
+            model = models.load_pretrained(model_class, resolved.path, trust_remote_code=config.trust_remote_code,
+                                           **kwargs, **({"num_labels": 1} if head == "reward" else {}))
         except VicunaError:
             raise
         except Exception as exc:
             raise VicunaError(f"could not load {config.model} for training: {models._first_line(exc)}") from exc
     check_model_fits(model, tokenizer, config)
     model.config.use_cache = False
+    if head == "reward" and tokenizer.pad_token_id is not None:
+        # transformers reads a sequence's reward at its last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         notes.append("gradient checkpointing on")
     if config.lora:
-        model = add_lora(model, config)
+        model = add_lora(model, config, "SEQ_CLS" if head == "reward" else "CAUSAL_LM")
         notes.append(f"LoRA r={config.lora_r} alpha={config.lora_alpha}" + (" on 4-bit weights (QLoRA)" if config.qlora else ""))
     return Setup(model, tokenizer, resolved.path, attention, mixed, notes)
 
@@ -117,13 +123,13 @@ def apply_kernels(model: nn.Module, mode: str) -> tuple[list[str], str]:
     return ops, vicuna_kernels.kernel_plan(model, mode).describe()
 
 
-def add_lora(model: nn.Module, config: TrainConfig) -> nn.Module:
+def add_lora(model: nn.Module, config: TrainConfig, task: str = "CAUSAL_LM") -> nn.Module:
     peft = require("peft", "train", "--lora")
     if config.qlora:
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
     target: Any = config.lora_target[0] if config.lora_target == ["all-linear"] else config.lora_target
     lora = peft.LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                           target_modules=target, task_type="CAUSAL_LM")
+                           target_modules=target, task_type=task)  # SEQ_CLS also trains the score head
     return peft.get_peft_model(model, lora)
 
 

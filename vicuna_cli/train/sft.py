@@ -32,6 +32,7 @@ class SftResult:
     files: list[str] = field(default_factory=list)
     resumed_from: Path | None = None
     seconds: float = 0.0
+    eval_metrics: dict = field(default_factory=dict)  # a method's figures beyond the eval loss
 
 
 def build_samples(config: TrainConfig, tokenizer: Any) -> tuple[list[Sample], list[Sample], Counter, str]:
@@ -62,7 +63,21 @@ def _describe(notes: Counter) -> str:
     return ", ".join(f"{reason}: {count}" for reason, count in sorted(notes.items()))
 
 
+def _sft_method() -> Any:
+    from .modeling import sft_loss
+    from .objectives import Method
+    from .packing import collate, supervised_tokens
+
+    return Method("sft", build_samples, collate, supervised_tokens, lambda config: sft_loss(fused=config.kernels != "off"))
+
+
 def run_sft(config: TrainConfig) -> SftResult:
+    return run_training(config, _sft_method())
+
+
+def run_training(config: TrainConfig, method: Any) -> SftResult:
+    """Everything around the loop, for every method (objectives.Method): accelerator, run dir,
+    model, optimizer and schedule, resume, config.yaml, final eval and save."""
     # A bad -o must fail now, not after the 10+ s of imports and model loading below.
     if config.output is None:
         raise VicunaError("no output dir: pass -o RUN_DIR")
@@ -75,8 +90,7 @@ def run_sft(config: TrainConfig) -> SftResult:
     from . import checkpoint, rundir
     from .loop import LoopSpec, train
     from .memory import return_freed_memory
-    from .modeling import LossModule, apply_kernels, load_for_training, save_final, sft_loss
-    from .packing import collate
+    from .modeling import LossModule, apply_kernels, load_for_training, save_final
 
     started = time.perf_counter()
     return_freed_memory()  # before the model loads: see memory.py (peak RSS 3.76 -> 2.74 GB measured)
@@ -97,13 +111,14 @@ def run_sft(config: TrainConfig) -> SftResult:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
-    setup = load_for_training(config, accelerator.device.type)
-    samples, eval_samples, notes, template_name = build_samples(config, setup.tokenizer)
+    setup = load_for_training(config, accelerator.device.type, method.head)
+    samples, eval_samples, notes, template_name = method.build(config, setup.tokenizer)
     pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id or 0
     spec = LoopSpec(
         samples=samples, eval_samples=eval_samples, lengths=[len(s) for s in samples],
         eval_lengths=[len(s) for s in eval_samples],
-        collate=lambda batch: collate(batch, config.packing, pad_id),
+        collate=lambda batch: method.collate(batch, config.packing, pad_id), supervised=method.supervised,
+        eval_metrics=method.eval_metrics,
         packing=config.packing, capacity=config.row_capacity, micro_batch_size=config.micro_batch_size,
         batch_size=config.batch_size(), batch_tokens=config.global_batch_tokens, epochs=config.epochs,
         max_steps=config.max_steps, seed=config.seed, log_every=config.log_every, eval_every=config.eval_every,
@@ -111,7 +126,7 @@ def run_sft(config: TrainConfig) -> SftResult:
         keep_checkpoints=config.keep_checkpoints, max_grad_norm=config.max_grad_norm,
     )
     total = spec.total_steps()
-    module = LossModule(setup.model, sft_loss(fused=config.kernels != "off"))
+    module = LossModule(setup.model, method.loss(config))
     # The fused AdamW kernel (CPU and CUDA) steps ~6x faster than the default on this CPU.
     optimizer = torch.optim.AdamW(_param_groups(module, config.weight_decay), lr=config.learning_rate,
                                   fused=all(p.is_floating_point() for p in module.parameters() if p.requires_grad))
@@ -132,7 +147,7 @@ def run_sft(config: TrainConfig) -> SftResult:
     if config.resume:
         state, resumed_from = checkpoint.resume(accelerator, scheduler, run_dir, config.resume)
     _log_plan(config, setup, samples, eval_samples, notes, template_name, total, accelerator, resumed_from, state,
-              kernel_note, spec)
+              kernel_note, spec, method.unit)
     if main:
         rundir.write_config(run_dir, config, {
             "template": template_name, "device": accelerator.device.type, "processes": accelerator.num_processes,
@@ -147,14 +162,16 @@ def run_sft(config: TrainConfig) -> SftResult:
         accelerator.init_trackers(config.run_name or os.environ.get("SKYPILOT_TASK_ID") or run_dir.name,
                                   config=config.model_dump(mode="json"))
     state = train(accelerator, module, optimizer, scheduler, spec, state, run_dir, metrics, track)
-    final_eval = None
+    final_eval, figures = None, {}
     if eval_samples:
         from .loop import evaluate
 
         final_eval = evaluate(accelerator, module, spec, accelerator.num_processes, accelerator.process_index)
-        metrics.write({"step": state.global_step, "eval_loss": final_eval})
+        figures = method.eval_metrics(accelerator, module, spec) if method.eval_metrics else {}
+        metrics.write({"step": state.global_step, "eval_loss": final_eval, **figures})
         if main:
-            console.info(f"eval loss {final_eval:.4f} over {len(eval_samples)} samples")
+            console.info(f"eval loss {final_eval:.4f} over {len(eval_samples)} samples"
+                         + "".join(f" · {k.removeprefix('eval_')} {v:.4f}" for k, v in figures.items() if isinstance(v, float)))
     accelerator.wait_for_everyone()
     files = save_final(accelerator, module, setup.tokenizer, run_dir, config, setup.path, template_name)
     accelerator.wait_for_everyone()
@@ -162,7 +179,7 @@ def run_sft(config: TrainConfig) -> SftResult:
         accelerator.end_training()
     losses = [m["loss"] for m in rundir.read_metrics(run_dir) if "loss" in m] if main else []
     return SftResult(run_dir, state.global_step, losses[-1] if losses else None, final_eval, len(samples),
-                     len(eval_samples), dict(notes), files, resumed_from, time.perf_counter() - started)
+                     len(eval_samples), dict(notes), files, resumed_from, time.perf_counter() - started, figures)
 
 
 def _param_groups(module: Any, weight_decay: float) -> list[dict]:
@@ -174,7 +191,7 @@ def _param_groups(module: Any, weight_decay: float) -> list[dict]:
 
 def _log_plan(config: TrainConfig, setup: Any, samples: list, eval_samples: list, notes: Counter, template: str,
               total: int, accelerator: Any, resumed_from: Path | None, state: TrainerState, kernel_note: str,
-              spec: Any) -> None:
+              spec: Any, unit: str = "supervised tokens") -> None:
     from .packing import split_step
 
     if not accelerator.is_main_process:
@@ -184,9 +201,10 @@ def _log_plan(config: TrainConfig, setup: Any, samples: list, eval_samples: list
     console.info(f"model {config.model} · {accelerator.device.type} × {accelerator.num_processes} "
                  f"({accelerator.distributed_type}) · " + " · ".join(setup.notes))
     console.info(kernel_note)
-    batch = f"{config.batch_size()} sequences" if config.batch_size() else f"{config.global_batch_tokens} tokens"
-    console.info(f"data: {len(samples)} samples ({tokens} tokens, {supervised} supervised = "
-                 f"{supervised / max(tokens, 1):.0%}), template {template}, {len(eval_samples)} eval samples; "
+    batch = (f"{config.batch_size()} {'pairs' if unit == 'pairs' else 'sequences'}" if config.batch_size()
+             else f"{config.global_batch_tokens} tokens")
+    share = f"{supervised} supervised = {supervised / max(tokens, 1):.0%}" if unit == "supervised tokens" else f"{supervised} {unit}"
+    console.info(f"data: {len(samples)} samples ({tokens} tokens, {share}), template {template}, {len(eval_samples)} eval samples; "
                  f"global batch {batch}, {'packed' if config.packing else 'padded'}, {total} steps")
     first = spec.plans()[0][0]
     micro = len(split_step(first, spec.lengths, accelerator.num_processes, 0, spec.packing, spec.capacity,
