@@ -165,14 +165,14 @@ def test_rm_score_adds_a_reward_to_conversations_and_fastchat_answers(trained, b
     assert [r["id"] for r in rows] == ["good", "bad"] and rows[0]["reward"] > rows[1]["reward"]
     answers = tmp_path / "model.jsonl"
     answers.write_text("".join(json.dumps({"question_id": q, "answer_id": f"a{q}", "model_id": "m", "choices": [
-        {"index": 0, "turns": [text]}]}) + "\n" for q, text in ((1, "Paris is fine"), (2, "the the the"), (999, "x"))))
+        {"index": 0, "turns": [text]}]}) + "\n" for q, text in (("vicuna80-01", "Paris is fine"), ("vicuna80-02", "the the the"), (999, "x"))))
     run = CliRunner().invoke(app, ["rm", "score", "-m", str(out), str(answers), "-o", str(tmp_path / "a.jsonl"), "--json"])
     assert run.exit_code == 0, run.output
     figures = json.loads(run.stdout)
     assert figures["kind"] == "answers" and figures["scored"] == 2
     assert figures["skipped"] == {"answer to a question not in the bench": 1}
     rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
-    assert [r["question_id"] for r in rows] == [1, 2] and all(isinstance(r["reward"], float) for r in rows)
+    assert [r["question_id"] for r in rows] == ["vicuna80-01", "vicuna80-02"] and all(isinstance(r["reward"], float) for r in rows)
     # a chat model is not a reward model
     with pytest.raises(VicunaError, match="is not a reward model"):
         from vicuna_cli.train.score import ScoreConfig, score

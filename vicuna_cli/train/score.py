@@ -61,8 +61,8 @@ class RewardModel:
                               hint="train one with `vicuna train rm`, or pass a *ForSequenceClassification model")
         self.device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
         with models._quiet_transformers():
-            self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(resolved.path, dtype=torch.float32)
+            self.tokenizer = models.load_pretrained(AutoTokenizer, resolved.path)
+            self.model = models.load_pretrained(AutoModelForSequenceClassification, resolved.path, dtype=torch.float32)
         if self.model.config.num_labels != 1:
             raise VicunaError(f"{name} has {self.model.config.num_labels} labels; a reward model has one")
         self.model.to(self.device).eval()
