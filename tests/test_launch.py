@@ -24,7 +24,7 @@ ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 KINDS = {"train-vicuna-7b.yaml": "job", "train-vicuna-13b.yaml": "job", "train-multinode.yaml": "job",
          "serve-vicuna.yaml": "service", "serve-worker.yaml": "job", "judge.yaml": "job",
-         "chat-smoke.yaml": "cluster", "mini-vicuna.yaml": "cluster"}
+         "chat-smoke.yaml": "cluster", "mini-vicuna.yaml": "cluster", "stable-vicuna-13b.yaml": "job"}
 
 
 def test_the_recipes_the_issue_asks_for_exist():
