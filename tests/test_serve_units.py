@@ -438,3 +438,28 @@ def test_405_is_an_invalid_request_and_booleans_are_strict():
             assert refused.json()["error"]["param"].startswith(field) and refused.json()["error"]["type"] == "invalid_request_error"
         refused = client.post("/v1/completions", json={"model": "m", "prompt": "x", "echo": "no"})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo"
+
+
+def test_a_long_chat_request_is_rendered_in_one_template_pass(bpe_model_dir):
+    """A request with hundreds of messages must not cost a Jinja render per assistant turn (the
+    spans training needs would: two more each), or one request could keep a worker busy."""
+    import asyncio
+
+    from vicuna_cli.serve.backends import HFBackend
+    from vicuna_cli.serve.protocol import GenerateRequest
+
+    backend = HFBackend("tiny", str(bpe_model_dir), device="cpu", dtype="float32", implementation="auto", max_batch_size=2)
+    try:
+        tokenizer = backend.template.tokenizer
+        real, calls = tokenizer.apply_chat_template, []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        tokenizer.apply_chat_template = counted
+        messages = [{"role": role, "content": f"turn {i}"} for i in range(100) for role in ("user", "assistant")]
+        ids, _ = backend.prompt_ids(GenerateRequest(model="tiny", request_id="r", messages=messages + [{"role": "user", "content": "end"}]))
+        assert ids and len(calls) == 1
+    finally:
+        asyncio.run(backend.close())

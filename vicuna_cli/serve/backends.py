@@ -112,7 +112,7 @@ class HFBackend:
         """Token ids and the stop strings that come with them (the template's, for chat)."""
         if request.messages is not None:
             try:
-                text = self.template.render(request.messages, add_generation_prompt=True).text
+                text = self.template.prompt_text(request.messages, add_generation_prompt=True)
             except VicunaError as exc:
                 raise ServeError(400, exc.message, "invalid_messages", "messages") from None
             # A Jinja chat template writes its own BOS; the fixed templates rely on the tokenizer's.
