@@ -44,6 +44,13 @@ CREATE TABLE IF NOT EXISTS battles (
 """
 
 
+def default_db() -> Path:
+    """Where the arena keeps its battles unless --arena-db (serve) / --db (export) says otherwise."""
+    from ..core.store import vicuna_home
+
+    return vicuna_home() / "arena.sqlite3"
+
+
 class VoteRefused(Exception):
     """Why a vote was not stored: `reason` is unknown, already_voted or unfinished."""
 

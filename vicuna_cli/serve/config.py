@@ -101,10 +101,10 @@ class ApiConfig(_Common):
         """The arena's settings when --arena is on, else None."""
         if not self.arena:
             return None
-        from ..core.store import vicuna_home
         from .arena import ArenaSettings
+        from .arena_store import default_db
 
-        return ArenaSettings(db=self.arena_db or vicuna_home() / "arena.sqlite3", rate_limit=self.arena_rate_limit,
+        return ArenaSettings(db=self.arena_db or default_db(), rate_limit=self.arena_rate_limit,
                              max_tokens=self.arena_max_tokens, temperature=self.arena_temperature)
 
 
