@@ -233,6 +233,15 @@ def test_bad_battle_files_are_clear_errors(tmp_path):
         arena.load_battles(_write(tmp_path / "empty.jsonl", []))
 
 
+def test_judged_battles_go_apart_from_the_benchs_judgments():
+    from vicuna_cli.judge import ARENA_JUDGMENTS, JUDGMENTS
+    from vicuna_cli.judge.config import JudgeConfig
+
+    assert JudgeConfig(battles=Path("b.jsonl")).output == ARENA_JUDGMENTS != JUDGMENTS == JudgeConfig().output
+    assert JudgeConfig(battles=Path("b.jsonl"), output=Path("mine")).output == Path("mine")
+    assert JudgeConfig(battles=Path("b.jsonl")).run_mode == "pair"
+
+
 def test_arena_flags_mirror_the_config_and_reach_the_api_process():
     import inspect
 

@@ -35,7 +35,7 @@ def judge(
     bench: Optional[str] = typer.Option(None, "--bench", help=BENCH_HELP),
     ref_model: str = typer.Option("gpt-4", "--ref-model", help="A bench dir's reference_answer/<MODEL>.jsonl, used for math, reasoning and coding (an inline reference only where it has none)."),
     answers: Path = typer.Option(ANSWERS, "--answers", help="Directory of model-answer files ({model}.jsonl)."),
-    output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml."),
+    output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml (with --battles: judge/arena_judgment)."),
     judge_model: str = typer.Option("gpt-4.1", "--judge-model", help="The judge's model id."),
     judge_api_base: str = typer.Option("https://api.openai.com/v1", "--judge-api-base", envvar="VICUNA_JUDGE_API_BASE", help="OpenAI-compatible endpoint of the judge [env: VICUNA_JUDGE_API_BASE]."),
     judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Env var holding the judge's key (default VICUNA_JUDGE_API_KEY, else OPENAI_API_KEY)."),

@@ -96,16 +96,17 @@ def install(
         limit(client)
         model_a, model_b = await pair()
         await moderate([body.prompt])
-        battle_id = await asyncio.to_thread(store.create, client, model_a, model_b, body.prompt)
-        request.state.log.update(battle=battle_id)
         messages = [{"role": "user", "content": body.prompt}]
         params = GenerateParams(temperature=settings.temperature, max_tokens=settings.max_tokens)
         jobs = [await start_chat(request, model_a, messages, params)]
-        try:
+        try:  # the row is written once both workers have taken their request: no battle without answers to come
             jobs.append(await start_chat(request, model_b, messages, params))
+            battle_id = await asyncio.to_thread(store.create, client, model_a, model_b, body.prompt)
         except BaseException:
-            await jobs[0].close()
+            for job in jobs:
+                await job.close()
             raise
+        request.state.log.update(battle=battle_id)
         return EventSourceResponse(_battle_events(store, battle_id, jobs), ping=15)
 
     @app.post("/arena/api/battles/{battle_id}/vote", responses=ERROR_RESPONSES)

@@ -101,7 +101,7 @@ class ArenaStore:
                 "UPDATE battles SET vote = ?, voted = ? WHERE battle_id = ? AND client = ? AND vote IS NULL AND finished IS NOT NULL",
                 (winner, self.clock(), battle_id, client),
             ).rowcount
-            row = self.get(battle_id)
+            row = self._get(battle_id)
         if changed == 1:
             return row
         if row is None or row["client"] != client:  # another client's battle is as unknown as a made-up id
@@ -111,6 +111,10 @@ class ArenaStore:
         raise VoteRefused("unfinished", f"battle {battle_id!r} has no complete answers to vote on")
 
     def get(self, battle_id: str) -> dict[str, Any] | None:
+        with self.lock:
+            return self._get(battle_id)
+
+    def _get(self, battle_id: str) -> dict[str, Any] | None:
         cursor = self.db.execute("SELECT * FROM battles WHERE battle_id = ?", (battle_id,))
         row = cursor.fetchone()
         return dict(zip([c[0] for c in cursor.description], row)) if row else None
