@@ -145,7 +145,7 @@ def test_votes_are_taken_once_for_battles_the_server_made(arena):
     unkeyed = vote(proc.url, battle_id, "a", headers={})
     assert unkeyed.status_code == 401
     junk = vote(proc.url, battle_id, "model_a")  # only a, b, tie, bothbad
-    assert junk.status_code in (400, 422) and "error" in junk.json()
+    assert junk.status_code == 400 and junk.json()["error"]["param"] == "vote"
     assert rows(db)[-1]["vote"] is None  # none of the above touched the battle
 
     first = vote(proc.url, battle_id, "b")
@@ -179,3 +179,37 @@ def test_an_arena_of_one_model_says_so_and_the_rate_limit_holds(page, lonely):
     limited = vote(lonely.url, "battle-x", "a", headers={})  # votes count against the same budget
     assert limited.status_code == 429
     assert wait_until(lambda: httpx.get(f"{lonely.url}/health").status_code == 200, 10, "health")  # the server is fine
+
+
+def test_the_page_shows_model_text_as_text_and_stream_errors_as_errors(page, lonely):
+    """The page's side of the stream, with the server's replies stood in for by the browser (so the
+    model text can be hostile): text never becomes HTML, and a failure mid-battle offers no vote."""
+    from playwright.sync_api import expect
+
+    hostile = 'Hi <img src=x onerror="window.__pwned = 1"> <b>bold</b>\n```html\n<script>window.__pwned = 2</script>\n```'
+    events = [{"battle_id": "battle-x"}, {"side": "a", "text": hostile[:20]}, {"side": "b", "text": "plain"},
+              {"side": "a", "text": hostile[20:]}, {"side": "a", "finish_reason": "stop"}, {"side": "b", "finish_reason": "length"},
+              {"done": True, "battle_id": "battle-x"}]
+    sse = "".join(f"data: {json.dumps(e)}\r\n\r\n" for e in events) + "data: [DONE]\r\n\r\n"
+    page.route("**/arena/api/status", lambda route: route.fulfill(json={"models": 2, "ready": True}))
+    page.route("**/arena/api/battles", lambda route: route.fulfill(body=sse, content_type="text/event-stream"))
+    page.goto(f"{lonely.url}/arena")
+    page.fill("#prompt", "anything")
+    page.press("#prompt", "Enter")
+    expect(page.locator("#votes")).to_be_visible()
+    side_a = page.locator("#side-a .content")
+    assert side_a.locator("img, b, script").count() == 0
+    assert side_a.locator(".text").all_text_contents() == ['Hi <img src=x onerror="window.__pwned = 1"> <b>bold</b>']
+    assert side_a.locator("pre code").text_content() == "<script>window.__pwned = 2</script>\n"
+    assert page.locator("#side-b .meta").text_content() == "cut at max tokens"
+    assert page.evaluate("window.__pwned") is None
+
+    error = {"error": {"message": "worker w stopped answering", "type": "server_error", "param": None, "code": "worker_lost"}}
+    broken = f"data: {json.dumps(events[0])}\r\n\r\ndata: {json.dumps(events[1])}\r\n\r\ndata: {json.dumps(error)}\r\n\r\ndata: [DONE]\r\n\r\n"
+    page.unroute("**/arena/api/battles")
+    page.route("**/arena/api/battles", lambda route: route.fulfill(body=broken, content_type="text/event-stream"))
+    page.fill("#prompt", "again")
+    page.press("#prompt", "Enter")
+    expect(page.locator("#error")).to_have_text("error while answering: worker w stopped answering (worker_lost)")
+    expect(page.locator("#votes")).to_be_hidden()  # nothing complete to vote on
+    expect(page.locator("#prompt")).to_have_value("again")  # ready to try again
