@@ -173,6 +173,9 @@ def test_show_battles_rates_votes_with_the_judges_bradley_terry(tmp_path):
     assert shown["arena"]["votes"] == {"model_a": 3, "model_b": 1, "tie": 1, "tie (bothbad)": 1}
     per_model = {m["model"]: (m["win"], m["loss"], m["tie"]) for m in shown["pairwise"]["models"]}
     assert per_model == {"alpha": (2, 1, 1), "beta": (1, 2, 2), "gamma": (1, 1, 1)}
+    as_array = tmp_path / "clean_battle_20230905.json"  # FastChat's clean_battle_data.py writes one JSON list
+    as_array.write_text(json.dumps(battles, indent=2))
+    assert arena.summarize_battles(as_array, rounds=20)["pairwise"]["bradley_terry"] == shown["pairwise"]["bradley_terry"]
     table = CliRunner().invoke(app, ["judge", "show", "--battles", str(path), "--bootstrap", "20"])
     assert table.exit_code == 0 and "Bradley-Terry ratings" in table.stdout and "6 battles from 1 voters" in table.stdout
 
@@ -229,6 +232,9 @@ def test_bad_battle_files_are_clear_errors(tmp_path):
     assert res.exit_code == 1 and "battle 1 has no conversations to judge" in res.exception.message
     res = runner.invoke(app, ["judge", "--battles", str(bare), "--pair", "a", "b"])
     assert res.exit_code == 1 and "--battles" in str(res.exception) and "--pair" in str(res.exception)
+    good = _write(tmp_path / "good.jsonl", [_battle("1", "a", "b", "model_a")])
+    res = runner.invoke(app, ["judge", "show", "--battles", str(good), "--bench", "vicuna80"])
+    assert res.exit_code == 1 and "--battles does not go with --bench" in res.exception.message
     with pytest.raises(VicunaError, match="holds no battles"):
         arena.load_battles(_write(tmp_path / "empty.jsonl", []))
 

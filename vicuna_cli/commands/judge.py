@@ -210,7 +210,11 @@ def show_cmd(
     if duplicates not in results.DUPLICATES:
         raise unknown_choice("--duplicates policy", duplicates, list(results.DUPLICATES))
     if battles:  # human votes; judgment files given alongside: the judge's agreement with them
+        from ..core.errors import VicunaError
         from ..judge.arena import summarize_battles
+
+        if bench or answers or reference:
+            raise VicunaError("--battles does not go with --bench, --answers or --reference", hint="vicuna judge show [JUDGMENTS] --battles FILE [--judge M]")
 
         result = summarize_battles(battles, paths, judge, bootstrap)
     else:

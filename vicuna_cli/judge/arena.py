@@ -44,7 +44,11 @@ def export(db: Path, output: Path | None) -> tuple[str, int]:
 
 
 def load_battles(path: Path) -> list[dict[str, Any]]:
-    battles = read_jsonl(path)
+    """Battles from JSON Lines (ours, FastChat's clean_battle.py) or one JSON array (FastChat's
+    clean_battle_data.py writes `clean_battle_DATE.json` as a list)."""
+    battles = _json_array(path)
+    if battles is None:
+        battles = read_jsonl(path)
     if not battles:
         raise VicunaError(f"{path} holds no battles", hint="export them with `vicuna judge arena export -o FILE`")
     for i, b in enumerate(battles, 1):
@@ -59,6 +63,24 @@ def load_battles(path: Path) -> list[dict[str, Any]]:
     if twice:
         raise VicunaError(f"{path}: battle ids repeated: {', '.join(twice[:5])}", hint="each battle must have its own question_id")
     return battles
+
+
+def _json_array(path: Path) -> list[dict[str, Any]] | None:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read(4096).lstrip()[:1] != "[":
+                return None
+            f.seek(0)
+            data = json.load(f)
+    except FileNotFoundError:
+        raise VicunaError(f"{path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise VicunaError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not all(isinstance(b, dict) for b in data):
+        raise VicunaError(f"{path}: a JSON array of battles must hold objects only")
+    return data
 
 
 def pair_rows(battles: list[dict[str, Any]]) -> list[dict[str, Any]]:

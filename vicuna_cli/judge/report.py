@@ -52,7 +52,9 @@ def render(result: dict[str, Any]) -> None:
             for p in pairwise["pairs"]
         ]
         cols = ["model_1", "model_2", "win", "loss", "tie", "incons", "err", "win adj", "consist"]
-        out.print(_table("Pairwise (win/loss for model_1; a win needs both orders to agree, else a tie (incons); consist = position consistency)", cols, rows))
+        title = ("Pairwise (arena votes: win/loss for model_1; a both-bad vote counts as a tie)" if result.get("arena") else
+                 "Pairwise (win/loss for model_1; a win needs both orders to agree, else a tie (incons); consist = position consistency)")
+        out.print(_table(title, cols, rows))
         rows = [
             [c["category"], f"{c['model_1']} vs {c['model_2']}", str(c["win"]), str(c["loss"]), str(c["tie"]), str(c["error"]), _pct(c["win_rate_adjusted"])]
             for c in pairwise["categories"]
