@@ -174,3 +174,10 @@ def test_text_is_shown_as_text_never_as_html(page, server):
     assert user.locator("pre code").text_content() == "<script>window.__pwned = 2</script>\n"
     assert user.locator("pre code").get_attribute("data-lang") == "html"
     assert page.evaluate("window.__pwned") is None
+
+
+def test_no_arena_unless_asked(server):
+    proc, _ = server
+    for path in ("/arena", "/arena/api/status"):
+        response = httpx.get(f"{proc.url}{path}", headers=AUTH, timeout=10)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path

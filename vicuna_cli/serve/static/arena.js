@@ -162,6 +162,8 @@
     }
     if (!res.ok) {
       showError(`the vote was not stored: ${await httpError(res)}`);
+      // Too many requests: the same vote can be sent again later; any other refusal is final.
+      if (res.status === 429) for (const button of buttons) button.disabled = false;
       return;
     }
     const body = await res.json();
