@@ -1,54 +1,24 @@
 """The web chat page (vicuna_cli/serve/static/) in headless Chromium, against a real `vicuna serve`
 (single-machine mode: controller, worker and API processes) with the tiny ChatML fixture model.
-
-Needs the Debian `chromium` package (driven by Playwright for Python through its executable, no
-browser download). Without it these tests skip, unless VICUNA_REQUIRE_BROWSER is set (CI sets it),
-in which case they fail.
+The browser comes from web_browser.py (skips without chromium unless VICUNA_REQUIRE_BROWSER).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 
 import httpx
 import pytest
 
 from serve_single import single_server
+from web_browser import browser, page  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow  # real processes and a real browser
 
 KEY = "web-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 MAX_TOKENS = 48
-UI_TIMEOUT = 60_000  # ms; a busy 2-core box
-
-
-def chromium_path() -> str | None:
-    return os.environ.get("VICUNA_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = chromium_path()
-    if path is None:
-        if os.environ.get("VICUNA_REQUIRE_BROWSER"):
-            pytest.fail("VICUNA_REQUIRE_BROWSER is set but chromium is not installed (apt-get install -y chromium)")
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=path, headless=True, args=CHROMIUM_FLAGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +27,6 @@ def server(tmp_path_factory, bpe_model_dir):
     with single_server(tmp_path_factory.mktemp("serve_web"), bpe_model_dir, "--api-key", KEY, "--max-batch-size", "4",
                        headers=AUTH) as proc:
         yield proc, str(bpe_model_dir)
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context()  # fresh localStorage for every test
-    page = context.new_page()
-    page.set_default_timeout(UI_TIMEOUT)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    try:
-        yield page
-        assert errors == [], f"JavaScript errors on the page: {errors}"
-    finally:
-        context.close()
 
 
 def reference_answer(url: str, model: str, messages: list[dict]) -> dict:
@@ -218,3 +174,10 @@ def test_text_is_shown_as_text_never_as_html(page, server):
     assert user.locator("pre code").text_content() == "<script>window.__pwned = 2</script>\n"
     assert user.locator("pre code").get_attribute("data-lang") == "html"
     assert page.evaluate("window.__pwned") is None
+
+
+def test_no_arena_unless_asked(server):
+    proc, _ = server
+    for path in ("/arena", "/arena/api/status"):
+        response = httpx.get(f"{proc.url}{path}", headers=AUTH, timeout=10)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path

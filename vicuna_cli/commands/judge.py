@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from ..judge import ANSWERS, JUDGMENTS
+from .judge_arena import app as arena_app
 
 app = typer.Typer(
     help="LLM-as-a-judge: `vicuna judge --pair A B` judges answers pairwise (both orders); "
@@ -17,6 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     invoke_without_command=True,
 )
+
+app.add_typer(arena_app, name="arena")
 
 BENCH_HELP = "Built-in set name (vicuna80), a FastChat question.jsonl, or a FastChat bench dir (e.g. data/mt_bench)."
 
@@ -32,7 +35,7 @@ def judge(
     bench: Optional[str] = typer.Option(None, "--bench", help=BENCH_HELP),
     ref_model: str = typer.Option("gpt-4", "--ref-model", help="A bench dir's reference_answer/<MODEL>.jsonl, used for math, reasoning and coding (an inline reference only where it has none)."),
     answers: Path = typer.Option(ANSWERS, "--answers", help="Directory of model-answer files ({model}.jsonl)."),
-    output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml."),
+    output: Path = typer.Option(JUDGMENTS, "-o", "--output", help="Directory for judgment files, the judge cache and the resolved config.yaml (with --battles: judge/arena_judgment)."),
     judge_model: str = typer.Option("gpt-4.1", "--judge-model", help="The judge's model id."),
     judge_api_base: str = typer.Option("https://api.openai.com/v1", "--judge-api-base", envvar="VICUNA_JUDGE_API_BASE", help="OpenAI-compatible endpoint of the judge [env: VICUNA_JUDGE_API_BASE]."),
     judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Env var holding the judge's key (default VICUNA_JUDGE_API_KEY, else OPENAI_API_KEY)."),
@@ -48,6 +51,7 @@ def judge(
     retries: int = typer.Option(6, "--retries", help="Retries of a failed call (429, 5xx, timeouts)."),
     parse_retries: int = typer.Option(1, "--parse-retries", help="Ask again this many times for an unreadable verdict."),
     structured: str = typer.Option("auto", "--structured", help="Send a JSON-schema response_format: auto (off once rejected), on, off."),
+    battles: Optional[Path] = typer.Option(None, "--battles", help="Judge arena battles (FastChat's battle JSONL, `judge arena export`) and report the judge's agreement with the votes."),
     json_output: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of the options above (e.g. `concurrency: 4`); flags override it."),
 ) -> None:
@@ -58,7 +62,7 @@ def judge(
     from ..core.console import err, info, warn
     from ..core.errors import VicunaError
     from ..judge import answers as answers_mod
-    from ..judge import judging, report, results
+    from ..judge import arena, judging, report, results
     from ..judge.client import ApiClient, Cache, CACHE_FILE
     from ..judge.config import JudgeConfig
     from ..judge.questions import load_bench
@@ -66,15 +70,20 @@ def judge(
 
     cfg = build_config(JudgeConfig, given_flags(ctx, exclude=("config", "dry_run", "json_output")), config)
     run_mode = cfg.run_mode
-    chosen = list(cfg.pair or cfg.models or answers_mod.available_models(cfg.answers))
+    if cfg.battles:  # the arena's battles: each its own pair, its prompt the question
+        games, model_answers = arena.battle_games(arena.load_battles(cfg.battles))
+        chosen = sorted(model_answers)
+    else:
+        chosen = list(cfg.pair or cfg.models or answers_mod.available_models(cfg.answers))
     if run_mode == "pairwise-baseline" and cfg.baseline and cfg.baseline not in chosen:
         chosen.append(cfg.baseline)
     if not chosen:
         raise VicunaError(f"no model answers in {cfg.answers}", hint="generate them with `vicuna judge answer -m MODEL`")
     settings = judging.JudgeSettings(run_mode, chosen, cfg.baseline, cfg.sampling, cfg.concurrency, cfg.allow_missing, cfg.parse_retries, cfg.swap)
-    questions = load_bench(cfg.bench, cfg.ref_model)
-    model_answers = judging.load_model_answers(cfg.answers, chosen, questions[0].bench)
-    games = judging.plan_games(questions, model_answers, settings)
+    if not cfg.battles:
+        questions = load_bench(cfg.bench, cfg.ref_model)
+        model_answers = judging.load_model_answers(cfg.answers, chosen, questions[0].bench)
+        games = judging.plan_games(questions, model_answers, settings)
     key_env = cfg.judge_api_key_env or ("VICUNA_JUDGE_API_KEY" if os.environ.get("VICUNA_JUDGE_API_KEY") else "OPENAI_API_KEY")
     if not dry_run and "api.openai.com" in cfg.judge_api_base and not os.environ.get(key_env):
         raise VicunaError(f"no API key for the judge at {cfg.judge_api_base}: ${key_env} is empty",
@@ -102,7 +111,10 @@ def judge(
         warn(f"{summary.errors} of {summary.records} judgments {unreadable}")
     if summary.stopped:
         warn(f"stopped: {summary.stopped}; run the same command again to continue (finished calls are cached)")
-    result = results.summarize([summary.path], questions, cfg.judge_model, remap=False)
+    if cfg.battles:  # the humans' verdicts, and how often this judge agreed with them
+        result = arena.summarize_battles(cfg.battles, [summary.path], cfg.judge_model)
+    else:
+        result = results.summarize([summary.path], questions, cfg.judge_model, remap=False)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
     if summary.errors == summary.records > 0:  # the tables hold only errors: a failed run, not a result
         raise VicunaError(f"all {summary.records} judgments {unreadable}", hint="this judge never answered in the verdict format: use a stronger --judge-model")
@@ -185,10 +197,11 @@ def show_cmd(
     reference: Optional[str] = typer.Option(None, "--reference", help="Model the total-score ratio is relative to (default: the best)."),
     bootstrap: int = typer.Option(200, "--bootstrap", min=0, help="Bootstrap rounds for the rating CIs."),
     duplicates: str = typer.Option("average", "--duplicates", help="Judgments of the same match repeated across files: average (each counts, FastChat's show_result), last, or error."),
+    battles: Optional[Path] = typer.Option(None, "--battles", help="Arena battles (FastChat's battle JSONL): ratings from the human votes; with judgment files of the same battles, the judge's agreement with them."),
     json_output: bool = typer.Option(False, "--json", help="Print everything as JSON."),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG: relative scores and per-category scores."),
 ) -> None:
-    """Win/tie/loss, total-score ratio, Bradley-Terry ratings and position consistency."""
+    """Win/tie/loss, total-score ratio, Bradley-Terry ratings and position consistency (of human votes with --battles)."""
     from ..core.console import info
     from ..core.errors import unknown_choice
     from ..judge import report, results
@@ -196,8 +209,17 @@ def show_cmd(
 
     if duplicates not in results.DUPLICATES:
         raise unknown_choice("--duplicates policy", duplicates, list(results.DUPLICATES))
-    questions = load_bench(bench) if bench else None
-    result = results.summarize(paths or [JUDGMENTS], questions, judge, reference, bootstrap, duplicates, answers=answers)
+    if battles:  # human votes; judgment files given alongside: the judge's agreement with them
+        from ..core.errors import VicunaError
+        from ..judge.arena import summarize_battles
+
+        if bench or answers or reference:
+            raise VicunaError("--battles does not go with --bench, --answers or --reference", hint="vicuna judge show [JUDGMENTS] --battles FILE [--judge M]")
+
+        result = summarize_battles(battles, paths, judge, bootstrap)
+    else:
+        result = results.summarize(paths or [JUDGMENTS], questions=load_bench(bench) if bench else None, judge=judge,
+                                   reference=reference, rounds=bootstrap, duplicates=duplicates, answers=answers)
     typer.echo(json.dumps(result, indent=2)) if json_output else report.render(result)
     if plot_file:
         results.plot(result, plot_file)

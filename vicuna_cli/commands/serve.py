@@ -43,6 +43,11 @@ WORKER_BODY = typer.Option(4 << 20, "--max-body-bytes", help="Largest request bo
 INSECURE = typer.Option(False, "--insecure", help="Allow listening beyond loopback without --secret (anyone reaching the port can call it).")
 MODERATION = typer.Option("off", "--moderation", help="Input filter: off, openai, or keywords:FILE.")
 MODERATION_URL = typer.Option(None, "--moderation-url", help="Moderation endpoint for --moderation openai.")
+ARENA = typer.Option(False, "--arena", help="Also serve the arena at /arena: two anonymous models answer one prompt side by side, the user votes.")
+ARENA_DB = typer.Option(None, "--arena-db", help="SQLite file of the arena's battles and votes (default $VICUNA_HOME/arena.sqlite3).")
+ARENA_RATE = typer.Option(30, "--arena-rate-limit", help="Arena requests (battles and votes) per client per minute; beyond it: 429.")
+ARENA_TOKENS = typer.Option(512, "--arena-max-tokens", help="Longest arena answer, in tokens.")
+ARENA_TEMPERATURE = typer.Option(0.7, "--arena-temperature", help="Sampling temperature of arena answers.")
 CONTROLLER = typer.Option("http://127.0.0.1:21001", "--controller", help="URL of the controller.")
 
 
@@ -84,6 +89,11 @@ def serve(
     max_body_bytes: int = BODY,
     moderation: str = MODERATION,
     moderation_url: Optional[str] = MODERATION_URL,
+    arena: bool = ARENA,
+    arena_db: Optional[Path] = ARENA_DB,
+    arena_rate_limit: int = ARENA_RATE,
+    arena_max_tokens: int = ARENA_TOKENS,
+    arena_temperature: float = ARENA_TEMPERATURE,
     secret: Optional[str] = SECRET,
     shutdown_timeout: float = SHUTDOWN,
     config: Optional[Path] = CONFIG,
@@ -163,6 +173,11 @@ def api(
     moderation: str = MODERATION,
     moderation_url: Optional[str] = MODERATION_URL,
     worker_timeout: float = typer.Option(15.0, "--worker-timeout", help="Seconds of worker silence before a request fails (use the controller's --expiry)."),
+    arena: bool = ARENA,
+    arena_db: Optional[Path] = ARENA_DB,
+    arena_rate_limit: int = ARENA_RATE,
+    arena_max_tokens: int = ARENA_TOKENS,
+    arena_temperature: float = ARENA_TEMPERATURE,
     secret: Optional[str] = SECRET,
     insecure: bool = INSECURE,
     shutdown_timeout: float = SHUTDOWN,

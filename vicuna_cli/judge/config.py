@@ -13,7 +13,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from ..core.config import CommandConfig
-from . import ANSWERS, JUDGMENTS
+from . import ANSWERS, ARENA_JUDGMENTS, JUDGMENTS
 from .client import DEFAULT_API_BASE, Sampling
 from .judging import MODES
 from .original import TEMPERATURE as ORIGINAL_TEMPERATURE
@@ -46,6 +46,7 @@ class JudgeConfig(CommandConfig):
     retries: int = Field(6, ge=0)
     parse_retries: int = Field(1, ge=0)
     structured: str = "auto"
+    battles: Optional[Path] = None  # arena battles (FastChat's battle JSONL) to judge instead of a bench
 
     @field_validator("mode", "structured")
     @classmethod
@@ -78,12 +79,18 @@ class JudgeConfig(CommandConfig):
     def _mode_fits(self) -> "JudgeConfig":
         if self.pair and self.mode not in (None, "pair", "pairwise-scores"):
             raise ValueError(f"--pair judges one pair; it does not go with --mode {self.mode}")
+        if self.battles and (self.pair or self.mode or self.models or self.baseline or self.bench):
+            raise ValueError("--battles judges the arena's battles, each its own pair: it does not go with --pair, --mode, --models, --baseline or --bench")
+        if self.battles and "output" not in self.model_fields_set:
+            self.output = ARENA_JUDGMENTS  # not into the bench's judgment files
         if self.swap and self.run_mode != "pairwise-scores":
             raise ValueError("--swap is for --mode pairwise-scores (the other pairwise modes always judge both orders)")
         return self
 
     @property
     def run_mode(self) -> str:
+        if self.battles:
+            return "pair"
         if self.mode == "pairwise-scores":
             return self.mode
         return "pair" if self.pair else (self.mode or "single")

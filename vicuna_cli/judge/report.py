@@ -52,7 +52,9 @@ def render(result: dict[str, Any]) -> None:
             for p in pairwise["pairs"]
         ]
         cols = ["model_1", "model_2", "win", "loss", "tie", "incons", "err", "win adj", "consist"]
-        out.print(_table("Pairwise (win/loss for model_1; a win needs both orders to agree, else a tie (incons); consist = position consistency)", cols, rows))
+        title = ("Pairwise (arena votes: win/loss for model_1; a both-bad vote counts as a tie)" if result.get("arena") else
+                 "Pairwise (win/loss for model_1; a win needs both orders to agree, else a tie (incons); consist = position consistency)")
+        out.print(_table(title, cols, rows))
         rows = [
             [c["category"], f"{c['model_1']} vs {c['model_2']}", str(c["win"]), str(c["loss"]), str(c["tie"]), str(c["error"]), _pct(c["win_rate_adjusted"])]
             for c in pairwise["categories"]
@@ -71,6 +73,8 @@ def render(result: dict[str, Any]) -> None:
             f"position consistency: {_pct(pairwise['position_consistency'])}; "
             f"unreadable verdicts: {pairwise['errors']} of {pairwise['records']} records"
         )
+    if result.get("arena"):
+        _render_arena(result["arena"])
     if single:
         out.print(f"single grading: unreadable verdicts: {single['errors']} of {single['records']} records")
     if result.get("references"):
@@ -112,3 +116,21 @@ def _render_scores(scores: dict[str, Any]) -> None:
         out.print(f"  question {e['question_id']} ({e['model_1']} vs {e['model_2']}): first line {e['first_line']!r}", markup=False, highlight=False)
     if len(scores["errors"]) > 20:
         out.print(f"  ... and {len(scores['errors']) - 20} more (--json lists all)")
+
+
+def _render_arena(arena: dict[str, Any]) -> None:
+    """Human votes (`judge show --battles`): what was voted, and the judge's agreement with it."""
+    votes = arena["votes"]
+    out.print(f"arena: {arena['battles']} battles from {arena['voters']} voters in {arena['file']}: "
+              f"A better {votes['model_a']}, B better {votes['model_b']}, tie {votes['tie']}, both bad {votes['tie (bothbad)']}", markup=False)
+    agree = arena.get("agreement")
+    if not agree:
+        return
+    if not agree["battles"]:
+        out.print(f"agreement: the judgment files hold no readable verdict on these battles ({agree['judge_errors']} unreadable)")
+        return
+    rows = [["with ties (3 classes)", str(agree["battles"]), _pct(agree["agreement"])],
+            ["without ties", str(agree["without_ties"]["battles"]), _pct(agree["without_ties"]["agreement"])]]
+    out.print(_table(f"Agreement of judge {agree['judge']} with the human votes", ["setting", "battles", "agreement"], rows))
+    out.print(f"human ties {agree['human_ties']}, judge ties {agree['judge_ties']}; battles not judged: {agree['unjudged']}; "
+              f"unreadable verdicts: {agree['judge_errors']}", markup=False)

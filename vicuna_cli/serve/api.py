@@ -1,5 +1,6 @@
 """The OpenAI-compatible API server: `/v1/models`, `/v1/chat/completions`, `/v1/completions`,
-`/health`, `/metrics`, and the web page at `/` (from `static/`, when present).
+`/health`, `/metrics`, the web page at `/` (from `static/`, when present), and with an arena
+the side-by-side battle page and its API (arena.py).
 
 A request is validated (protocol.py), moderated, dispatched by the controller to the least-loaded
 live worker, and streamed back from it (upstream.py); a client that hangs up, streaming or not,
@@ -93,7 +94,9 @@ def create_app(
     moderation: Any = None,
     worker_timeout: float = 6.0,
     shutdown_timeout: float = 30.0,
+    arena: Any = None,
 ) -> Any:
+    """`arena`: an arena.ArenaSettings to serve the arena, else None."""
     metrics = ApiMetrics()
     moderation = moderation or NoModeration()
     holder: dict[str, Upstream] = {}
@@ -147,10 +150,18 @@ def create_app(
         raise ServeError(404, f"the model {model!r} does not exist", "model_not_found", "model")
 
     async def run(request: Request, model: str, requests: list[GenerateRequest], texts: list[str]) -> Job:
+        try:
+            await moderation.check(texts)
+        except ServeError as exc:
+            RequestTimer(metrics, model).failed(exc.status)
+            request.state.log.update(model=model, error=exc.code)
+            raise
+        return await start(request, model, requests)
+
+    async def start(request: Request, model: str, requests: list[GenerateRequest]) -> Job:
         request.state.log.update(model=model)
         timer = RequestTimer(metrics, model)
         try:
-            await moderation.check(texts)
             job = Job(upstream(), timer, requests)
             await job.start()
         except ServeError as exc:
@@ -237,6 +248,17 @@ def create_app(
             for i in range(total)
         ]
         return JSONResponse({**base, "object": "text_completion", "choices": choices, "usage": job.usage()})
+
+    if arena is not None:
+        from . import arena as arena_routes
+
+        async def served_models() -> list[str]:
+            return [card.id for card in await model_cards()]
+
+        async def start_chat(request: Request, model: str, messages: list[dict], params: GenerateParams) -> Job:
+            return await start(request, model, [GenerateRequest(model=model, request_id=new_id("arena"), messages=messages, params=params)])
+
+        arena_routes.install(app, arena, served_models, moderation.check, start_chat, STATIC_DIR / "arena.html")
 
     if STATIC_DIR.is_dir():
         from starlette.staticfiles import StaticFiles

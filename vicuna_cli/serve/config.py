@@ -91,6 +91,21 @@ class ApiConfig(_Common):
     moderation: str = "off"
     moderation_url: Optional[str] = None
     worker_timeout: float = Field(15.0, gt=0, le=3600)
+    arena: bool = False  # the side-by-side battle page at /arena and its API (arena.py)
+    arena_db: Optional[Path] = None  # default: $VICUNA_HOME/arena.sqlite3
+    arena_rate_limit: int = Field(30, ge=1, le=100000)  # arena requests (battles + votes) per client per minute
+    arena_max_tokens: int = Field(512, ge=1, le=1 << 20)
+    arena_temperature: float = Field(0.7, ge=0.0, le=2.0)  # FastChat's arena default
+
+    def arena_settings(self):
+        """The arena's settings when --arena is on, else None."""
+        if not self.arena:
+            return None
+        from .arena import ArenaSettings
+        from .arena_store import default_db
+
+        return ArenaSettings(db=self.arena_db or default_db(), rate_limit=self.arena_rate_limit,
+                             max_tokens=self.arena_max_tokens, temperature=self.arena_temperature)
 
 
 class ServeConfig(ApiConfig, _Timing):
@@ -208,6 +223,7 @@ def run_api(config: ApiConfig) -> None:
     app = create_app(
         config.controller, secret, keys, config.cors_origin, config.max_body_bytes,
         make_moderation(config.moderation, config.moderation_url), config.worker_timeout, config.shutdown_timeout,
+        config.arena_settings(),
     )
     run_app(app, config.host, config.port, config.shutdown_timeout)
 

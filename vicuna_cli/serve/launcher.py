@@ -84,6 +84,11 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
         api += ["--cors-origin", origin]
     if config.moderation_url:
         api += ["--moderation-url", config.moderation_url]
+    if config.arena:
+        api += ["--arena", "--arena-rate-limit", str(config.arena_rate_limit), "--arena-max-tokens", str(config.arena_max_tokens),
+                "--arena-temperature", f"{config.arena_temperature:g}"]
+        if config.arena_db:
+            api += ["--arena-db", str(config.arena_db)]
     roles.append(("api", api))
     return roles
 
@@ -149,6 +154,8 @@ class Deployment:
         self._wait("the API server", lambda: _get(f"{api}/health", None) is not None, 60)
         models = sorted({m["name"] for w in _get(f"{controller}/workers", self.secret) or [] for m in w["models"]})
         console.info(f"vicuna serve: {api}/v1 · models: {', '.join(models)} · status: vicuna serve status --controller {controller}")
+        if self.config.arena:
+            console.info(f"arena: {api}/arena" + ("" if len(models) >= 2 else " (needs two models to run battles: serve another with -m)"))
 
     def run(self) -> int:
         def request_stop(signum: int, frame: Any) -> None:

@@ -4,7 +4,7 @@ The key check, the secret check and the body limit are plain ASGI middleware (no
 dependencies), so they cover every route, including unknown paths, `/metrics` and `/openapi.json`,
 and they decide from the headers alone, before anything reads the body: a caller without the key
 or secret cannot make a server buffer a huge body. `/health` stays open for load balancers. The web
-page (`/` and `/static/...`) holds no data and must load in a browser before the user can type a
+pages (`/`, `/arena` and `/static/...`) hold no data and must load in a browser before the user can type a
 key into it, so it is open too; everything it fetches needs the key.
 
 A worker proves that it holds the secret before the controller lists its address (and so before
@@ -27,7 +27,7 @@ from .protocol import SECRET_HEADER, ServeError
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Awaitable[None]]
 
 OPEN_PATHS = ("/health",)
-PAGE_PATHS = ("/", "/static/")
+PAGE_PATHS = ("/", "/arena", "/static/")
 
 
 def read_list_file(path: Path, flag: str, what: str) -> list[str]:
@@ -81,7 +81,7 @@ class ApiKeyMiddleware:
         path = scope.get("path", "")
         if path in OPEN_PATHS or scope.get("method") == "OPTIONS":  # CORS preflight carries no key
             return True
-        return self.open_page and scope.get("method") in ("GET", "HEAD") and (path == "/" or path.startswith("/static/"))
+        return self.open_page and scope.get("method") in ("GET", "HEAD") and (path in ("/", "/arena") or path.startswith("/static/"))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not self.keys or self._is_open(scope):
