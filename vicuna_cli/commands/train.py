@@ -118,6 +118,9 @@ def _rm_signature() -> inspect.Signature:
     params["eval_data"] = params["eval_data"].replace(default=typer.Option(None, "--eval-data", help="Eval pair file(s) instead of --eval-split."))
     params["shp_min_ratio"] = inspect.Parameter("shp_min_ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float],
                                                 default=typer.Option(None, "--shp-min-ratio", help="SHP inputs: least score ratio of a pair (default 2)."))
+    params["share_prompt"] = inspect.Parameter("share_prompt", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                                               default=typer.Option(None, "--share-prompt/--no-share-prompt",
+                                                                    help="Hold a pair's common prompt once in a packed row (SDPA; default on)."))
     return inspect.Signature(list(params.values()))
 
 

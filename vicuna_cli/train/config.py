@@ -99,4 +99,5 @@ class TrainConfig(CommandConfig):
 DATA_POSITION_FIELDS = (
     "model", "data", "template", "max_length", "eval_split", "eval_data", "seed",
     "global_batch_size", "global_batch_tokens", "packing", "micro_batch_tokens", "micro_batch_size",
+    "share_prompt",  # train rm: a pair's packed length
 )

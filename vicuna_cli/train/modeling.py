@@ -39,6 +39,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[precision]
 
 
+def training_device(config: TrainConfig) -> str:
+    """"cuda" when asked for or available (and not refused by --device cpu), else "cpu"."""
+    return "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
 def pick_training_attention(requested: str, device: str, packing: bool) -> tuple[str, str]:
     if requested != "auto":
         if requested == "flash_attention_2":

@@ -8,6 +8,13 @@ Bradley–Terry, `-log σ(r_chosen − r_rejected − margin)` summed over pairs
 of the whole optimizer step (the loop's normalisation with "pairs" as the supervised unit), which
 equals TRL's `RewardTrainer` mean when a step is one batch. Chosen and rejected of a pair are one
 sample, so they always share a micro-batch; packed rows hold them without padding.
+
+Both sides of a pair render the same prompt, so a packed row holds that prompt once (`--share-prompt`,
+on by default with SDPA): the tokens both sides share, then the chosen answer, then the rejected
+one, under a mask in which the rejected answer sees the prompt and itself but not the chosen answer,
+with positions continuing from the prompt on both branches. Causal attention makes every reward
+the same as with each side whole (tested); on HH-RLHF the prompt is most of each side, so a step
+reads about half the tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class RewardConfig(TrainConfig):
     learning_rate: float = Field(1e-5, gt=0)
     global_batch_size: int | None = Field(64, ge=1)  # pairs per optimizer step
     shp_min_ratio: float = Field(2.0, ge=1.0)
+    share_prompt: bool = True  # packed rows hold a pair's common prompt once (with SDPA attention)
 
     @model_validator(mode="after")
     def _no_merge(self) -> "RewardConfig":
@@ -57,17 +65,28 @@ class PairSample:
     chosen: list[int]
     rejected: list[int]
     margin: float = 0.0
+    shared: int = 0  # leading tokens of both sides held once in a packed row (0: each side whole)
     n_supervised = 1  # one pair is one unit of the loss
 
     def __len__(self) -> int:
-        return len(self.chosen) + len(self.rejected)
+        return len(self.chosen) + len(self.rejected) - self.shared
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Leading tokens `a` and `b` share, leaving each at least its last token (where its reward is read)."""
+    most = min(len(a), len(b)) - 1
+    n = 0
+    while n < most and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def build_pair_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template: Any, max_length: int,
-                       notes: Counter) -> list[PairSample]:
+                       notes: Counter, share_prompt: bool = False) -> list[PairSample]:
     """Render prompt + answer with the model's template and tokenize once per side. A side longer
     than --max-length is never cut (the reward is read at the last token): the pair is skipped
-    and counted; so are pairs whose sides tokenize the same."""
+    and counted; so are pairs whose sides tokenize the same. `share_prompt`: record the tokens
+    both sides share, for collate to hold once."""
     counter = TokenCounter(tokenizer, template)
     texts = [counter.render(p["prompt"] + p[side]) for p in pairs for side in ("chosen", "rejected")]
     encodings = counter.encode_batch(texts)
@@ -79,7 +98,8 @@ def build_pair_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template
         elif chosen == rejected:
             notes["chosen and rejected tokenize the same"] += 1
         else:
-            samples.append(PairSample(pair["id"], pair.get("source") or "", chosen, rejected, float(pair.get("margin") or 0.0)))
+            samples.append(PairSample(pair["id"], pair.get("source") or "", chosen, rejected, float(pair.get("margin") or 0.0),
+                                      common_prefix(chosen, rejected) if share_prompt else 0))
     return samples
 
 
@@ -96,13 +116,24 @@ def build(config: RewardConfig, tokenizer: Any) -> tuple[list, list, Counter, st
         train, held = pairs, read_pairs(config.eval_data, Counter(), config.shp_min_ratio)
     else:
         train, held = split_eval(pairs, config.eval_split, config.seed)
-    samples = build_pair_samples(train, tokenizer, template, config.max_length, notes)
-    eval_samples = build_pair_samples(held, tokenizer, template, config.max_length, Counter())
+    share = shares_prompt(config)
+    samples = build_pair_samples(train, tokenizer, template, config.max_length, notes, share)
+    eval_samples = build_pair_samples(held, tokenizer, template, config.max_length, Counter(), share)
     if not samples:
         raise VicunaError(f"no usable preference pair ({len(pairs)} read; "
                           + (", ".join(f"{k}: {v}" for k, v in sorted(notes.items())) or "none usable") + ")",
                           hint="make pairs with `vicuna data pairs`, or raise --max-length")
     return samples, eval_samples, notes, template.name
+
+
+def shares_prompt(config: RewardConfig) -> bool:
+    """--share-prompt needs packed rows and SDPA, which takes the boolean mask as it is: flash-attn's
+    varlen kernels see only where sequences start (position ids), and eager attention adds the
+    mask to the scores, so with them each side stays whole."""
+    from .modeling import pick_training_attention, training_device
+
+    return (config.share_prompt and config.packing
+            and pick_training_attention(config.attention, training_device(config), True)[0] == "sdpa")
 
 
 def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[str, Any]:
@@ -113,6 +144,8 @@ def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[s
                 "ends": torch.tensor([[0, 0]]), "margin": torch.zeros(0), "empty": torch.tensor(1)}
     sequences = [ids for s in samples for ids in (s.chosen, s.rejected)]
     margin = torch.tensor([s.margin for s in samples], dtype=torch.float32)
+    if packing and any(s.shared for s in samples):
+        return {**_shared_prompt_row(samples), "margin": margin}
     if packing:
         ends, at = [], 0
         for ids in sequences:
@@ -126,6 +159,28 @@ def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[s
             "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in sequences]),
             "position_ids": torch.arange(width).expand(len(sequences), -1).clone(),
             "ends": torch.tensor([[row, len(ids) - 1] for row, ids in enumerate(sequences)]), "margin": margin}
+
+
+def _shared_prompt_row(samples: Sequence[PairSample]) -> dict[str, Any]:
+    """One packed row of [shared prompt, chosen answer, rejected answer] per pair, and the 4D
+    boolean mask (True: may attend) that gives each answer the prompt and itself, causally."""
+    ids: list[int] = []
+    positions: list[int] = []
+    pair: list[int] = []
+    branch: list[int] = []  # 0 shared prompt, 1 chosen answer, 2 rejected answer
+    ends = []
+    for k, s in enumerate(samples):
+        start, n = len(ids), s.shared
+        ids += s.chosen + s.rejected[n:]
+        positions += list(range(len(s.chosen))) + list(range(n, len(s.rejected)))
+        pair += [k] * len(s)
+        branch += [0] * n + [1] * (len(s.chosen) - n) + [2] * (len(s.rejected) - n)
+        ends += [[0, start + len(s.chosen) - 1], [0, start + len(s) - 1]]
+    pair_of, branch_of, at = torch.tensor(pair), torch.tensor(branch), torch.arange(len(ids))
+    mask = ((pair_of[:, None] == pair_of[None, :]) & (at[None, :] <= at[:, None])
+            & ((branch_of[None, :] == 0) | (branch_of[None, :] == branch_of[:, None])))
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "attention_mask": mask[None, None], "ends": torch.tensor(ends)}
 
 
 def pairs_in(samples: Sequence[PairSample]) -> int:

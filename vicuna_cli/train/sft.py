@@ -98,8 +98,9 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ and config.precision == "auto"
-    device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    from .modeling import resolve_precision
+    from .modeling import resolve_precision, training_device
+
+    device = training_device(config)
 
     accelerator = Accelerator(
         cpu=device == "cpu", mixed_precision=None if launched else resolve_precision(config.precision, device),
