@@ -240,10 +240,15 @@ def test_the_run_dir_is_a_chat_model(trained, bpe_model_dir):
     assert answer["answer"].strip() == tokenizer.decode(generated, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_precomputed_reference_equals_a_frozen_one(bpe_model_dir, tmp_path, lora):
+@pytest.mark.parametrize("lora, other_reference", [(False, False), (True, False), (False, True)])
+def test_precomputed_reference_equals_a_frozen_one(bpe_model_dir, tmp_path, lora, other_reference):
     data = write_pairs(tmp_path / "pairs.jsonl", 24, seed=6)
     options = dict(max_steps=3, eval_split=0.25, eval_every=3, lora=lora, lora_r=4, lora_dropout=0.0)
+    if other_reference:  # --ref-model: rewards are not zero before the first step
+        model, tokenizer = causal(bpe_model_dir, seed=4)
+        model.save_pretrained(tmp_path / "ref")
+        tokenizer.save_pretrained(tmp_path / "ref")
+        options["ref_model"] = str(tmp_path / "ref")
     pre = run_dpo(config(bpe_model_dir, data, tmp_path / "pre", **options))
     frozen = run_dpo(config(bpe_model_dir, data, tmp_path / "frozen", precompute=False, **options))
     assert not (tmp_path / "frozen" / "dpo_reference" / "logps.safetensors").exists()
@@ -251,6 +256,7 @@ def test_precomputed_reference_equals_a_frozen_one(bpe_model_dir, tmp_path, lora
     keys = ["loss", *FIGURES, "eval_loss", "eval_rewards/margins"]
     assert [[m.get(k) for k in keys] for m in a] == [pytest.approx([m.get(k) for k in keys], abs=1e-5) for m in b]
     assert a[1]["rewards/margins"] != 0  # the policy moved after the first step
+    assert (a[0]["rewards/margins"] != 0) == other_reference
     assert pre.eval_metrics == pytest.approx(frozen.eval_metrics, abs=1e-5)
 
 
