@@ -6,7 +6,8 @@ and kernels of `train sft` (sft.run_training).
 A sequence's log-probability is the sum over its answer tokens only: the assistant turns after
 the prompt plus their end-of-turn marker, masked by labels.py from one rendered string tokenized
 once (../shared/specs/masking.md). Chosen and rejected of a pair are one sample, packed into one
-row without padding (positions restart per sequence) and summed per sequence by segment ids.
+row without padding (positions restart per sequence) and summed per sequence by segment ids; with
+an attention that takes a 4D mask the row holds their common prefix once (`collate_shared`).
 
 Losses and metrics follow TRL's DPOTrainer: with h = β·[(log π(c) − log π_ref(c)) − (log π(r) −
 log π_ref(r))], sigmoid is −log σ(h), hinge max(0, 1 − h), IPO ((Δ_c/|c| − Δ_r/|r|) − 1/(2β))²
