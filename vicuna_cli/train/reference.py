@@ -40,6 +40,8 @@ def prepare(config: Any, setup: Any, spec: Any, accelerator: Any, run_dir: Path)
         # Each pair's prompt once per row (dpo.collate_shared): its 4D mask needs an attention that
         # takes one; flash-attn's varlen rows keep chosen and rejected as two sequences.
         spec.collate = lambda samples: collate(samples, True, 0, shared=True)
+        if accelerator.is_main_process:
+            console.info(f"rows: each pair's prompt once, both answers attending to it ({setup.attention}, 4D mask)")
     reference, ref_model, ref_path = reference_for(config, setup, accelerator)
     if not config.precompute:
         if accelerator.is_main_process:
