@@ -291,14 +291,18 @@ def test_reference_log_probs_are_reused_and_recomputed_when_stale(bpe_model_dir,
     assert calls == [16, 0]  # train pairs, no eval pairs
     run_dpo(config(bpe_model_dir, data, out, max_steps=3, save_every=1, resume="auto"))
     assert calls == [16, 0]  # reused on resume
-    # another reference model: computed again, then stored for it
+    # another reference model on resume: the stored file no longer fits, computed again and replaced
     other = tmp_path / "other"
     model, tokenizer = causal(bpe_model_dir, seed=11)
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    run_dpo(config(bpe_model_dir, data, out, max_steps=3, ref_model=str(other), overwrite=True))
+    run_dpo(config(bpe_model_dir, data, out, max_steps=4, save_every=1, resume="auto", ref_model=str(other)))
     assert calls == [16, 0, 16, 0]
     assert (out / "dpo_reference" / "logps.safetensors").read_bytes() != stored
+    # the data file edited in place (one pair fewer), resumed: computed for the new data
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
+    run_dpo(config(bpe_model_dir, data, out, max_steps=5, save_every=1, resume="auto", ref_model=str(other)))
+    assert calls == [16, 0, 16, 0, 15, 0]
 
 
 def test_bad_input_is_refused_or_counted(bpe_model_dir, tmp_path):
