@@ -105,11 +105,12 @@ def test_packed_equals_padded_in_gradients_too(bpe_model_dir, tmp_path):
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
 
 
-@pytest.mark.parametrize("model_fixture", ["bpe_model_dir", "sp_model_dir"])
-def test_a_shared_prompt_row_gives_the_rewards_and_gradients_of_whole_sides(model_fixture, request, tmp_path):
+@pytest.mark.parametrize("model_fixture,attention", [("bpe_model_dir", "sdpa"), ("sp_model_dir", "sdpa"), ("bpe_model_dir", "eager")])
+def test_a_shared_prompt_row_gives_the_rewards_and_gradients_of_whole_sides(model_fixture, attention, request, tmp_path):
     """--share-prompt holds a pair's common prompt once; causal attention makes it exact."""
     model_dir = request.getfixturevalue(model_fixture)
     model, tokenizer = reward_model(model_dir)
+    model.set_attn_implementation(attention)
     path = write_pairs(tmp_path / "pairs.jsonl", 6, seed=5)
     whole, shared = samples_for(model_dir, path), samples_for(model_dir, path, share_prompt=True)
     assert all(s.shared > 0 for s in shared) and sum(map(len, shared)) < sum(map(len, whole))
@@ -130,21 +131,25 @@ def test_a_shared_prompt_row_gives_the_rewards_and_gradients_of_whole_sides(mode
 
 
 def test_the_shared_prefix_leaves_each_side_its_last_token():
-    from vicuna_cli.train.rm import common_prefix
+    from vicuna_cli.train.packing import common_prefix
 
     assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
     assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # a side that is the other's prefix keeps its last token
     assert common_prefix([7], [7]) == 0
 
 
-def test_share_prompt_only_where_the_attention_takes_the_mask(tmp_path):
-    from vicuna_cli.train.rm import shares_prompt
+def test_share_prompt_only_where_the_attention_takes_the_mask(tmp_path, monkeypatch):
+    from vicuna_cli.train import modeling
+    from vicuna_cli.train.config import TrainConfig
+    from vicuna_cli.train.modeling import shares_prompt
 
     base = dict(model="m", output=tmp_path, device="cpu")
-    assert shares_prompt(RewardConfig(**base))
+    assert shares_prompt(RewardConfig(**base)) and shares_prompt(RewardConfig(**base, attention="eager"))
     assert not shares_prompt(RewardConfig(**base, share_prompt=False))
     assert not shares_prompt(RewardConfig(**base, packing=False))
-    assert not shares_prompt(RewardConfig(**base, attention="eager"))
+    assert not shares_prompt(TrainConfig(**base))  # sft has no pairs
+    monkeypatch.setattr(modeling, "pick_training_attention", lambda *a: ("flash_attention_2", "varlen"))
+    assert not shares_prompt(RewardConfig(**base))
 
 
 def config(model_dir, data, out, **overrides) -> RewardConfig:

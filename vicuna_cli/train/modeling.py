@@ -172,6 +172,26 @@ def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
 
 
+def decoder_inputs(model: nn.Module, batch: dict) -> dict:
+    """The decoder's inputs from a batch; a boolean 4D mask (packing.shared_prefix_row) is made
+    additive for eager attention, which adds the mask to the scores (SDPA takes it as it is)."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool and model.config._attn_implementation == "eager":
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    return inputs
+
+
+def shares_prompt(config: TrainConfig) -> bool:
+    """--share-prompt (pair methods) needs packed rows and an attention that takes a 4D mask:
+    flash-attn's varlen kernels see only where sequences start (position ids), so with it each
+    side of a pair stays a whole sequence. The same rule load_for_training picks the attention by."""
+    return (getattr(config, "share_prompt", False) and config.packing
+            and pick_training_attention(config.attention, training_device(config), True)[0] in ("sdpa", "eager"))
+
+
 def _has_custom_head(lm: nn.Module, head: nn.Module) -> bool:
     config = lm.config
     return (getattr(head, "bias", None) is not None or not isinstance(head, nn.Linear)

@@ -7,14 +7,10 @@ template, so the run dir loads back with `AutoModelForSequenceClassification`. T
 Bradley–Terry, `-log σ(r_chosen − r_rejected − margin)` summed over pairs and divided by the pairs
 of the whole optimizer step (the loop's normalisation with "pairs" as the supervised unit), which
 equals TRL's `RewardTrainer` mean when a step is one batch. Chosen and rejected of a pair are one
-sample, so they always share a micro-batch; packed rows hold them without padding.
-
-Both sides of a pair render the same prompt, so a packed row holds that prompt once (`--share-prompt`,
-on by default with SDPA): the tokens both sides share, then the chosen answer, then the rejected
-one, under a mask in which the rejected answer sees the prompt and itself but not the chosen answer,
-with positions continuing from the prompt on both branches. Causal attention makes every reward
-the same as with each side whole (tested); on HH-RLHF the prompt is most of each side, so a step
-reads about half the tokens.
+sample, so they always share a micro-batch; packed rows hold them without padding, and with
+`--share-prompt` (default, SDPA or eager attention) hold the prompt both sides share once
+(packing.shared_prefix_row: exact, since attention is causal; on HH-RLHF the prompt is most of
+each side).
 """
 
 from __future__ import annotations
@@ -33,21 +29,14 @@ from ..data.split import TokenCounter
 from .config import TrainConfig
 
 
-class RewardConfig(TrainConfig):
-    """`train sft`'s options; a reward model trains one epoch at a lower rate (InstructGPT, TRL)."""
+class PairTrainConfig(TrainConfig):
+    """`train sft`'s options for pairwise methods (`train rm`, `train dpo`): one epoch (InstructGPT,
+    TRL, Zephyr), the batch counted in pairs, and SHP's ratio filter."""
 
     epochs: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
     global_batch_size: int | None = Field(64, ge=1)  # pairs per optimizer step
     shp_min_ratio: float = Field(2.0, ge=1.0)
-    share_prompt: bool = True  # packed rows hold a pair's common prompt once (with SDPA attention)
-
-    @model_validator(mode="after")
-    def _no_merge(self) -> "RewardConfig":
-        if self.merge:
-            raise ValueError("--merge is not available for reward models yet: the LoRA adapter and its score head "
-                             "are saved to RUN_DIR/adapter")
-        return self
+    share_prompt: bool = True  # packed rows hold a pair's common prompt once (SDPA or eager attention)
 
     @property
     def row_capacity(self) -> int:
@@ -56,6 +45,19 @@ class RewardConfig(TrainConfig):
 
     def batch_size(self) -> int | None:
         return None if self.global_batch_tokens is not None else self.global_batch_size
+
+
+class RewardConfig(PairTrainConfig):
+    """A reward model trains at a lower rate than SFT (InstructGPT, TRL)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _no_merge(self) -> "RewardConfig":
+        if self.merge:
+            raise ValueError("--merge is not available for reward models yet: the LoRA adapter and its score head "
+                             "are saved to RUN_DIR/adapter")
+        return self
 
 
 @dataclass(frozen=True)
@@ -72,68 +74,67 @@ class PairSample:
         return len(self.chosen) + len(self.rejected) - self.shared
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Leading tokens `a` and `b` share, leaving each at least its last token (where its reward is read)."""
-    most = min(len(a), len(b)) - 1
-    n = 0
-    while n < most and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def build_pair_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template: Any, max_length: int,
                        notes: Counter, share_prompt: bool = False) -> list[PairSample]:
     """Render prompt + answer with the model's template and tokenize once per side. A side longer
     than --max-length is never cut (the reward is read at the last token): the pair is skipped
     and counted; so are pairs whose sides tokenize the same. `share_prompt`: record the tokens
     both sides share, for collate to hold once."""
+    from .packing import common_prefix
+
     counter = TokenCounter(tokenizer, template)
     texts = [counter.render(p["prompt"] + p[side]) for p in pairs for side in ("chosen", "rejected")]
     encodings = counter.encode_batch(texts)
     samples = []
     for k, pair in enumerate(pairs):
         chosen, rejected = list(encodings[2 * k].ids), list(encodings[2 * k + 1].ids)
-        if max(len(chosen), len(rejected)) > max_length:
-            notes["pair longer than --max-length (skipped, not truncated)"] += 1
-        elif chosen == rejected:
-            notes["chosen and rejected tokenize the same"] += 1
+        skip = unusable_pair(chosen, rejected, max_length)
+        if skip:
+            notes[skip] += 1
         else:
             samples.append(PairSample(pair["id"], pair.get("source") or "", chosen, rejected, float(pair.get("margin") or 0.0),
                                       common_prefix(chosen, rejected) if share_prompt else 0))
     return samples
 
 
+def unusable_pair(chosen: Sequence[int], rejected: Sequence[int], max_length: int) -> str | None:
+    """Why a tokenized pair is skipped (the reason it is counted under), or None."""
+    if max(len(chosen), len(rejected)) > max_length:
+        return "pair longer than --max-length (skipped, not truncated)"
+    if list(chosen) == list(rejected):
+        return "chosen and rejected tokenize the same"
+    return None
+
+
 def build(config: RewardConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
+    return build_pairs(config, tokenizer, build_pair_samples)
+
+
+def build_pairs(config: PairTrainConfig, tokenizer: Any, to_samples: Any, need_rejected: bool = False
+                ) -> tuple[list, list, Counter, str]:
+    """Read the pair files, hold out --eval-split/--eval-data, and turn pairs into a method's
+    samples with `to_samples(pairs, tokenizer, template, max_length, notes, share_prompt)`."""
     from ..data.preferences import read_pairs
     from .dataset import split_eval
+    from .modeling import shares_prompt
 
     if not config.data:
         raise VicunaError("no training data: pass --data PAIRS.jsonl (from `vicuna data pairs`)")
     template = template_for_model(tokenizer, config.template)
     notes: Counter = Counter()
-    pairs = read_pairs(config.data, notes, config.shp_min_ratio)
+    pairs = read_pairs(config.data, notes, config.shp_min_ratio, need_rejected)
     if config.eval_data:
-        train, held = pairs, read_pairs(config.eval_data, Counter(), config.shp_min_ratio)
+        train, held = pairs, read_pairs(config.eval_data, Counter(), config.shp_min_ratio, need_rejected)
     else:
         train, held = split_eval(pairs, config.eval_split, config.seed)
     share = shares_prompt(config)
-    samples = build_pair_samples(train, tokenizer, template, config.max_length, notes, share)
-    eval_samples = build_pair_samples(held, tokenizer, template, config.max_length, Counter(), share)
+    samples = to_samples(train, tokenizer, template, config.max_length, notes, share)
+    eval_samples = to_samples(held, tokenizer, template, config.max_length, Counter(), share)
     if not samples:
         raise VicunaError(f"no usable preference pair ({len(pairs)} read; "
                           + (", ".join(f"{k}: {v}" for k, v in sorted(notes.items())) or "none usable") + ")",
                           hint="make pairs with `vicuna data pairs`, or raise --max-length")
     return samples, eval_samples, notes, template.name
-
-
-def shares_prompt(config: RewardConfig) -> bool:
-    """--share-prompt needs packed rows and SDPA, which takes the boolean mask as it is: flash-attn's
-    varlen kernels see only where sequences start (position ids), and eager attention adds the
-    mask to the scores, so with them each side stays whole."""
-    from .modeling import pick_training_attention, training_device
-
-    return (config.share_prompt and config.packing
-            and pick_training_attention(config.attention, training_device(config), True)[0] == "sdpa")
 
 
 def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[str, Any]:
@@ -145,7 +146,12 @@ def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[s
     sequences = [ids for s in samples for ids in (s.chosen, s.rejected)]
     margin = torch.tensor([s.margin for s in samples], dtype=torch.float32)
     if packing and any(s.shared for s in samples):
-        return {**_shared_prompt_row(samples), "margin": margin}
+        from .packing import row_position, shared_prefix_row
+
+        batch, placements = shared_prefix_row([(s.chosen, s.rejected, s.shared) for s in samples])
+        ends = [[0, row_position(at, side, len(ids) - 1)] for s, at in zip(samples, placements)
+                for side, ids in enumerate((s.chosen, s.rejected))]
+        return {**batch, "ends": torch.tensor(ends), "margin": margin}
     if packing:
         ends, at = [], 0
         for ids in sequences:
@@ -161,40 +167,17 @@ def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[s
             "ends": torch.tensor([[row, len(ids) - 1] for row, ids in enumerate(sequences)]), "margin": margin}
 
 
-def _shared_prompt_row(samples: Sequence[PairSample]) -> dict[str, Any]:
-    """One packed row of [shared prompt, chosen answer, rejected answer] per pair, and the 4D
-    boolean mask (True: may attend) that gives each answer the prompt and itself, causally."""
-    ids: list[int] = []
-    positions: list[int] = []
-    pair: list[int] = []
-    branch: list[int] = []  # 0 shared prompt, 1 chosen answer, 2 rejected answer
-    ends = []
-    for k, s in enumerate(samples):
-        start, n = len(ids), s.shared
-        ids += s.chosen + s.rejected[n:]
-        positions += list(range(len(s.chosen))) + list(range(n, len(s.rejected)))
-        pair += [k] * len(s)
-        branch += [0] * n + [1] * (len(s.chosen) - n) + [2] * (len(s.rejected) - n)
-        ends += [[0, start + len(s.chosen) - 1], [0, start + len(s) - 1]]
-    pair_of, branch_of, at = torch.tensor(pair), torch.tensor(branch), torch.arange(len(ids))
-    mask = ((pair_of[:, None] == pair_of[None, :]) & (at[None, :] <= at[:, None])
-            & ((branch_of[None, :] == 0) | (branch_of[None, :] == branch_of[:, None])))
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-            "attention_mask": mask[None, None], "ends": torch.tensor(ends)}
-
-
 def pairs_in(samples: Sequence[PairSample]) -> int:
     return len(samples)
 
 
 def rewards(model: Any, batch: dict) -> torch.Tensor:
     """The scalar reward of every sequence of `batch`, in order (chosen, rejected, chosen, ...)."""
-    from .modeling import causal_lm
+    from .modeling import causal_lm, decoder_inputs
 
     classifier = causal_lm(model)
     decoder = getattr(classifier, classifier.base_model_prefix)
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    hidden = decoder(**decoder_inputs(classifier, batch), use_cache=False).last_hidden_state
     ends = batch["ends"]
     return classifier.score(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1).float()
 
