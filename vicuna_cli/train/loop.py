@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..core import console
+from ..core.threads import ThreadPolicy
 from . import checkpoint
 from .checkpoint import TrainerState
 from .packing import plan_epoch, split_step, supervised_tokens
@@ -53,6 +54,7 @@ class LoopSpec:
     max_grad_norm: float = 1.0
     eval_lengths: list[int] = field(default_factory=list)
     eval_metrics: Callable[[Any, Any, "LoopSpec"], dict] | None = None  # a method's figures beyond eval loss
+    threads: int | None = None  # fixed torch threads (--threads); None follows the free CPUs (core/threads.py)
 
     def plans(self) -> list[list[list[int]]]:
         """The steps of each epoch: `epochs` of them, or as many as `max_steps` needs (it wins,
@@ -107,6 +109,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
     progress = Progress(total, state.global_step, accelerator.is_main_process)
     last_save = time.monotonic()
     window = _window()
+    threads = ThreadPolicy(spec.threads)
     module.train()
     try:
         with _Signals() as signals:
@@ -115,7 +118,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm, tokens, n_sup = _step(accelerator, module, optimizer, scheduler, spec, step,
-                                                       world, rank, params)
+                                                       world, rank, params, threads.tick)
                 seconds = time.perf_counter() - started
                 state.global_step += 1
                 state.step_in_epoch += 1
@@ -176,13 +179,14 @@ def _agree(accelerator: Any, stop: bool, timed: bool) -> tuple[bool, bool]:
 
 
 def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, step: list[int],
-          world: int, rank: int, params: list) -> tuple[float, float | None, int, int]:
+          world: int, rank: int, params: list, tick: Callable[[], Any] = lambda: None) -> tuple[float, float | None, int, int]:
     n_sup = spec.supervised([spec.samples[i] for i in step])
     tokens = sum(spec.lengths[i] for i in step)
     micro = split_step(step, spec.lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
     scale = world / max(n_sup, 1)
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     for k, group in enumerate(micro):
+        tick()  # re-check the free CPUs (a micro-batch is one "step" of the thread policy)
         last = k == len(micro) - 1
         accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
         context = contextlib.nullcontext() if last else accelerator.no_sync(module)
