@@ -170,10 +170,15 @@ def test_fp32_cpu_decoder_weights_are_column_major_and_the_rest_row_major(sp_nat
     """The layout load_native picks (see native_llama._weight); the values are the checkpoint's."""
     from safetensors.torch import load_file
 
-    from vicuna_cli.core.native_llama import Linear, load_native
+    from vicuna_cli.core.native_llama import Linear, fuse_projections, load_native
 
     saved = {k: v for shard in sp_model_dir.glob("*.safetensors") for k, v in load_file(shard).items()}
     model = sp_native.model
+    assert "model.layers.0.self_attn.q_proj.weight" in saved and "model.layers.0.mlp.up_proj.weight" in saved
+    # q/k/v and gate/up are stacked into one projection each; every other tensor is the checkpoint's.
+    saved = fuse_projections(saved, model.shape.num_layers)
+    assert not any(k.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight"))
+                   for k in saved)
     for name, param in model.named_parameters():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         column_major = name.startswith("model.layers.") and isinstance(module, Linear)

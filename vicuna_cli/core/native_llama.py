@@ -258,12 +258,14 @@ class Segments:
 
 
 class Attention(nn.Module):
+    """q, k and v come from one fused projection (`qkv_proj`, the checkpoint's q_proj, k_proj and
+    v_proj weights stacked by `load_native`): one matmul instead of three per layer, and the
+    rotary embedding turns the query and key heads in one pass."""
+
     def __init__(self, s: LlamaShape):
         super().__init__()
         self.s = s
-        self.q_proj = Linear(s.hidden_size, s.num_heads * s.head_dim)
-        self.k_proj = Linear(s.hidden_size, s.num_kv_heads * s.head_dim)
-        self.v_proj = Linear(s.hidden_size, s.num_kv_heads * s.head_dim)
+        self.qkv_proj = Linear(s.hidden_size, (s.num_heads + 2 * s.num_kv_heads) * s.head_dim)
         self.o_proj = Linear(s.num_heads * s.head_dim, s.hidden_size)
 
     def forward(self, x, cos, sin, cache: SlotKVCache | None, layer: int, where: "int | Rows | Segments", slot: int = 0) -> torch.Tensor:
@@ -272,10 +274,10 @@ class Attention(nn.Module):
         several sequences, concatenated: one pass through the weights, attention per chunk)."""
         b, n, _ = x.shape
         s = self.s
-        q = self.q_proj(x).view(b, n, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        heads = self.qkv_proj(x).view(b, n, s.num_heads + 2 * s.num_kv_heads, s.head_dim).transpose(1, 2)
+        qk, v = heads[:, : s.num_heads + s.num_kv_heads], heads[:, s.num_heads + s.num_kv_heads :]
+        qk = qk * cos + rotate_half(qk) * sin
+        q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         if isinstance(where, Rows):
             k, v = cache.write_rows(layer, where, k, v)
             out = self._one_query(q, k, v, where.mask)
@@ -340,14 +342,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
+    """gate and up in one fused projection (`gate_up_proj`: gate_proj's rows, then up_proj's)."""
+
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.gate_proj = Linear(s.hidden_size, s.intermediate_size)
-        self.up_proj = Linear(s.hidden_size, s.intermediate_size)
+        self.intermediate = s.intermediate_size
+        self.gate_up_proj = Linear(s.hidden_size, 2 * s.intermediate_size)
         self.down_proj = Linear(s.intermediate_size, s.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -475,6 +480,7 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str) -> NativeLlama
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(shard, device="cpu"))
+    state = fuse_projections(state, model.shape.num_layers)
     column_major = device == "cpu" and dtype == torch.float32
     state = {k: _weight(v, dtype, column_major and _is_decoder_linear(k)) for k, v in state.items()
              if not k.endswith("rotary_emb.inv_freq")}
@@ -487,6 +493,23 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str) -> NativeLlama
     if model.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device).eval()
+
+
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's separate q/k/v and gate/up weights stacked into the fused projections
+    (rows in that order: each output is the same dot product as before). Parts that are missing
+    stay missing, so load_state_dict names what the checkpoint lacks."""
+    for layer in range(num_layers):
+        prefix = f"model.layers.{layer}."
+        for fused, parts in FUSED.items():
+            names = [f"{prefix}{part}.weight" for part in parts]
+            if all(name in state for name in names):
+                state[f"{prefix}{fused}.weight"] = torch.cat([state.pop(name) for name in names])
+    return state
 
 
 def _is_decoder_linear(name: str) -> bool:
