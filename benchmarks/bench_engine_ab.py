@@ -28,6 +28,7 @@ PROMPT = "Write a long story about a dragon."
 def native_module(checkout: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, checkout / "vicuna_cli" / "core" / "native_llama.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
