@@ -183,3 +183,52 @@ def test_policy_reapplies_in_a_new_computing_thread():
     worker.start()
     worker.join()
     assert m.applied == [1, 1]
+
+
+def test_the_engine_sets_the_count_in_its_computing_thread(sp_native):
+    """BatchEngine ticks the policy in the thread that runs the model (OpenMP's count is per OS
+    thread): the daemon thread of a started engine, the caller's thread for Engine.generate."""
+    import threading
+
+    from vicuna_cli.core.batch import BatchEngine
+    from vicuna_cli.core.generate import Engine, SamplingParams
+
+    seen = []
+
+    def recorder(n):
+        seen.append((n, threading.current_thread().name))
+
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, 256, max_batch_size=2, threads=1)
+    engine.threads = ThreadPolicy(1, cpus=2, apply=recorder, env={})
+    engine.start()
+    try:
+        request = engine.submit([1, 5, 6, 7], SamplingParams(temperature=0, max_new_tokens=4))
+        assert list(request.events(timeout=60))[-1].finish_reason in ("stop", "length")
+    finally:
+        engine.stop()
+    assert seen and {name for _, name in seen} == {"vicuna-batch-engine"} and {n for n, _ in seen} == {1}
+
+    seen.clear()
+    chat = Engine(sp_native.model, sp_native.tokenizer, 256, threads=1)
+    chat.batch.threads = ThreadPolicy(1, cpus=2, apply=recorder, env={})
+    list(chat.generate([1, 5, 6, 7], SamplingParams(temperature=0, max_new_tokens=4)))
+    assert seen == [(1, threading.current_thread().name)]
+
+
+def test_threads_option_is_declared_once_for_every_command_that_runs_a_model():
+    from vicuna_cli.chat.runner import ChatConfig
+    from vicuna_cli.core.config import build_config
+    from vicuna_cli.serve.config import ServeConfig, WorkerConfig
+    from vicuna_cli.serve.launcher import plan
+    from vicuna_cli.train.config import TrainConfig
+
+    train = {"model": "m", "data": ["d.json"], "output": "o"}
+    for cls, base in ((ChatConfig, {}), (ServeConfig, {}), (WorkerConfig, {"model": ["m"]}), (TrainConfig, train)):
+        assert build_config(cls, base).threads is None  # adapt
+        assert build_config(cls, {**base, "threads": 3}).threads == 3
+        with pytest.raises(VicunaError, match=r"^--threads: must be 1 or more, got 0"):
+            build_config(cls, {**base, "threads": 0})
+    workers = [args for role, args in plan(build_config(ServeConfig, {"threads": 1})) if role.startswith("worker")]
+    assert workers and all(args[args.index("--threads") + 1] == "1" for args in workers)
+    workers = [args for role, args in plan(build_config(ServeConfig, {})) if role.startswith("worker")]
+    assert all("--threads" not in args for args in workers)
