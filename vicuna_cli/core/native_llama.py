@@ -322,8 +322,11 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked copy (see pack_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
 
 
@@ -492,7 +495,36 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str) -> NativeLlama
         raise ValueError(f"checkpoint does not match a Llama model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     if model.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device == "cpu" and dtype == torch.bfloat16:
+        pack_weights(model)
+    return model
+
+
+def pack_weights(model: NativeLlamaForCausalLM) -> bool:
+    """bf16 on CPU: every Linear runs on a oneDNN-prepacked (blocked) copy of its weight.
+
+    F.linear on a plain bf16 weight streams it at ~11 GB/s here for a decode step's one row (and
+    no faster on 2 threads), while a sum over the same bytes reads at 21-35 GB/s: the kernel, not
+    the memory, was the limit. The prepacked weights stream at ~18 GB/s (80 x [3072, 576] weights,
+    one row: 25.8 -> 15.4 ms), with outputs bitwise equal to F.linear's (checked for 1-256 rows).
+    The plain weights of the decoder layers are dropped once packed (the memory stays the same);
+    the tied lm_head keeps the embedding's (its row lookups need them), so that copy costs
+    vocab x hidden more. Returns False, changing nothing, where oneDNN cannot pack."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    try:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 1) for m in linears]
+        probe = torch.ones(1, linears[0].weight.shape[1], dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(probe, packed[0], None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    for module, weight in zip(linears, packed):
+        module.packed = weight
+        if module is not model.lm_head or not model.shape.tie_word_embeddings:
+            module.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+    return True
 
 
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
