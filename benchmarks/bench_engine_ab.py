@@ -47,6 +47,7 @@ def main() -> None:
     import torch
 
     from vicuna_cli.core import models
+    from vicuna_cli.core import native_llama as this_native  # this checkout's, as a package module
     from vicuna_cli.core.generate import Engine
 
     info = machine_info()
@@ -55,7 +56,7 @@ def main() -> None:
     lm = models.load(args.model, device="cpu", dtype=args.dtype, progress=False, implementation="native")
     dtype = getattr(torch, args.dtype)
     arms = {"baseline": native_module(args.baseline, "native_baseline").load_native(lm.path, dtype, "cpu"),
-            "this": native_module(Path(__file__).resolve().parents[1], "native_this").load_native(lm.path, dtype, "cpu")}
+            "this": this_native.load_native(lm.path, dtype, "cpu")}
     engines = {}
     for arm, model in arms.items():
         engines[arm] = Engine(model, lm.tokenizer, lm.context_length, threads=args.threads)
