@@ -35,6 +35,7 @@ import torch
 
 from ..core import console
 from ..core.errors import VicunaError
+from ..core.threads import ThreadPolicy
 from . import checkpoint
 from .checkpoint import TrainerState
 from .packing import plan_epoch, split_step, supervised_tokens
@@ -64,6 +65,7 @@ class LoopSpec:
     max_grad_norm: float = 1.0
     eval_lengths: list[int] = field(default_factory=list)
     eval_metrics: Callable[[Any, Any, "LoopSpec"], dict] | None = None  # a method's figures beyond eval loss
+    threads: int | None = None  # fixed torch threads (--threads); None follows the free CPUs (core/threads.py)
 
     def plans(self) -> list[list[list[int]]]:
         """The steps of each epoch: `epochs` of them, or as many as `max_steps` needs (it wins,
@@ -121,6 +123,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
     progress = Progress(total, state.global_step, accelerator.is_main_process)
     last_save = time.monotonic()
     window = _window()
+    threads = ThreadPolicy(spec.threads)
     module.train()
     try:
         with _Signals() as signals:
@@ -129,7 +132,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm, tokens, n_sup, figures = _step(accelerator, module, optimizer, scheduler, spec,
-                                                                step, world, rank, params)
+                                                                step, world, rank, params, threads.tick)
                 finite = math.isfinite(loss)
                 state.nonfinite_steps += not finite
                 state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
@@ -215,7 +218,8 @@ def split_output(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, step: list[int],
-          world: int, rank: int, params: list) -> tuple[float, float | None, int, int, dict[str, float]]:
+          world: int, rank: int, params: list, tick: Callable[[], Any] = lambda: None
+          ) -> tuple[float, float | None, int, int, dict[str, float]]:
     n_sup = spec.supervised([spec.samples[i] for i in step])
     tokens = sum(spec.lengths[i] for i in step)
     micro = split_step(step, spec.lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
@@ -223,6 +227,7 @@ def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
     for k, group in enumerate(micro):
+        tick()  # re-check the free CPUs (a micro-batch is one "step" of the thread policy)
         last = k == len(micro) - 1
         accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
         context = contextlib.nullcontext() if last else accelerator.no_sync(module)
