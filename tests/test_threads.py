@@ -154,6 +154,11 @@ def test_env_sets_the_count_and_the_option_beats_it():
     assert requested_threads(None, {"VICUNA_THREADS": "1"}) == (1, "VICUNA_THREADS")
     assert requested_threads(2, {"VICUNA_THREADS": "1"}) == (2, "--threads")
     assert requested_threads(None, {"VICUNA_THREADS": " "}) == (None, "")
+    # a torch user's OMP_NUM_THREADS is a fixed count too; VICUNA_THREADS and --threads beat it
+    assert requested_threads(None, {"OMP_NUM_THREADS": "1"}) == (1, "OMP_NUM_THREADS")
+    assert requested_threads(None, {"OMP_NUM_THREADS": "1", "VICUNA_THREADS": "2"}) == (2, "VICUNA_THREADS")
+    assert requested_threads(2, {"OMP_NUM_THREADS": "1"}) == (2, "--threads")
+    assert requested_threads(None, {"OMP_NUM_THREADS": "4,2"}) == (4, "OMP_NUM_THREADS")  # OpenMP's nested form
     m = Machine()
     m.policy(env={"VICUNA_THREADS": "9"})
     assert m.warnings == ["VICUNA_THREADS 9 is more than the 2 CPU(s) this process may use: using 2"]
@@ -164,6 +169,7 @@ def test_env_sets_the_count_and_the_option_beats_it():
     (-2, {}, "--threads must be 1 or more, got -2"),
     (None, {"VICUNA_THREADS": "0"}, "VICUNA_THREADS must be 1 or more, got 0"),
     (None, {"VICUNA_THREADS": "two"}, "VICUNA_THREADS='two' is not a whole number"),
+    (None, {"OMP_NUM_THREADS": "many"}, "OMP_NUM_THREADS='many' is not a whole number"),
 ])
 def test_bad_counts_are_errors(threads, env, message):
     with pytest.raises(VicunaError) as info:

@@ -16,8 +16,9 @@ Three parts:
     a chat turn after the user typed for a while). `torch.set_num_threads` is per OS thread for
     OpenMP, so it is applied in the thread that computes, again whenever that thread changes.
 
-`--threads N` (every command that runs a model) or `VICUNA_THREADS=N` fixes the count instead;
-0 is an error, more than the CPUs is clamped with a warning.
+`--threads N` (every command that runs a model), `VICUNA_THREADS=N` or a user's own
+`OMP_NUM_THREADS=N` fixes the count instead; 0 is an error, more than the CPUs is clamped with a
+warning.
 """
 
 from __future__ import annotations
@@ -147,19 +148,23 @@ def sample_cpu(cpu_ids: frozenset[int] | None = None) -> CpuSample | None:
 
 
 def requested_threads(threads: int | None, env: Mapping[str, str] | None = None) -> tuple[int | None, str]:
-    """The fixed count asked for: `threads` (--threads, a config file) first, else $VICUNA_THREADS;
-    (None, "") means adapt. The second item names where it came from, for messages."""
+    """The fixed count asked for: `threads` (--threads, a config file) first, else $VICUNA_THREADS,
+    else $OMP_NUM_THREADS (what torch users already set; a count they chose is honoured, never
+    adapted away); (None, "") means adapt. The second item names where it came from, for messages."""
     if threads is not None:
         source, value = "--threads", threads
     else:
-        raw = (os.environ if env is None else env).get(THREADS_ENV, "").strip()
-        if not raw:
+        env = os.environ if env is None else env
+        source = next((name for name in (THREADS_ENV, "OMP_NUM_THREADS") if env.get(name, "").strip()), "")
+        if not source:
             return None, ""
-        source = THREADS_ENV
+        raw = env[source].strip()
+        if source == "OMP_NUM_THREADS":
+            raw = raw.split(",")[0]  # OpenMP's nested form "4,2": the outer level is torch's
         try:
             value = int(raw)
         except ValueError:
-            raise VicunaError(f"{THREADS_ENV}={raw!r} is not a whole number",
+            raise VicunaError(f"{source}={raw!r} is not a whole number",
                               hint=f"set it to 1 or more, or unset it to adapt to the free CPUs") from None
     if isinstance(value, bool) or value < 1:
         raise VicunaError(f"{source} must be 1 or more, got {value}",
