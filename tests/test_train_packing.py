@@ -124,7 +124,7 @@ def _one_step(model, samples, packing, capacity, micro_batch_size):
     spec = LoopSpec(samples=samples, eval_samples=[], lengths=[len(s) for s in samples],
                     collate=lambda b: collate(b, packing, 0), packing=packing, capacity=capacity,
                     micro_batch_size=micro_batch_size, max_grad_norm=0)
-    loss, _, _, n = _step(Accelerator(cpu=True), module, optimizer, scheduler, spec, list(range(len(samples))), 1, 0,
+    loss, _, _, n, _ = _step(Accelerator(cpu=True), module, optimizer, scheduler, spec, list(range(len(samples))), 1, 0,
                           list(module.parameters()))
     return loss, n, [p.detach().clone() for p in module.parameters()]
 

@@ -103,7 +103,7 @@ def _train(ctx: typer.Context, config_class: type, run: Any, config: Optional[Pa
                           exit_code=130 if stop.signame == "SIGINT" else 143) from None
     if result.files:  # the main process: it wrote the model
         loss = f" · final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-        accuracy = result.eval_metrics.get("eval_accuracy")
+        accuracy = result.eval_metrics.get("eval_accuracy", result.eval_metrics.get("eval_rewards/accuracies"))
         loss += f" · eval pair accuracy {accuracy:.1%}" if accuracy is not None else ""
         console.err.print(f"[green]done[/green] {result.steps} steps in {result.seconds:.0f} s{loss}")
         console.out.print(str(result.run_dir), markup=False)
@@ -136,6 +136,42 @@ def rm(ctx: typer.Context, **options: Any) -> None:
 
 rm.__signature__ = _rm_signature()  # type: ignore[attr-defined]
 app.command("rm")(rm)
+
+
+def _dpo_signature() -> inspect.Signature:
+    """`train rm`'s options (pair data, SHP ratio) plus DPO's own."""
+    params = dict(_rm_signature().parameters)
+
+    def option(name: str, annotation: Any, *flags: str, help: str) -> None:
+        params[name] = inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                         default=typer.Option(None, *flags, help=help))
+
+    option("beta", Optional[float], "--beta", help="Strength of the pull to the reference (IPO: its tau); > 0.")
+    option("loss", Optional[str], "--loss", help="sigmoid (DPO, default), ipo or hinge.")
+    option("sft_weight", Optional[float], "--sft-weight", help="RPO: add this weight x the chosen answer's mean token NLL.")
+    option("ref_model", Optional[str], "--ref-model", help="Reference model (default: -m itself; with --lora the base with the adapter off).")
+    option("precompute", Optional[bool], "--precompute/--no-precompute",
+           help="Reference log-probs computed once before training and stored in the run dir, or a frozen reference kept in memory.")
+    return inspect.Signature(list(params.values()))
+
+
+def dpo(ctx: typer.Context, **options: Any) -> None:
+    """Align MODEL (the SFT model) to preference pairs with DPO: raise the log-probability of each
+    chosen answer over the rejected one relative to a reference, -log σ(β·Δ) (or IPO, hinge).
+
+    Log-probs are summed over the answer tokens only, chosen and rejected packed without padding.
+    The reference's log-probs are computed once and stored in the run dir (reused by --resume).
+    Same loop, run dir, checkpoints, --resume, kernels, LoRA (--merge) and accelerate launch as
+    `train sft` (defaults here: 1 epoch, lr 5e-7, 64 pairs per step); metrics.jsonl holds
+    rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins. The run dir is the
+    policy's model dir: `vicuna chat -m RUN_DIR`."""
+    from ..train.dpo import DpoConfig, run_dpo
+
+    _train(ctx, DpoConfig, run_dpo, options.get("config"), options.get("accelerate_config"), options.get("num_processes"))
+
+
+dpo.__signature__ = _dpo_signature()  # type: ignore[attr-defined]
+app.command("dpo")(dpo)
 
 
 @app.command("inspect-data")

@@ -32,6 +32,7 @@ PAIR_FORMATS = {
 PAIR_STEPS = ("read", "empty", "identical", "ratio", "dedup")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+NO_REJECTED = "no 'rejected' answer"  # the reason `read_pairs(..., need_rejected=True)` refuses
 
 
 class PairsConfig(CommandConfig):
@@ -54,6 +55,10 @@ def detect_pair_format(value: Any, name: str) -> str:
             return "shp"
         if "chosen" in value and "rejected" in value:
             return "pairs" if "prompt" in value else "hh-rlhf"
+        if "chosen" in value:
+            raise VicunaError(f"{name} record 1 has 'chosen' but {NO_REJECTED}: a preference pair needs both answers",
+                              hint="DPO and reward models learn from pairs: add the worse answer as 'rejected' "
+                              "(or train on the chosen answers alone with `vicuna train sft`)")
         if is_message(value) or is_tree(value):
             return "oasst1"
     keys = ", ".join(sorted(value)[:8]) if isinstance(value, dict) else type(value).__name__
@@ -98,6 +103,8 @@ def to_pairs(raw: Raw, fmt: str, shp_min_ratio: float) -> list[dict[str, Any]]:
         raise Skip("not a JSON object")
     where = f"{raw.source} record {raw.index + 1}" + (f" (line {raw.line})" if raw.line else "")
     record_id = str(value["id"]) if isinstance(value.get("id"), (str, int)) else f"{Path(raw.source).stem}_{raw.index}"
+    if fmt in ("hh-rlhf", "pairs") and value.get("rejected") is None:
+        raise Skip(NO_REJECTED)
     if fmt == "hh-rlhf":
         if not isinstance(value.get("chosen"), str) or not isinstance(value.get("rejected"), str):
             raise Skip("hh-rlhf record without string 'chosen' and 'rejected'")
@@ -231,14 +238,20 @@ def pairs(config: PairsConfig) -> Report:
     return report
 
 
-def read_pairs(paths: list[str], notes: Any, shp_min_ratio: float = 2.0) -> list[dict[str, Any]]:
+def read_pairs(paths: list[str], notes: Any, shp_min_ratio: float = 2.0, need_rejected: bool = False
+               ) -> list[dict[str, Any]]:
     """Every usable pair of `paths` (any pair format), for training and scoring; what is left out
-    is counted in `notes` by reason. Ids stay unique across files."""
+    is counted in `notes` by reason. Ids stay unique across files. With `need_rejected` a record
+    without a 'rejected' answer stops the read, naming the record (DPO data must be pairs)."""
     inputs = open_pair_inputs(paths, "auto")
     out: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     try:
         for result in results(inputs, shp_min_ratio):
+            if need_rejected and result.reason == NO_REJECTED:
+                raise VicunaError(f"{result.where}: {NO_REJECTED}: a preference pair needs both answers",
+                                  hint="fix or remove that record (`vicuna data pairs` makes pairs from HH-RLHF, SHP "
+                                  "or OASST1)")
             if result.dropped:
                 notes[result.reason or result.dropped] += 1
             for pair in result.pieces:

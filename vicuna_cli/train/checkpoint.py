@@ -49,6 +49,8 @@ class TrainerState:
     seconds: float = 0.0  # training time so far (for tokens/s across restarts)
     tokens: int = 0
     supervised_tokens: int = 0
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss (loop.py)
+    nonfinite_in_a_row: int = 0
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

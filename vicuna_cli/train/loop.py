@@ -9,6 +9,14 @@ accumulation and ranks. Every rank knows that number before the step (the plan i
 everywhere), so each micro-batch backpropagates sum * world_size / n (DDP and FSDP average the
 gradients over ranks), and packing, micro-batch size, accumulation or world size do not reweight
 samples.
+
+A method's loss may return `(loss_sum, figures)`: figures are sums over its loss units (DPO's
+rewards per pair, say), reduced like the loss and logged per step as means (eval: `eval_` + name).
+
+A step whose loss is NaN or infinite (on any rank) changes no weight: its gradients are dropped,
+the data position and schedule move on, and it is counted (`nonfinite_steps` in the trainer
+state, `skipped` in metrics.jsonl). Three such steps in a row save a checkpoint and stop with an
+error naming the steps: the weights are still those of the last good step.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..core import console
+from ..core.errors import VicunaError
 from . import checkpoint
 from .checkpoint import TrainerState
 from .packing import plan_epoch, split_step, supervised_tokens
@@ -64,6 +73,9 @@ class LoopSpec:
 
     def total_steps(self) -> int:
         return self.max_steps or sum(len(plan) for plan in self.plans())
+
+
+NONFINITE_LIMIT = 3  # non-finite steps in a row that stop a run
 
 
 class Stop(Exception):
@@ -114,8 +126,11 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 step = plans[state.epoch][state.step_in_epoch]
                 started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-                loss, grad_norm, tokens, n_sup = _step(accelerator, module, optimizer, scheduler, spec, step,
-                                                       world, rank, params)
+                loss, grad_norm, tokens, n_sup, figures = _step(accelerator, module, optimizer, scheduler, spec,
+                                                                step, world, rank, params)
+                finite = math.isfinite(loss)
+                state.nonfinite_steps += not finite
+                state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
                 seconds = time.perf_counter() - started
                 state.global_step += 1
                 state.step_in_epoch += 1
@@ -124,22 +139,39 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 state.seconds += seconds
                 state.tokens += tokens
                 state.supervised_tokens += n_sup
-                for key, value in (("loss", loss), ("steps", 1), ("tokens", tokens), ("supervised", n_sup),
-                                   ("seconds", seconds)):
+                for key, value in (("loss", loss if finite else 0.0), ("steps", int(finite)), ("tokens", tokens),
+                                   ("supervised", n_sup), ("seconds", seconds)):
                     window[key] += value
                 record = {"step": state.global_step, "total_steps": total, "epoch": state.epoch, "loss": loss,
-                          "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                          **figures, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                           "supervised_tokens": n_sup, "tokens_per_s": tokens / seconds,
                           "supervised_tokens_per_s": n_sup / seconds, "step_s": seconds, "elapsed_s": state.seconds}
+                if not finite:
+                    del record["loss"], record["grad_norm"]
+                    record["skipped"] = f"non-finite loss ({loss})"
+                    if accelerator.is_main_process:
+                        console.warn(f"step {state.global_step}: loss is {loss}; the step is skipped (no weight "
+                                     f"changed), {state.nonfinite_in_a_row} in a row")
                 if spec.eval_samples and spec.eval_every and state.global_step % spec.eval_every == 0:
-                    record["eval_loss"] = evaluate(accelerator, module, spec, world, rank)
+                    eval_loss, eval_figures = evaluate(accelerator, module, spec, world, rank)
+                    record["eval_loss"] = eval_loss
+                    record.update(eval_figures)
                     if spec.eval_metrics:
                         record.update(spec.eval_metrics(accelerator, module, spec))
                 metrics.write(record)
                 if track:
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
+                if state.nonfinite_in_a_row >= NONFINITE_LIMIT:
+                    path = checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints)
+                    first = state.global_step - NONFINITE_LIMIT + 1
+                    raise VicunaError(
+                        f"the loss was NaN or infinite at steps {first} to {state.global_step} ({NONFINITE_LIMIT} in a row): "
+                        f"stopped after step {state.global_step}; checkpoint saved to {path} (weights of step {first - 1})",
+                        hint="lower --learning-rate or --max-grad-norm, train in --precision float32, or check the data "
+                        "of those steps; --resume auto continues after them")
                 progress.update(state.global_step, f"loss {loss:.4f}")
-                if state.global_step % spec.log_every == 0 or state.global_step == total or "eval_loss" in record:
+                if window["steps"] and (state.global_step % spec.log_every == 0 or state.global_step == total
+                                        or "eval_loss" in record):
                     progress.line(log_line({**record, "loss": window["loss"] / window["steps"],
                                             "tokens_per_s": window["tokens"] / window["seconds"],
                                             "supervised_tokens": window["supervised"]})
@@ -175,45 +207,68 @@ def _agree(accelerator: Any, stop: bool, timed: bool) -> tuple[bool, bool]:
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
+def split_output(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A loss module's output: the summed loss, and the method's figures (sums) if it gives any."""
+    return (output[0], output[1]) if isinstance(output, tuple) else (output, {})
+
+
 def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, step: list[int],
-          world: int, rank: int, params: list) -> tuple[float, float | None, int, int]:
+          world: int, rank: int, params: list) -> tuple[float, float | None, int, int, dict[str, float]]:
     n_sup = spec.supervised([spec.samples[i] for i in step])
     tokens = sum(spec.lengths[i] for i in step)
     micro = split_step(step, spec.lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
     scale = world / max(n_sup, 1)
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
     for k, group in enumerate(micro):
         last = k == len(micro) - 1
         accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
         context = contextlib.nullcontext() if last else accelerator.no_sync(module)
         with context:
             batch = {key: value.to(accelerator.device) for key, value in spec.collate([spec.samples[i] for i in group]).items()}
-            loss_sum = module(batch)
+            loss_sum, figures = split_output(module(batch))
             accelerator.backward(loss_sum * scale)
         total += loss_sum.detach().double()
+        for name, value in figures.items():
+            sums[name] = sums.get(name, 0) + value.detach().double()
+    # Every rank must agree on skipping a non-finite step: decide on the reduced loss.
+    names = sorted(sums)
+    packed = torch.stack([total, *(torch.as_tensor(sums[n], device=total.device) for n in names)])
+    packed = accelerator.reduce(packed, "sum") if world > 1 else packed
     grad_norm = None
-    if spec.max_grad_norm > 0:
-        norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
-        grad_norm = float(norm) if norm is not None else None
-    optimizer.step()
-    scheduler.step()
+    if torch.isfinite(packed[0]):
+        if spec.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else None
+        optimizer.step()
+    scheduler.step()  # a skipped step keeps the schedule a function of the step number
     optimizer.zero_grad(set_to_none=True)
-    total = accelerator.reduce(total, "sum") if world > 1 else total
-    return float(total) / max(n_sup, 1), grad_norm, tokens, n_sup
+    means = {name: float(packed[1 + i]) / max(n_sup, 1) for i, name in enumerate(names)}
+    return float(packed[0]) / max(n_sup, 1), grad_norm, tokens, n_sup, means
 
 
 @torch.no_grad()
-def evaluate(accelerator: Any, module: Any, spec: LoopSpec, world: int, rank: int) -> float:
-    """Mean token loss over the eval samples (all ranks take part)."""
+def evaluate(accelerator: Any, module: Any, spec: LoopSpec, world: int, rank: int) -> tuple[float, dict[str, float]]:
+    """Mean loss over the eval samples' loss units (all ranks take part), and the means of the
+    method's figures as `eval_` + name."""
     module.eval()
     everything = list(range(len(spec.eval_samples)))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    sums: dict[str, torch.Tensor] = {}
     for group in split_step(everything, spec.eval_lengths, world, rank, spec.packing, spec.capacity,
                             spec.micro_batch_size):
         samples = [spec.eval_samples[i] for i in group]
         batch = {key: value.to(accelerator.device) for key, value in spec.collate(samples).items()}
-        total[0] += module(batch).double()
+        loss_sum, figures = split_output(module(batch))
+        total[0] += loss_sum.double()
         total[1] += spec.supervised(samples)
+        for name, value in figures.items():
+            sums[name] = sums.get(name, 0) + value.double()
     module.train()
-    total = accelerator.reduce(total, "sum") if world > 1 else total
-    return float(total[0] / total[1]) if total[1] else math.nan
+    names = sorted(sums)
+    packed = torch.cat([total, torch.stack([torch.as_tensor(sums[n], device=total.device) for n in names])
+                        if names else total.new_zeros(0)])
+    packed = accelerator.reduce(packed, "sum") if world > 1 else packed
+    n = float(packed[1])
+    figures = {f"eval_{name}": float(packed[2 + i]) / n if n else math.nan for i, name in enumerate(names)}
+    return (float(packed[0]) / n if n else math.nan), figures

@@ -1,6 +1,7 @@
 """What a training method brings to the shared run (sft.run_training) and loop (loop.train): its
 samples, how they become tensors, the unit its loss is normalised by, the loss itself, the model
-head it trains, and optional eval metrics beyond the eval loss."""
+head it trains, optional eval metrics beyond the eval loss, and an optional step between loading
+the model and training (DPO computes its reference log-probs there)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,6 @@ class Method:
     head: str = "causal"  # "causal": AutoModelForCausalLM; "reward": AutoModelForSequenceClassification(1)
     eval_metrics: Optional[Callable[[Any, Any, Any], dict]] = None  # (accelerator, module, spec) -> figures
     unit: str = "supervised tokens"
+    # (config, setup, spec, accelerator, run_dir) -> samples, eval samples, LossFn; runs before the
+    # model is wrapped for distribution
+    prepare: Optional[Callable[[Any, Any, Any, Any, Any], tuple[list, list, Callable]]] = None

@@ -26,20 +26,13 @@ from ..data.split import TokenCounter
 from .config import TrainConfig
 
 
-class RewardConfig(TrainConfig):
-    """`train sft`'s options; a reward model trains one epoch at a lower rate (InstructGPT, TRL)."""
+class PairTrainConfig(TrainConfig):
+    """`train sft`'s options for pairwise methods (`train rm`, `train dpo`): one epoch (InstructGPT,
+    TRL, Zephyr), the batch counted in pairs, and SHP's ratio filter."""
 
     epochs: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
     global_batch_size: int | None = Field(64, ge=1)  # pairs per optimizer step
     shp_min_ratio: float = Field(2.0, ge=1.0)
-
-    @model_validator(mode="after")
-    def _no_merge(self) -> "RewardConfig":
-        if self.merge:
-            raise ValueError("--merge is not available for reward models yet: the LoRA adapter and its score head "
-                             "are saved to RUN_DIR/adapter")
-        return self
 
     @property
     def row_capacity(self) -> int:
@@ -48,6 +41,19 @@ class RewardConfig(TrainConfig):
 
     def batch_size(self) -> int | None:
         return None if self.global_batch_tokens is not None else self.global_batch_size
+
+
+class RewardConfig(PairTrainConfig):
+    """A reward model trains at a lower rate than SFT (InstructGPT, TRL)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _no_merge(self) -> "RewardConfig":
+        if self.merge:
+            raise ValueError("--merge is not available for reward models yet: the LoRA adapter and its score head "
+                             "are saved to RUN_DIR/adapter")
+        return self
 
 
 @dataclass(frozen=True)
@@ -74,16 +80,31 @@ def build_pair_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template
     samples = []
     for k, pair in enumerate(pairs):
         chosen, rejected = list(encodings[2 * k].ids), list(encodings[2 * k + 1].ids)
-        if max(len(chosen), len(rejected)) > max_length:
-            notes["pair longer than --max-length (skipped, not truncated)"] += 1
-        elif chosen == rejected:
-            notes["chosen and rejected tokenize the same"] += 1
+        skip = unusable_pair(chosen, rejected, max_length)
+        if skip:
+            notes[skip] += 1
         else:
             samples.append(PairSample(pair["id"], pair.get("source") or "", chosen, rejected, float(pair.get("margin") or 0.0)))
     return samples
 
 
+def unusable_pair(chosen: Sequence[int], rejected: Sequence[int], max_length: int) -> str | None:
+    """Why a tokenized pair is skipped (the reason it is counted under), or None."""
+    if max(len(chosen), len(rejected)) > max_length:
+        return "pair longer than --max-length (skipped, not truncated)"
+    if list(chosen) == list(rejected):
+        return "chosen and rejected tokenize the same"
+    return None
+
+
 def build(config: RewardConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
+    return build_pairs(config, tokenizer, build_pair_samples)
+
+
+def build_pairs(config: PairTrainConfig, tokenizer: Any, to_samples: Any, need_rejected: bool = False
+                ) -> tuple[list, list, Counter, str]:
+    """Read the pair files, hold out --eval-split/--eval-data, and turn pairs into a method's
+    samples with `to_samples(pairs, tokenizer, template, max_length, notes)`."""
     from ..data.preferences import read_pairs
     from .dataset import split_eval
 
@@ -91,13 +112,13 @@ def build(config: RewardConfig, tokenizer: Any) -> tuple[list, list, Counter, st
         raise VicunaError("no training data: pass --data PAIRS.jsonl (from `vicuna data pairs`)")
     template = template_for_model(tokenizer, config.template)
     notes: Counter = Counter()
-    pairs = read_pairs(config.data, notes, config.shp_min_ratio)
+    pairs = read_pairs(config.data, notes, config.shp_min_ratio, need_rejected)
     if config.eval_data:
-        train, held = pairs, read_pairs(config.eval_data, Counter(), config.shp_min_ratio)
+        train, held = pairs, read_pairs(config.eval_data, Counter(), config.shp_min_ratio, need_rejected)
     else:
         train, held = split_eval(pairs, config.eval_split, config.seed)
-    samples = build_pair_samples(train, tokenizer, template, config.max_length, notes)
-    eval_samples = build_pair_samples(held, tokenizer, template, config.max_length, Counter())
+    samples = to_samples(train, tokenizer, template, config.max_length, notes)
+    eval_samples = to_samples(held, tokenizer, template, config.max_length, Counter())
     if not samples:
         raise VicunaError(f"no usable preference pair ({len(pairs)} read; "
                           + (", ".join(f"{k}: {v}" for k, v in sorted(notes.items())) or "none usable") + ")",

@@ -22,7 +22,7 @@ from .config import DATA_POSITION_FIELDS, TrainConfig
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
-RUN_FILES = (CONFIG, METRICS, "checkpoints")
+RUN_FILES = (CONFIG, METRICS, "checkpoints", "dpo_reference")  # the last: train dpo
 VERSIONED = ("vicuna-cli", "torch", "transformers", "accelerate", "peft", "tokenizers", "flash-attn", "deepspeed")
 
 

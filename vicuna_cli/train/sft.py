@@ -126,7 +126,10 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
         keep_checkpoints=config.keep_checkpoints, max_grad_norm=config.max_grad_norm,
     )
     total = spec.total_steps()
-    module = LossModule(setup.model, method.loss(config))
+    loss_fn = method.loss(config)
+    if method.prepare is not None:  # e.g. DPO's reference log-probs, before the model is wrapped
+        spec.samples, spec.eval_samples, loss_fn = method.prepare(config, setup, spec, accelerator, run_dir)
+    module = LossModule(setup.model, loss_fn)
     # The fused AdamW kernel (CPU and CUDA) steps ~6x faster than the default on this CPU.
     optimizer = torch.optim.AdamW(_param_groups(module, config.weight_decay), lr=config.learning_rate,
                                   fused=all(p.is_floating_point() for p in module.parameters() if p.requires_grad))
@@ -166,8 +169,8 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
     if eval_samples:
         from .loop import evaluate
 
-        final_eval = evaluate(accelerator, module, spec, accelerator.num_processes, accelerator.process_index)
-        figures = method.eval_metrics(accelerator, module, spec) if method.eval_metrics else {}
+        final_eval, figures = evaluate(accelerator, module, spec, accelerator.num_processes, accelerator.process_index)
+        figures.update(method.eval_metrics(accelerator, module, spec) if method.eval_metrics else {})
         metrics.write({"step": state.global_step, "eval_loss": final_eval, **figures})
         if main:
             console.info(f"eval loss {final_eval:.4f} over {len(eval_samples)} samples"
