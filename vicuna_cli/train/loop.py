@@ -190,7 +190,9 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                     progress.line(log_line({**record, "loss": window["loss"] / window["steps"],
                                             "tokens_per_s": window["tokens"] / window["seconds"],
                                             "supervised_tokens": window["supervised"]})
-                                  + (f" | eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+                                  + (f" | eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+                                  + "".join(f" | {k} {record[k]:.4g}" for k in getattr(spec.session, "log_figures", ())
+                                            if isinstance(record.get(k), (int, float))))
                     window = _window()
                 due = bool(spec.save_every and state.global_step % spec.save_every == 0)
                 timed = bool(spec.save_every_minutes and time.monotonic() - last_save >= spec.save_every_minutes * 60)

@@ -19,9 +19,6 @@ written as JSON into every checkpoint, so `--resume auto` continues the same run
 from __future__ import annotations
 
 import json
-import math
-import random
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +28,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..core import console
 from ..core.errors import VicunaError
 from .config import DATA_POSITION_FIELDS, TrainConfig
 from .modeling import causal_lm
-from .ppo_math import KLController, RunningMoments, gae, policy_loss, token_rewards, value_loss, whiten
+from .ppo_math import policy_loss, value_loss
 
 SAMPLES = "samples.jsonl"
 # (prompts' messages, answers' texts, answers' token ids) -> one score per answer

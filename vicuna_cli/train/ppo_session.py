@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -79,6 +77,8 @@ class RewardScorer:
 
 
 class PpoSession:
+    log_figures = ("reward", "kl", "kl_coef", "entropy", "clip_fraction", "rollout_tokens_per_s")  # in the log line
+
     def __init__(self, config: PpoConfig, setup: Any, spec: Any, accelerator: Any, run_dir: Path, loss: PpoLoss,
                  reward: RewardFn, reference: Any):
         self.config, self.setup, self.spec, self.accelerator = config, setup, spec, accelerator
