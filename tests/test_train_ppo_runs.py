@@ -185,3 +185,28 @@ def test_ppo_sigkill_then_resume_auto_gives_the_same_next_steps(bpe_model_dir, r
     assert ppo_losses(out) == ppo_losses(reference)
     samples = lambda run: [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert samples(out) == samples(reference)
+
+
+def test_a_nonfinite_loss_ends_the_step_and_it_is_skipped(bpe_model_dir, tmp_path, monkeypatch):
+    from vicuna_cli.train import ppo
+
+    prompts = write_prompts(tmp_path / "prompts.json", 8)
+    step = []
+    forward = ppo.PpoLoss.forward
+
+    def poisoned(self, model, batch):
+        loss, figures = forward(self, model, batch)
+        return (loss * math.nan if len(step) == 2 else loss), figures
+
+    def counting(prompts, texts, answers):
+        step.append(1)
+        return low_ids(prompts, texts, answers)
+
+    monkeypatch.setattr(ppo.PpoLoss, "forward", poisoned)
+    run = tmp_path / "run"
+    run_ppo(PpoConfig(model=str(bpe_model_dir), prompts=[str(prompts)], output=run, max_steps=3, ppo_epochs=3,
+                      **{**TINY, "rollout_batch_size": 4}), reward=counting)
+    steps = [m for m in read_metrics(run) if m.get("step")]
+    assert "skipped" not in steps[0] and steps[0]["updates"] == 3
+    assert steps[1]["skipped"].startswith("non-finite loss") and steps[1]["updates"] == 1  # the rest not run
+    assert "skipped" not in steps[2] and math.isfinite(steps[2]["loss"])

@@ -44,7 +44,7 @@ class PpoConfig(TrainConfig):
     initial KL coefficient 0.05 adapted towards KL 6 over a 10,000-sample horizon, scores clipped
     to ±10, γ 1, λ 0.95."""
 
-    position_fields: ClassVar[tuple[str, ...]] = (*DATA_POSITION_FIELDS, "prompts", "rollout_batch_size")
+    position_fields: ClassVar[tuple[str, ...]] = (*DATA_POSITION_FIELDS, "prompts", "rollout_batch_size", "max_new_tokens")
 
     prompts: list[str] = Field(default_factory=list)  # conversation or pairwise files
     reward_model: Optional[str] = None
