@@ -4,9 +4,10 @@
     python benchmarks/bench_ppo.py [--model smollm2-135m-instruct] [--batch 8] [--new-tokens 64]
                                    [--repeats 3] [--json OUT]
 
-Both arms sample at temperature 1 from the SAME in-memory policy (an AutoModelForCausalLM in
+All arms sample at temperature 1 from the SAME in-memory policy (an AutoModelForCausalLM in
 fp32, as `train ppo` holds it): vicuna through `train/rollout.generate` (a native model built
-over the policy's own tensors at every call, as each PPO step does, then continuous batching),
+over the policy's own tensors at every call, as each PPO step does, then continuous batching;
+once on the shared fp32 tensors, once on a bf16 copy as `--rollout-dtype bfloat16` makes),
 transformers through `model.generate(do_sample=True)` on the left-padded batch. Arms alternate
 A B A B ... (`--repeats` rounds, machine noise hits both); tokens/s counts the answer tokens each
 arm produced (up to and including EOS) over its wall time. Goal: vicuna >= 3x.
@@ -18,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_MODEL, machine_info, markdown_table, print_machine, summary, write_results  # noqa: E402
@@ -62,11 +64,15 @@ def main() -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = policy.generation_config.eos_token_id
 
-    def vicuna(round_: int) -> tuple[int, float]:
-        seeds = [args.seed * 1000 + round_ * 100 + k for k in range(len(prompts))]
-        answers, seconds, engine = generate(policy, tokenizer, prompts, seeds, args.new_tokens, context, len(prompts))
-        assert engine == "native" or round_ > 0 or print(f"note: vicuna arm on the {engine} path")
-        return sum(len(a.ids) for a in answers), seconds
+    def vicuna(dtype: Any) -> Callable[[int], tuple[int, float]]:
+        def arm(round_: int) -> tuple[int, float]:
+            seeds = [args.seed * 1000 + round_ * 100 + k for k in range(len(prompts))]
+            answers, seconds, engine = generate(policy, tokenizer, prompts, seeds, args.new_tokens, context,
+                                                len(prompts), dtype=dtype)
+            if engine != "native" and round_ == 0:
+                print(f"note: vicuna arm on the {engine} path")
+            return sum(len(a.ids) for a in answers), seconds
+        return arm
 
     def hf_generate(round_: int) -> tuple[int, float]:
         width = max(map(len, prompts))
@@ -87,17 +93,20 @@ def main() -> None:
                     break
         return tokens, seconds
 
-    arms = {"vicuna engine": vicuna, "model.generate": hf_generate}
+    arms = {"vicuna engine (shared fp32 weights)": vicuna(None), "vicuna engine (--rollout-dtype bf16)": vicuna(torch.bfloat16),
+            "model.generate": hf_generate}
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(args.repeats):
         for name, arm in arms.items():
             tokens, seconds = arm(round_)
             rates[name].append(tokens / seconds)
             print(f"round {round_ + 1} · {name}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:.1f} tok/s", flush=True)
-    ratios = [a / b for a, b in zip(rates["vicuna engine"], rates["model.generate"])]
+    ratios = {name: [a / b for a, b in zip(rates[name], rates["model.generate"])] for name in rates if name != "model.generate"}
     rows = [[name, f"{summary(v)['median']:.1f}", f"{min(v):.1f}–{max(v):.1f}"] for name, v in rates.items()]
     print(markdown_table(["arm", "tok/s (median)", "range"], rows))
-    print(f"ratio vicuna / generate (per round): {', '.join(f'{r:.2f}' for r in ratios)}; median {summary(ratios)['median']:.2f}x")
+    for name, values in ratios.items():
+        print(f"{name} / model.generate per round: {', '.join(f'{r:.2f}' for r in values)}; "
+              f"median {summary(values)['median']:.2f}x")
     write_results("ppo_rollouts", {"machine": info, "args": vars(args), "tokens_per_s": rates, "ratios": ratios}, args.json)
 
 

@@ -210,3 +210,24 @@ def test_a_nonfinite_loss_ends_the_step_and_it_is_skipped(bpe_model_dir, tmp_pat
     assert "skipped" not in steps[0] and steps[0]["updates"] == 3
     assert steps[1]["skipped"].startswith("non-finite loss") and steps[1]["updates"] == 1  # the rest not run
     assert "skipped" not in steps[2] and math.isfinite(steps[2]["loss"])
+
+
+def test_rollout_model_shares_the_policy_tensors_and_bf16_is_a_copy(bpe_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from vicuna_cli.train.rollout import native_policy
+
+    policy = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
+    shared = native_policy(policy)
+    weight = policy.model.layers[0].self_attn.q_proj.weight
+    assert shared.model.layers[0].self_attn.q_proj.weight.data_ptr() == weight.data_ptr()  # no copy
+    x = torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        want = policy(input_ids=x).logits
+        torch.testing.assert_close(shared(input_ids=x, use_cache=False).logits, want, rtol=1e-4, atol=1e-5)
+        weight.add_(0.5)  # what an optimizer step does in place: the next rollout sees it
+        moved = policy(input_ids=x).logits
+        torch.testing.assert_close(shared(input_ids=x, use_cache=False).logits, moved, rtol=1e-4, atol=1e-5)
+        copy = native_policy(policy, torch.bfloat16)
+        assert copy.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        torch.testing.assert_close(copy(input_ids=x, use_cache=False).logits.float(), moved, rtol=0.05, atol=0.05)

@@ -26,6 +26,7 @@ _PPO = (
     ("mini_batch_size", Optional[int], ("--mini-batch-size",), "Rollouts per optimizer update (default: the whole rollout batch)."),
     ("ppo_epochs", Optional[int], ("--ppo-epochs",), "Passes over each rollout batch."),
     ("max_new_tokens", Optional[int], ("--max-new-tokens",), "Most tokens per answer; prompts longer than --max-length minus this are skipped."),
+    ("rollout_dtype", Optional[str], ("--rollout-dtype",), "Weights the rollouts sample from: auto (the policy's own, shared, no copy) or bfloat16 (bf16, fp16, fp32: a copy per step; bf16 decodes ~2x faster on CPU)."),
     ("kl_coef", Optional[float], ("--kl-coef",), "Initial weight of the per-token KL penalty to the reference."),
     ("target_kl", Optional[float], ("--target-kl",), "KL the adaptive controller steers towards (Ziegler et al.); 0 keeps --kl-coef fixed."),
     ("kl_horizon", Optional[int], ("--kl-horizon",), "Rollouts over which the adaptive KL coefficient moves."),

@@ -28,6 +28,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..core.choices import Dtype
 from ..core.errors import VicunaError
 from .config import DATA_POSITION_FIELDS, TrainConfig
 from .modeling import causal_lm
@@ -58,6 +59,7 @@ class PpoConfig(TrainConfig):
     mini_batch_size: Optional[int] = Field(None, ge=1)  # rollouts per optimizer update; default all
     ppo_epochs: int = Field(4, ge=1)
     max_new_tokens: int = Field(128, ge=1)
+    rollout_dtype: Dtype = "auto"  # auto: the policy's own weights, shared; bfloat16: a bf16 copy per step
     kl_coef: float = Field(0.05, ge=0.0)
     target_kl: float = Field(6.0, ge=0.0)  # 0: a fixed --kl-coef
     kl_horizon: int = Field(10000, ge=1)

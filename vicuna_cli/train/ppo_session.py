@@ -113,7 +113,8 @@ class PpoSession:
         # Each prompt's sampler has its own seed: a resumed run draws the same answers.
         seeds = [(config.seed * 1_000_003 + number * 10_007 + k) % (1 << 31) for k in range(len(prompts))]
         answers, seconds, engine = generate(self.setup.model, self.setup.tokenizer, [p.ids for p in prompts], seeds,
-                                            config.max_new_tokens, config.max_length, len(prompts))
+                                            config.max_new_tokens, config.max_length, len(prompts),
+                                            dtype=None if config.rollout_dtype == "auto" else getattr(torch, config.rollout_dtype))
         if self.main and not self.engine_told:
             console.info(f"rollouts: the {engine} path of the batch engine, at the policy's current weights")
             self.engine_told = True

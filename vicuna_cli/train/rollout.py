@@ -5,7 +5,9 @@ Llama-family policies run on the native fast path (core/native_llama.py): a nati
 over the policy's own parameter tensors (`load_state_dict(assign=True)` wraps the same storage,
 so the optimizer's in-place updates are what the next rollout samples from: nothing is copied).
 With --lora the adapted layers are merged into fresh tensors (W + B·A·s) once per rollout step;
-the other tensors stay shared. Other architectures run the engine's transformers path over the
+the other tensors stay shared. `--rollout-dtype bfloat16` samples from a bf16 copy of an fp32
+policy instead, made once per step (about 2x the decode speed on CPU; PPO stays correct because
+the old log-probs are recomputed by the training policy itself). Other architectures run the engine's transformers path over the
 policy itself. Every prompt has its own seeded sampler (seed from --seed, the step and the
 prompt's place), so a resumed run draws the same answers as an uninterrupted one.
 """
@@ -27,7 +29,7 @@ class Answer:
     finish_reason: str
 
 
-def native_policy(model: Any) -> Any | None:
+def native_policy(model: Any, dtype: torch.dtype | None = None) -> Any | None:
     """A native Llama model over the policy's current weights, or None when the architecture is
     not one the native path computes."""
     from ..core.native_llama import NativeLlamaForCausalLM, unsupported_reason
@@ -38,6 +40,8 @@ def native_policy(model: Any) -> Any | None:
         return None
     native = NativeLlamaForCausalLM(config, lm.generation_config.to_dict() if lm.generation_config else {})
     state = live_state(model)
+    if dtype is not None:  # a tensor already in `dtype` stays shared
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if native.shape.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -65,13 +69,14 @@ def live_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], seeds: Sequence[int], max_new_tokens: int,
-             context_length: int, max_batch_size: int, temperature: float = 1.0) -> tuple[list[Answer], float, str]:
+             context_length: int, max_batch_size: int, temperature: float = 1.0, dtype: torch.dtype | None = None
+             ) -> tuple[list[Answer], float, str]:
     """Sample one answer per prompt at the policy's current weights: (answers, seconds, engine)."""
     from ..core.batch import BatchEngine
     from ..core.generate import SamplingParams
 
     started = time.perf_counter()
-    native = native_policy(model)
+    native = native_policy(model, dtype)
     runner_model = native if native is not None else causal_lm(model)
     was_training = runner_model.training
     runner_model.eval()
