@@ -38,16 +38,33 @@ def low_ids(prompts, texts, answers):
     return [sum(t < 50 for t in ids) / len(ids) for ids in answers]
 
 
-@pytest.fixture(scope="module")
-def reward_model_dir(bpe_model_dir, tmp_path_factory) -> Path:
+def make_reward_model(model_dir: Path, out: Path) -> Path:
+    """A random one-label classifier on the fixture model's architecture and tokenizer."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    out = tmp_path_factory.mktemp("ppo_rm") / "rm"
-    config = AutoConfig.from_pretrained(bpe_model_dir, num_labels=1)
+    config = AutoConfig.from_pretrained(model_dir, num_labels=1)
     torch.manual_seed(3)
     AutoModelForSequenceClassification.from_config(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(bpe_model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def reward_model_dir(bpe_model_dir, tmp_path_factory) -> Path:
+    return make_reward_model(bpe_model_dir, tmp_path_factory.mktemp("ppo_rm") / "rm")
+
+
+def test_a_reward_model_with_another_tokenizer_rescores_the_text_and_says_so_once(bpe_model_dir, sp_model_dir,
+                                                                                  tmp_path, capsys):
+    rm = make_reward_model(sp_model_dir, tmp_path / "sp_rm")
+    prompts = write_prompts(tmp_path / "prompts.json", 8)
+    run = tmp_path / "run"
+    run_ppo(PpoConfig(model=str(bpe_model_dir), reward_model=str(rm), prompts=[str(prompts)], output=run, max_steps=2,
+                      **{**TINY, "rollout_batch_size": 4}))
+    err = capsys.readouterr().err
+    assert err.count("the reward model's tokenizer differs from the policy's") == 1
+    rewards = [m["reward"] for m in read_metrics(run) if "reward" in m]
+    assert len(rewards) == 2 and all(math.isfinite(r) and r != 0.0 for r in rewards)
 
 
 def test_ppo_raises_a_programmatic_reward_with_bounded_kl_and_the_run_dir_chats(bpe_model_dir, tmp_path):
