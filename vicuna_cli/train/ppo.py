@@ -269,4 +269,8 @@ def run_ppo(config: PpoConfig, reward: RewardFn | None = None) -> Any:
 
     if reward is None and not config.reward_model:
         raise VicunaError("no reward model: pass --reward-model RM_DIR (a `vicuna train rm` run dir)")
+    if reward is None:  # fail now, not after the policy and its reference have loaded
+        from .score import check_reward_model
+
+        check_reward_model(config.reward_model)
     return run_training(config, ppo_method(reward))
