@@ -248,3 +248,18 @@ def test_rollout_model_shares_the_policy_tensors_and_bf16_is_a_copy(bpe_model_di
         copy = native_policy(policy, torch.bfloat16)
         assert copy.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
         torch.testing.assert_close(copy(input_ids=x, use_cache=False).logits.float(), moved, rtol=0.05, atol=0.05)
+
+
+def test_every_ppo_option_has_one_flag_and_no_default_of_its_own():
+    import inspect
+
+    from vicuna_cli.commands.train_ppo import ppo
+
+    params = inspect.signature(ppo).parameters
+    cli = {name for name in params if name not in ("ctx", "config", "accelerate_config", "num_processes")}
+    not_ppo = {"data", "eval_split", "eval_data", "eval_every", "global_batch_size", "global_batch_tokens"}
+    assert cli == set(PpoConfig.model_fields) - not_ppo  # every PPO option is a flag, every flag an option
+    # defaults live in PpoConfig only (the shared --trust-remote-code flag spells the same False)
+    assert all(params[name].default.default in (None, PpoConfig.model_fields[name].default) for name in cli)
+    assert [name for name in cli if params[name].default.default is not None] == ["trust_remote_code"]
+    assert "--data" not in str([params[n].default.param_decls for n in cli])

@@ -29,6 +29,11 @@ def prepare(config: PpoConfig, setup: Any, spec: Any, accelerator: Any, run_dir:
     from .modeling import causal_lm
 
     main = accelerator.is_main_process
+    kind = str(accelerator.distributed_type)
+    if "FSDP" in kind or "DEEPSPEED" in kind:
+        raise VicunaError(f"train ppo runs in one process or under DDP, not {kind}: rollouts are generated from the "
+                          "policy's whole weights on each device",
+                          hint="use --accelerate-config recipes/accelerate/ddp.yaml (with --lora for large models)")
     lm = causal_lm(setup.model)
     loss = PpoLoss(lm.config.hidden_size, config).to(next(lm.parameters()).device)
     if reward is None:
