@@ -23,6 +23,9 @@ from vicuna_cli.train.rundir import read_metrics
 from test_train_rm import write_pairs
 
 
+LAYOUTS = {"packed": dict(packing=True), "shared prompt": dict(packing=True, shared=True), "padded": dict(packing=False)}
+
+
 def causal(model_dir: Path, seed: int | None = None):
     """The fixture model (or, with `seed`, one with other random weights: a reference that differs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,14 +91,14 @@ def test_loss_log_probs_and_rewards_equal_trl_dpo_trainer(bpe_model_dir, tmp_pat
         expected = float(trainer.compute_loss(model, DataCollatorForPreference(tokenizer.pad_token_id)(examples)))
         metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
         config = DpoConfig(model=str(bpe_model_dir), beta=0.3, loss=loss)
-        for packing in (True, False):
-            batch = collate(samples, packing, tokenizer.pad_token_id)
+        for layout_name, layout in LAYOUTS.items():
+            batch = collate(samples, pad_id=tokenizer.pad_token_id, **layout)
             policy, reference = sequence_logps(model, batch), sequence_logps(ref, batch)
             loss_sum, figures = dpo_terms(config, policy, reference.view(-1, 2), batch["answer_tokens"])
-            assert float(loss_sum) / 8 == pytest.approx(expected, abs=1e-5), packing
+            assert float(loss_sum) / 8 == pytest.approx(expected, abs=1e-5), layout_name
             for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                          "logps/chosen", "logps/rejected"):
-                assert float(figures[name]) / 8 == pytest.approx(metrics[name], abs=1e-5), (name, packing)
+                assert float(figures[name]) / 8 == pytest.approx(metrics[name], abs=1e-5), (name, layout_name)
     assert 0 < metrics["rewards/accuracies"] < 1  # the reference differs: rewards are not all zero
 
 
@@ -151,27 +154,42 @@ def test_loss_on_given_log_probs_equals_trl(bpe_model_dir, tmp_path, loss):
         assert float(figures[name]) / pairs == pytest.approx(metrics[name], rel=1e-6, abs=1e-6), name
 
 
-def test_packed_equals_padded_in_loss_and_gradients(bpe_model_dir, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_and_shared_prompt_rows_equal_padded_in_loss_and_gradients(bpe_model_dir, tmp_path, attention):
     model, tokenizer = causal(bpe_model_dir)
-    model.double()
+    model.double().set_attn_implementation(attention)
     ref, _ = causal(bpe_model_dir, seed=5)
-    samples = samples_for(bpe_model_dir, write_pairs(tmp_path / "pairs.jsonl", 6, seed=3))
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 6, seed=3)
+    lines = pairs.read_text().splitlines()
+    multi = json.loads(lines[0])  # one pair parts at an earlier turn: its answers hold a user turn
+    multi["prompt"], multi["chosen"] = multi["prompt"][:1], [{"role": "assistant", "content": "fine"},
+                                                             {"role": "user", "content": "and you"}, *multi["chosen"]]
+    multi["rejected"] = [{"role": "assistant", "content": "fine"}, {"role": "user", "content": "and you?"}, *multi["rejected"]]
+    pairs.write_text("\n".join([json.dumps(multi), *lines[1:]]) + "\n")
+    samples = samples_for(bpe_model_dir, pairs)
     with torch.no_grad():
         values = sequence_logps(ref.double(), collate(samples, True, tokenizer.pad_token_id)).view(-1, 2).tolist()
     samples = [type(s)(**{**s.__dict__, "ref": tuple(v)}) for s, v in zip(samples, values)]
-    results = []
-    for packing in (True, False):
+    shared = collate(samples, True, 0, shared=True)
+    assert shared["input_ids"].shape[1] < collate(samples, True, 0)["input_ids"].shape[1]  # prompts once
+    results = {}
+    for name, layout in LAYOUTS.items():
         model.zero_grad()
         loss, figures = dpo_loss(DpoConfig(model="x", loss="ipo", sft_weight=0.5))(
-            model, collate(samples, packing, tokenizer.pad_token_id))
+            model, collate(samples, pad_id=tokenizer.pad_token_id, **layout))
         loss.backward()
-        results.append((float(loss), {k: float(v) for k, v in figures.items()},
-                        model.model.layers[0].self_attn.q_proj.weight.grad.clone(), model.lm_head.weight.grad.clone()))
-    (loss_a, fig_a, q_a, head_a), (loss_b, fig_b, q_b, head_b) = results
-    assert loss_a == pytest.approx(loss_b, rel=1e-10)
-    assert fig_a == pytest.approx(fig_b, rel=1e-10)
-    assert torch.allclose(q_a, q_b, rtol=1e-8, atol=1e-12) and torch.allclose(head_a, head_b, rtol=1e-8, atol=1e-12)
+        results[name] = (float(loss), {k: float(v) for k, v in figures.items()},
+                         model.model.layers[0].self_attn.q_proj.weight.grad.clone(), model.lm_head.weight.grad.clone())
+    loss_a, fig_a, q_a, head_a = results["padded"]
     assert q_a.abs().sum() > 0
+    for name in ("packed", "shared prompt"):
+        loss_b, fig_b, q_b, head_b = results[name]
+        assert loss_a == pytest.approx(loss_b, rel=1e-7), name
+        assert fig_a == pytest.approx(fig_b, rel=1e-7), name
+        # fp64 throughout, but eager attention takes its softmax in fp32 and sdpa's masked backward
+        # sums in another order: agreement to ~1e-8 of the gradient's scale (a wrong mask is off by percents)
+        for a, b in ((q_a, q_b), (head_a, head_b)):
+            assert float((a - b).abs().max()) <= 1e-7 * float(a.abs().max()), name
 
 
 def test_only_the_answer_turns_are_scored(bpe_model_dir):
@@ -273,14 +291,18 @@ def test_reference_log_probs_are_reused_and_recomputed_when_stale(bpe_model_dir,
     assert calls == [16, 0]  # train pairs, no eval pairs
     run_dpo(config(bpe_model_dir, data, out, max_steps=3, save_every=1, resume="auto"))
     assert calls == [16, 0]  # reused on resume
-    # another reference model: computed again, then stored for it
+    # another reference model on resume: the stored file no longer fits, computed again and replaced
     other = tmp_path / "other"
     model, tokenizer = causal(bpe_model_dir, seed=11)
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
-    run_dpo(config(bpe_model_dir, data, out, max_steps=3, ref_model=str(other), overwrite=True))
+    run_dpo(config(bpe_model_dir, data, out, max_steps=4, save_every=1, resume="auto", ref_model=str(other)))
     assert calls == [16, 0, 16, 0]
     assert (out / "dpo_reference" / "logps.safetensors").read_bytes() != stored
+    # the data file edited in place (one pair fewer), resumed: computed for the new data
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
+    run_dpo(config(bpe_model_dir, data, out, max_steps=5, save_every=1, resume="auto", ref_model=str(other)))
+    assert calls == [16, 0, 16, 0, 15, 0]
 
 
 def test_bad_input_is_refused_or_counted(bpe_model_dir, tmp_path):

@@ -118,6 +118,12 @@ def _rm_signature() -> inspect.Signature:
     params["eval_data"] = params["eval_data"].replace(default=typer.Option(None, "--eval-data", help="Eval pair file(s) instead of --eval-split."))
     params["shp_min_ratio"] = inspect.Parameter("shp_min_ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float],
                                                 default=typer.Option(None, "--shp-min-ratio", help="SHP inputs: least score ratio of a pair (default 2)."))
+    # Pair methods have their own defaults (in the command's docstring): not SFT's in these helps.
+    for name, flags, text in (("epochs", ("--epochs",), "Passes over the data."),
+                              ("learning_rate", ("--learning-rate", "--lr"), "Peak learning rate."),
+                              ("warmup_ratio", ("--warmup-ratio",), "Warmup share of the steps."),
+                              ("global_batch_size", ("--global-batch-size",), "Pairs per optimizer step over all processes.")):
+        params[name] = params[name].replace(default=typer.Option(None, *flags, help=text))
     return inspect.Signature(list(params.values()))
 
 
@@ -162,7 +168,7 @@ def dpo(ctx: typer.Context, **options: Any) -> None:
     Log-probs are summed over the answer tokens only, chosen and rejected packed without padding.
     The reference's log-probs are computed once and stored in the run dir (reused by --resume).
     Same loop, run dir, checkpoints, --resume, kernels, LoRA (--merge) and accelerate launch as
-    `train sft` (defaults here: 1 epoch, lr 5e-7, 64 pairs per step); metrics.jsonl holds
+    `train sft` (defaults here: 1 epoch, lr 5e-7, warmup 10 %, 64 pairs per step); metrics.jsonl holds
     rewards/chosen, rewards/rejected, rewards/accuracies and rewards/margins. The run dir is the
     policy's model dir: `vicuna chat -m RUN_DIR`."""
     from ..train.dpo import DpoConfig, run_dpo

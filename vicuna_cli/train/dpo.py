@@ -6,7 +6,8 @@ and kernels of `train sft` (sft.run_training).
 A sequence's log-probability is the sum over its answer tokens only: the assistant turns after
 the prompt plus their end-of-turn marker, masked by labels.py from one rendered string tokenized
 once (../shared/specs/masking.md). Chosen and rejected of a pair are one sample, packed into one
-row without padding (positions restart per sequence) and summed per sequence by segment ids.
+row without padding (positions restart per sequence) and summed per sequence by segment ids; with
+an attention that takes a 4D mask the row holds their common prefix once (`collate_shared`).
 
 Losses and metrics follow TRL's DPOTrainer: with h = β·[(log π(c) − log π_ref(c)) − (log π(r) −
 log π_ref(r))], sigmoid is −log σ(h), hinge max(0, 1 − h), IPO ((Δ_c/|c| − Δ_r/|r|) − 1/(2β))²
@@ -114,11 +115,12 @@ def build(config: DpoConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
     return build_pairs(config, tokenizer, build_dpo_samples, need_rejected=True)
 
 
-def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int) -> dict[str, Any]:
+def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int, shared: bool = False) -> dict[str, Any]:
     """Chosen then rejected of each pair: one packed row (positions restart per sequence), or rows
     padded on the right. `targets` are the shifted labels of each sequence, `segments` the number
     of the sequence each position belongs to, `answer_tokens` each sequence's targets, and `ref`
-    the reference log-probs [pairs, 2] when every sample has them."""
+    the reference log-probs [pairs, 2] when every sample has them. `shared` (packed only): see
+    `collate_shared`."""
     from .packing import shifted
 
     if not samples:  # an empty micro-batch keeps the ranks in step with a zero loss
@@ -131,6 +133,8 @@ def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int) -> dict[st
                                                            dtype=torch.float32)}
     if all(s.ref is not None for s in samples):
         batch["ref"] = torch.tensor([s.ref for s in samples], dtype=torch.float64)
+    if packing and shared:
+        return {**batch, **collate_shared(samples)}
     if packing:
         batch.update({"input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]]),
                       "position_ids": torch.tensor([[p for ids, _ in sequences for p in range(len(ids))]]),
@@ -144,6 +148,45 @@ def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int) -> dict[st
                   "targets": torch.tensor([row + [IGNORE] * (width - len(row)) for row in targets]),
                   "segments": torch.arange(len(sequences)).unsqueeze(1).expand(-1, width).clone()})
     return batch
+
+
+def collate_shared(samples: Sequence[DpoSample]) -> dict[str, Any]:
+    """One packed row where each pair's common prefix (the prompt) appears ONCE: [prefix, chosen
+    tail, rejected tail], the rejected tail placed at the positions it has in its own sequence and
+    masked from the chosen tail (a 4D boolean mask, block-diagonal across pairs). Identical prefix
+    tokens have identical hidden states, so every log-prob equals the separate sequences' one
+    while the prompt is computed once instead of twice. A target is read as (`gather`: the row
+    position whose hidden state predicts it, `gather_targets`: the token, `segments`: its sequence)."""
+    ids, positions, gather, gather_targets, segments = [], [], [], [], []
+    blocks = []  # (start, prefix length, chosen tail length, rejected tail length)
+    for k, sample in enumerate(samples):
+        (chosen, chosen_labels), (rejected, rejected_labels) = sample.sides()
+        common = 0
+        while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+            common += 1
+        start = len(ids)
+        ids += chosen + rejected[common:]
+        positions += list(range(len(chosen))) + list(range(common, len(rejected)))
+        blocks.append((start, common, len(chosen) - common, len(rejected) - common))
+        for side, (side_ids, labels) in enumerate(((chosen, chosen_labels), (rejected, rejected_labels))):
+            for t in range(1, len(side_ids)):
+                if labels[t] == IGNORE:
+                    continue
+                source = t - 1 if side == 0 or t - 1 < common else len(chosen) + t - 1 - common
+                gather.append(start + source)
+                gather_targets.append(side_ids[t])
+                segments.append(2 * k + side)
+    length = len(ids)
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for start, common, n_chosen, n_rejected in blocks:
+        end = start + common + n_chosen + n_rejected
+        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
+        tail = start + common + n_chosen  # the rejected tail does not see the chosen tail
+        mask[tail:end, start + common:tail] = False
+    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+            "attention_mask": mask[None, None], "gather": torch.tensor(gather, dtype=torch.long),
+            "gather_targets": torch.tensor(gather_targets, dtype=torch.long),
+            "segments": torch.tensor(segments, dtype=torch.long)}
 
 
 def pairs_in(samples: Sequence[DpoSample]) -> int:
@@ -161,20 +204,32 @@ def sequence_logps(model: Any, batch: dict, chunked: bool = False) -> torch.Tens
 
     lm = causal_lm(model)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    keep = batch["targets"] != IGNORE
-    targets, segments = batch["targets"][keep], batch["segments"][keep]
+    if "gather" in batch:  # collate_shared: rows are positions of the one packed row
+        mask = inputs["attention_mask"]
+        if lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
+            inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(dtype).min)
+        rows, targets, segments = batch["gather"], batch["gather_targets"], batch["segments"]
+    else:
+        keep = batch["targets"] != IGNORE
+        rows, targets, segments = keep, batch["targets"][keep], batch["segments"][keep]
+
+    def pick(states: torch.Tensor) -> torch.Tensor:
+        return states.flatten(0, 1)[rows] if "gather" in batch else states[rows]
+
     head = lm.get_output_embeddings()
     if _has_custom_head(lm, head):  # softcapped / scaled logits: let the model compute them
-        token = _token_logps(model(**inputs, use_cache=False).logits[keep], targets)
+        token = _token_logps(pick(model(**inputs, use_cache=False).logits), targets)
     else:
         # No attention mask on packed rows: transformers reads sample boundaries from position_ids.
-        hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state[keep]
+        hidden = pick(lm.get_decoder()(**inputs, use_cache=False).last_hidden_state)
         if chunked and hidden.shape[0] > _CHUNK and torch.is_grad_enabled():
             token = torch.cat([checkpoint(_head_logps, head, hidden[i:i + _CHUNK], targets[i:i + _CHUNK],
                                           use_reentrant=False) for i in range(0, hidden.shape[0], _CHUNK)])
         else:
             token = _head_logps(head, hidden, targets)
-    n_sequences = int(batch["input_ids"].shape[0] if "attention_mask" in batch else batch["answer_tokens"].numel())
+    n_sequences = batch["answer_tokens"].numel()
     return torch.zeros(n_sequences, dtype=token.dtype, device=token.device).index_add(0, segments, token)
 
 

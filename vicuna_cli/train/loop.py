@@ -16,7 +16,9 @@ rewards per pair, say), reduced like the loss and logged per step as means (eval
 A step whose loss is NaN or infinite (on any rank) changes no weight: its gradients are dropped,
 the data position and schedule move on, and it is counted (`nonfinite_steps` in the trainer
 state, `skipped` in metrics.jsonl). Three such steps in a row save a checkpoint and stop with an
-error naming the steps: the weights are still those of the last good step.
+error naming the steps: the weights are still those of the last good step. (Under DeepSpeed the
+engine steps inside `backward`, before the loss is known everywhere: such a step is counted and
+stops the run the same way, but its update is not held back.)
 
 A method that makes its own batches each step (PPO generates rollouts) sets `LoopSpec.session`:
 `session.batches(step, state)` turns the step's samples (prompts) into `StepBatches`, one or more
