@@ -181,7 +181,7 @@ def bench_dtype(args, dtype: str) -> dict:
         print(f"note: vicuna's {lm.implementation} tokenizer renders the prompt differently ({len(own_ids)} ids)")
 
     def engine_for(loaded, ignore_eos: bool):
-        e = Engine(loaded.model, loaded.tokenizer, loaded.context_length)
+        e = Engine(loaded.model, loaded.tokenizer, loaded.context_length, threads=args.threads or None)
         if ignore_eos:
             e.stop_token_ids = set()  # generate exactly --tokens tokens
         return e
@@ -302,7 +302,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per run (forced: EOS ignored)")
     parser.add_argument("--prompt", default=PROMPT, help="user message; ask for a long answer")
     parser.add_argument("--warmup", type=int, default=1, help="untimed short runs of each contender first")
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for every contender (0: the engine adapts to the free CPUs, core/threads.py)")
     parser.add_argument("--order", choices=["alternate", "fixed"], default="alternate",
                         help="alternate: A B C, C B A, ... (none always runs first); fixed: A B C, A B C, ...")
     parser.add_argument("--max-foreign", type=float, default=0.05,

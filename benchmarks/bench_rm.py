@@ -14,8 +14,9 @@ same constant learning rate without warmup, fp32, no gradient checkpointing, see
 - TRL: `RewardTrainer` (one padded micro-batch of 2 x --batch sequences per step), in a child
   process of this script with a callback that times each optimizer step.
 
-Each arm runs in a fresh process (vicuna first, then TRL); time per step is the median over the
-steps after the first; peak RSS is the child's high-water mark (bench_train.measured). Both
+Each arm runs in a fresh process, A B B A ... for --rounds rounds (the order flips each round, so
+a neighbour's load falls on both); time per step is the median over every round's steps after
+the first; peak RSS is the largest of the rounds' high-water marks (bench_train.measured). Both
 trained models are then scored on the held-out pairs by the same code (vicuna's packed scorer,
 `vicuna_cli.train.score.RewardModel`), with 95 % bootstrap intervals (2000 resamples), next to two
 baselines: a coin (50 %) and "the longer answer wins" (ties count one half).
@@ -116,13 +117,13 @@ def prepare(args: argparse.Namespace, env: dict) -> dict:
             "held": held, "train_ids": [{"chosen": by_id[p["id"]].chosen, "rejected": by_id[p["id"]].rejected} for p in train]}
 
 
-def vicuna_arm(args: argparse.Namespace, prep: dict, env: dict) -> dict:
-    out = args.work_dir / "vicuna-run"
+def vicuna_arm(args: argparse.Namespace, prep: dict, env: dict, tag: str = "") -> dict:
+    out = args.work_dir / f"vicuna-run{tag}"
     cmd = [VICUNA, "train", "rm", "-m", prep["model"], "--data", args.work_dir / "train.jsonl", "-o", out, "--overwrite",
            "--max-steps", args.steps, "--global-batch-size", args.batch, "--max-length", args.max_length,
            "--learning-rate", args.lr, "--lr-schedule", "constant", "--warmup-steps", 0, "--seed", args.seed,
            "--log-every", 1, "--device", "cpu", "--precision", "fp32"]
-    run = measured(cmd, args.work_dir / "vicuna.log", env)
+    run = measured(cmd, args.work_dir / f"vicuna{tag}.log", env)
     if run["returncode"]:
         sys.exit(f"vicuna arm failed; see {run['log']}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -130,12 +131,13 @@ def vicuna_arm(args: argparse.Namespace, prep: dict, env: dict) -> dict:
     return {**run, "step_s": steps, "losses": [m["loss"] for m in metrics if "loss" in m], "model_dir": str(out)}
 
 
-def trl_arm(args: argparse.Namespace, prep: dict, env: dict) -> dict:
-    out = args.work_dir / "trl-run"
+def trl_arm(args: argparse.Namespace, prep: dict, env: dict, tag: str = "") -> dict:
+    out = args.work_dir / f"trl-run{tag}"
     spec = {"model": str(prep["model"]), "out": str(out), "batch": args.batch, "steps": args.steps, "lr": args.lr,
-            "seed": args.seed, "pairs": prep["train_ids"], "result": str(args.work_dir / "trl-result.json")}
-    (args.work_dir / "trl-spec.json").write_text(json.dumps(spec))
-    run = measured([sys.executable, __file__, "--trl-child", args.work_dir / "trl-spec.json"], args.work_dir / "trl.log", env)
+            "seed": args.seed, "pairs": prep["train_ids"], "result": str(args.work_dir / f"trl-result{tag}.json")}
+    (args.work_dir / f"trl-spec{tag}.json").write_text(json.dumps(spec))
+    run = measured([sys.executable, __file__, "--trl-child", args.work_dir / f"trl-spec{tag}.json"],
+                   args.work_dir / f"trl{tag}.log", env)
     if run["returncode"]:
         sys.exit(f"TRL arm failed; see {run['log']}")
     return {**run, **json.loads(Path(spec["result"]).read_text()), "model_dir": str(out)}
@@ -167,6 +169,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each arm, interleaved (A B B A ...)")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_rm"))
     parser.add_argument("--vicuna-home", type=Path, default=Path(os.environ.get("VICUNA_HOME", "/tmp/vh")))
@@ -179,7 +182,17 @@ def main() -> None:
     prep = prepare(args, env)
     print(f"pairs {prep['pairs']}, fitting {args.max_length} tokens: {prep['fitting']} "
           f"(train {len(prep['train'])}, held out {len(prep['held'])}); dropped {prep['dropped']}", flush=True)
-    arms = {"vicuna": vicuna_arm(args, prep, env), "trl": trl_arm(args, prep, env)}
+    runs: dict[str, list[dict]] = {"vicuna": [], "trl": []}
+    for r in range(args.rounds):
+        order = ("vicuna", "trl") if r % 2 == 0 else ("trl", "vicuna")
+        for name in order:
+            runs[name].append((vicuna_arm if name == "vicuna" else trl_arm)(args, prep, env, f"-{r}"))
+    # Same seed, data and steps: every round trains the same model; the first one is scored.
+    arms = {name: {**done[0], "step_s": [s for run in done for s in run["step_s"][1:]] or done[0]["step_s"],
+                   "peak_rss_mb": max(run["peak_rss_mb"] for run in done),
+                   "foreign_cpu": max(run["foreign_cpu"] for run in done),
+                   "rounds": [{k: run[k] for k in ("step_s", "peak_rss_mb", "wall_s", "foreign_cpu")} for run in done]}
+            for name, done in runs.items()}
     held = prep["held"]
     for name, arm in arms.items():
         arm["correct"] = held_out(arm["model_dir"], held, str(args.vicuna_home))
@@ -194,9 +207,9 @@ def main() -> None:
     rows.append(("coin (baseline)", "50.0%", ""))
     timing = {}
     for name, arm in arms.items():
-        timed = arm["step_s"][1:] or arm["step_s"]
-        timing[name] = {"step_s_median": statistics.median(timed), "peak_rss_mb": arm["peak_rss_mb"],
-                        "wall_s": arm["wall_s"], "foreign_cpu": arm["foreign_cpu"], "losses": arm["losses"]}
+        timing[name] = {"step_s_median": statistics.median(arm["step_s"]), "peak_rss_mb": arm["peak_rss_mb"],
+                        "wall_s": arm["wall_s"], "foreign_cpu": arm["foreign_cpu"], "losses": arm["losses"],
+                        "rounds": arm["rounds"]}
     step_ratio = timing["vicuna"]["step_s_median"] / timing["trl"]["step_s_median"]
     rss_ratio = timing["vicuna"]["peak_rss_mb"] / timing["trl"]["peak_rss_mb"]
     trl_low, trl_high = figures["TRL RewardTrainer"]["ci95"]

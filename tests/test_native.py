@@ -170,10 +170,15 @@ def test_fp32_cpu_decoder_weights_are_column_major_and_the_rest_row_major(sp_nat
     """The layout load_native picks (see native_llama._weight); the values are the checkpoint's."""
     from safetensors.torch import load_file
 
-    from vicuna_cli.core.native_llama import Linear, load_native
+    from vicuna_cli.core.native_llama import Linear, fuse_projections, load_native
 
     saved = {k: v for shard in sp_model_dir.glob("*.safetensors") for k, v in load_file(shard).items()}
     model = sp_native.model
+    assert "model.layers.0.self_attn.q_proj.weight" in saved and "model.layers.0.mlp.up_proj.weight" in saved
+    # q/k/v and gate/up are stacked into one projection each; every other tensor is the checkpoint's.
+    saved = fuse_projections(saved, model.shape.num_layers)
+    assert not any(k.endswith((".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight"))
+                   for k in saved)
     for name, param in model.named_parameters():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         column_major = name.startswith("model.layers.") and isinstance(module, Linear)
@@ -182,3 +187,27 @@ def test_fp32_cpu_decoder_weights_are_column_major_and_the_rest_row_major(sp_nat
         assert torch.equal(param, saved[name].float()), name
     bf16 = load_native(sp_model_dir, torch.bfloat16, "cpu")
     assert all(p.is_contiguous() for p in bf16.parameters())
+
+
+def test_bf16_prepacked_weights_compute_exactly_what_plain_weights_do(sp_model_dir, monkeypatch):
+    """bf16 on CPU runs oneDNN-prepacked weights (native_llama.pack_weights, for speed): the logits
+    of a prefill, a cached decode step and a batched decode are bitwise those of F.linear."""
+    from vicuna_cli.core import native_llama
+
+    packed = native_llama.load_native(sp_model_dir, torch.bfloat16, "cpu")
+    if not torch.backends.mkldnn.is_available():
+        pytest.fail("this torch has no oneDNN: the packed path is not exercised")
+    assert packed.lm_head.packed is not None and packed.model.layers[0].self_attn.qkv_proj.weight.numel() == 0
+    monkeypatch.setattr(native_llama, "pack_weights", lambda model: False)
+    plain = native_llama.load_native(sp_model_dir, torch.bfloat16, "cpu")
+    assert plain.lm_head.packed is None
+    ids = torch.tensor([[1, 17, 23, 5, 9, 31, 2, 44]])
+    with torch.inference_mode():
+        outputs = []
+        for model in (packed, plain):
+            cache = model.new_cache(32, num_slots=2)
+            prefill = model(input_ids=ids, past_key_values=cache, slot=0).logits
+            model(input_ids=ids[:, :5], past_key_values=cache, slot=1)
+            step = model.decode_rows([7, 8], cache, [0, 1])
+            outputs.append((prefill, step))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])

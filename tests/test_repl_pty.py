@@ -38,7 +38,7 @@ def plain(screen: str) -> str:
 class Repl:
     """A `vicuna chat` child on a pty, with a transcript kept for failure messages."""
 
-    def __init__(self, home: Path, *args: str):
+    def __init__(self, home: Path, *args: str, stderr: Path | None = None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("OPENAI_")}
         env.update(
             VICUNA_HOME=str(home),
@@ -49,9 +49,12 @@ class Repl:
         )
         env.pop("VICUNA_DEBUG", None)
         self.transcript = io.StringIO()
+        argv = [sys.executable, "-m", "vicuna_cli", "chat", *args]
+        if stderr is not None:  # stdout stays on the terminal, stderr goes to a file
+            argv = ["/bin/sh", "-c", 'exec "$@" 2>"$0"', str(stderr), *argv]
         self.child = pexpect.spawn(
-            sys.executable,
-            ["-m", "vicuna_cli", "chat", *args],
+            argv[0],
+            argv[1:],
             env=env,
             dimensions=(40, 120),
             encoding="utf-8",
@@ -124,8 +127,8 @@ def repl_home(embedded_model_home, tmp_path) -> Path:
 def repl_factory(repl_home):
     started: list[Repl] = []
 
-    def start(*args: str) -> Repl:
-        started.append(Repl(repl_home, *args))
+    def start(*args: str, stderr: Path | None = None) -> Repl:
+        started.append(Repl(repl_home, *args, stderr=stderr))
         return started[-1]
 
     try:
@@ -179,8 +182,11 @@ def test_ctrl_c_stops_an_answer_and_ctrl_d_exits(repl_factory, tmp_path):
     assert stats and stats.group(3) == "cancelled", repl.child.before
     assert 0 < int(stats.group(2)) < 400
 
-    shown = repl.command("/stats", '"finish_reason": "cancelled"')
-    assert "}" in shown
+    # /stats: a small table (name, value per row), not JSON.
+    repl.command("/stats", "finish reason", "cancelled")
+    table = plain(repl.transcript.getvalue()).rsplit("/stats", 1)[-1]
+    assert re.search(r"decode speed +[\d.]+ tok/s", table) and re.search(r"output tokens +\d+", table), table
+    assert "{" not in table
 
     # The partial answer is kept as the turn's answer.
     saved = tmp_path / "partial.json"
@@ -268,5 +274,40 @@ def test_too_long_message_keeps_the_history(repl_factory, tmp_path):
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "The capital of France is Paris."},
     ], "the refused message wiped the conversation"
+    repl.line("/exit")
+    assert repl.wait_exit() == 0
+
+
+def test_an_answer_keeps_its_line_breaks_and_the_speed_line_stays_on_stderr(repl_factory, tmp_path):
+    """A poem comes back one line per line (Markdown would join single newlines into one
+    paragraph), and the per-turn speed line goes to stderr, never into the answer on stdout."""
+    errors = tmp_path / "stderr.txt"
+    repl = repl_factory("--temperature", "0", "--max-new-tokens", "60", stderr=errors)
+    question = "Write a short poem about the sea."
+    def wait_on_stderr(text: str) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while text not in errors.read_text(encoding="utf-8", errors="replace"):
+            assert time.monotonic() < deadline, f"{text!r} not on stderr; screen: {repl.transcript.getvalue()[-2000:]!r}"
+            time.sleep(0.1)
+
+    repl.line(question)
+    wait_on_stderr("tok/s")
+    saved = tmp_path / "poem.json"
+    repl.line(f"/save {saved}")
+    wait_on_stderr("saved 2 messages")
+    # The REPL echoes what is typed only once the answer is out: everything before the echo of
+    # /save is the answer's rendering.
+    repl.expect_exact(str(saved))
+    screen = plain(repl.transcript.getvalue()).split(question, 1)[-1].split("/save", 1)[0]
+    assert STATS.search(errors.read_text(encoding="utf-8")), "the speed line is not on stderr"
+    assert "tok/s" not in screen, "the speed line reached stdout"
+
+    answer = json.loads(saved.read_text(encoding="utf-8"))["messages"][1]["content"]
+    lines = [line.strip() for line in answer.split("\n") if line.strip()]
+    assert len(lines) >= 3 and "\n\n" not in answer.strip(), f"not a poem of single-newline lines: {answer!r}"
+    for line, following in zip(lines, lines[1:]):
+        assert f"{line} {following}" not in screen, f"two lines of the answer were joined: {line!r} {following!r}"
+        assert re.search(re.escape(line) + r" *\r?\n", screen), f"{line!r} does not end a screen line: {screen[-1500:]!r}"
+    repl.expect(PROMPT)
     repl.line("/exit")
     assert repl.wait_exit() == 0

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from vicuna_cli.cli import app
 from vicuna_cli.core.errors import VicunaError
-from vicuna_cli.train.dpo import DpoConfig, FIGURES, build_dpo_samples, collate, dpo_loss, dpo_terms, run_dpo, sequence_logps
+from vicuna_cli.train.dpo import DpoConfig, FIGURES, build_dpo_samples, collate as dpo_collate, dpo_loss, dpo_terms, run_dpo, sequence_logps
 from vicuna_cli.train.labels import IGNORE
 from vicuna_cli.train.rundir import read_metrics
 
@@ -24,6 +24,17 @@ from test_train_rm import write_pairs
 
 
 LAYOUTS = {"packed": dict(packing=True), "shared prompt": dict(packing=True, shared=True), "padded": dict(packing=False)}
+
+
+def collate(samples, packing, pad_id, shared=False):
+    """dpo.collate with the layout's samples: "shared prompt" records each pair's common prefix
+    (as build_dpo_samples does under --share-prompt) so the packed row holds it once."""
+    from dataclasses import replace
+
+    from vicuna_cli.train.packing import common_prefix
+
+    samples = [replace(s, shared=common_prefix(s.chosen, s.rejected) if shared else 0) for s in samples]
+    return dpo_collate(samples, packing, pad_id)
 
 
 def causal(model_dir: Path, seed: int | None = None):

@@ -52,13 +52,13 @@ def reward_model(model_dir: Path):
     return model.eval(), tokenizer
 
 
-def samples_for(model_dir: Path, path: Path, n: int | None = None):
+def samples_for(model_dir: Path, path: Path, n: int | None = None, share_prompt: bool = False):
     from vicuna_cli.core.templates import template_for_model
     from vicuna_cli.data.preferences import read_pairs
 
     _, tokenizer = reward_model(model_dir)
     pairs = read_pairs([str(path)], Counter())[:n]
-    return build_pair_samples(pairs, tokenizer, template_for_model(tokenizer), 256, Counter())
+    return build_pair_samples(pairs, tokenizer, template_for_model(tokenizer), 256, Counter(), share_prompt)
 
 
 def test_loss_and_accuracy_equal_trl_reward_trainer(bpe_model_dir, tmp_path):
@@ -103,6 +103,53 @@ def test_packed_equals_padded_in_gradients_too(bpe_model_dir, tmp_path):
         grads.append((float(loss), model.score.weight.grad.clone()))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("model_fixture,attention", [("bpe_model_dir", "sdpa"), ("sp_model_dir", "sdpa"), ("bpe_model_dir", "eager")])
+def test_a_shared_prompt_row_gives_the_rewards_and_gradients_of_whole_sides(model_fixture, attention, request, tmp_path):
+    """--share-prompt holds a pair's common prompt once; causal attention makes it exact."""
+    model_dir = request.getfixturevalue(model_fixture)
+    model, tokenizer = reward_model(model_dir)
+    model.set_attn_implementation(attention)
+    path = write_pairs(tmp_path / "pairs.jsonl", 6, seed=5)
+    whole, shared = samples_for(model_dir, path), samples_for(model_dir, path, share_prompt=True)
+    assert all(s.shared > 0 for s in shared) and sum(map(len, shared)) < sum(map(len, whole))
+    results = []
+    for samples in (whole, shared):
+        model.zero_grad()
+        batch = collate(samples, True, tokenizer.pad_token_id)
+        assert ("attention_mask" in batch) == (samples is shared)
+        with torch.no_grad():
+            rewards = rm_loss(model, {**batch, "want_rewards": torch.tensor(1)})
+        loss = rm_loss(model, batch)
+        loss.backward()
+        layer = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+        results.append((rewards, float(loss), model.score.weight.grad.clone(), layer))
+    (r0, l0, s0, q0), (r1, l1, s1, q1) = results
+    assert torch.allclose(r0, r1, atol=1e-5) and l0 == pytest.approx(l1, abs=1e-5)
+    assert torch.allclose(s0, s1, atol=1e-5) and torch.allclose(q0, q1, atol=1e-5)
+
+
+def test_the_shared_prefix_leaves_each_side_its_last_token():
+    from vicuna_cli.train.packing import common_prefix
+
+    assert common_prefix([1, 2, 3, 4], [1, 2, 5]) == 2
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 2  # a side that is the other's prefix keeps its last token
+    assert common_prefix([7], [7]) == 0
+
+
+def test_share_prompt_only_where_the_attention_takes_the_mask(tmp_path, monkeypatch):
+    from vicuna_cli.train import modeling
+    from vicuna_cli.train.config import TrainConfig
+    from vicuna_cli.train.modeling import shares_prompt
+
+    base = dict(model="m", output=tmp_path, device="cpu")
+    assert shares_prompt(RewardConfig(**base)) and shares_prompt(RewardConfig(**base, attention="eager"))
+    assert not shares_prompt(RewardConfig(**base, share_prompt=False))
+    assert not shares_prompt(RewardConfig(**base, packing=False))
+    assert not shares_prompt(TrainConfig(**base))  # sft has no pairs
+    monkeypatch.setattr(modeling, "pick_training_attention", lambda *a: ("flash_attention_2", "varlen"))
+    assert not shares_prompt(RewardConfig(**base))
 
 
 def config(model_dir, data, out, **overrides) -> RewardConfig:

@@ -45,6 +45,7 @@ class LocalBackend:
         implementation: str = "auto",
         *,
         trust_remote_code: bool = False,
+        threads: int | None = None,
     ):
         from ..core import models
 
@@ -52,7 +53,7 @@ class LocalBackend:
                                   trust_remote_code=trust_remote_code)
         self.name = self.loaded.name
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
-        self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length)
+        self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length, threads=threads)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
         text = self.template.prompt_text(messages, add_generation_prompt=True)
@@ -76,6 +77,7 @@ class LocalBackend:
             "implementation": lm.implementation,
             "attention": lm.attention,
             "context_length": lm.context_length,
+            "threads": self.engine.batch.threads.describe(),
         }
 
 

@@ -14,10 +14,12 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.table import Table
 from rich.text import Text
 
 from ..core import console
 from ..core.errors import VicunaError
+from ..core.generate import GenerationStats
 from ..core.store import vicuna_home
 from .runner import ChatConfig, make_backend, print_stats
 from .session import ChatSession
@@ -34,6 +36,44 @@ HELP = {
     "/stats": "speed and token counts of the last answer",
     "/exit": "leave (Ctrl-D works too)",
 }
+
+
+class AnswerMarkdown(Markdown):
+    """An answer rendered as Markdown, except that a single newline is a line break: models write
+    poems, addresses and lists without bullets one line each, and CommonMark's soft break would
+    join those lines into one paragraph. Code blocks, lists and tables render as usual."""
+
+    def __init__(self, markup: str, **kwargs) -> None:
+        super().__init__(markup, **kwargs)
+        _hard_breaks(self.parsed)
+
+
+def _hard_breaks(tokens) -> None:
+    for token in tokens:
+        if token.type == "softbreak":
+            token.type = "hardbreak"
+        if token.children:
+            _hard_breaks(token.children)
+
+
+def stats_table(stats: GenerationStats) -> Table:
+    """The last answer's figures as a small two-column table (for /stats, on stderr)."""
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="dim")
+    table.add_column(justify="right")
+    ttft = f"{stats.time_to_first_token:.2f} s" if stats.time_to_first_token is not None else "-"
+    rows = [
+        ("first token", ttft),
+        ("decode speed", f"{stats.tokens_per_second:.1f} tok/s"),
+        ("prompt tokens", str(stats.prompt_tokens)),
+        ("  from the prefix cache", str(stats.cached_tokens)),
+        ("output tokens", str(stats.output_tokens)),
+        ("total time", f"{stats.total_time:.2f} s"),
+        ("finish reason", stats.finish_reason or "-"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
 
 
 class SlashCompleter(Completer):
@@ -134,10 +174,10 @@ class Repl:
     def stream(self, deltas: Iterator[str]) -> None:
         text = ""
         try:
-            with Live(Markdown(""), console=console.out, refresh_per_second=12, vertical_overflow="visible") as live:
+            with Live(AnswerMarkdown(""), console=console.out, refresh_per_second=12, vertical_overflow="visible") as live:
                 for delta in deltas:
                     text += delta
-                    live.update(Markdown(text))
+                    live.update(AnswerMarkdown(text))
         except KeyboardInterrupt:
             deltas.close()  # type: ignore[attr-defined]  # stops generation; the partial turn is kept
             console.err.print("[yellow](stopped)[/yellow]")
@@ -195,7 +235,7 @@ class Repl:
         if stats is None:
             console.info("no answer yet")
         else:
-            console.err.print(json.dumps(stats.as_dict(), indent=2), markup=False)
+            console.err.print(stats_table(stats))
 
     def cmd_exit(self, _: str) -> None:
         self.running = False

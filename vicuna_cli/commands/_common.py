@@ -7,9 +7,12 @@ from typing import Any
 import typer
 
 from ..core.hf import TRUST_REMOTE_CODE_HELP
+from ..core.threads import THREADS_HELP
 
 # Every command that loads a model takes this flag, with the same meaning (core/hf.py).
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
+# ... and this one: torch threads (the default, None, is the config's: adapt to the free CPUs).
+THREADS = typer.Option(None, "--threads", help=THREADS_HELP, show_default=False)
 
 
 def given_flags(ctx: typer.Context, exclude: tuple[str, ...] = ("config",)) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import TRUST_REMOTE_CODE
+from ._common import THREADS, TRUST_REMOTE_CODE
 
 
 def chat(
@@ -27,6 +27,7 @@ def chat(
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32)."),
     implementation: str = typer.Option("auto", "--implementation", help="auto (native Llama on CPU when it fits, else transformers), native, or transformers."),
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    threads: Optional[int] = THREADS,
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Ask this and exit (repeat for several turns)."),
     json_output: bool = typer.Option(False, "--json", help="Non-interactive: one JSON object per turn on stdout."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of options; flags override it."),

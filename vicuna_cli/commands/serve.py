@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import TRUST_REMOTE_CODE
+from ._common import THREADS, TRUST_REMOTE_CODE
 
 app = typer.Typer(
     help="Serve models over an OpenAI-compatible API: `vicuna serve -m MODEL` runs everything here; "
@@ -83,6 +83,7 @@ def serve(
     dtype: str = DTYPE,
     implementation: str = IMPL,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    threads: Optional[int] = THREADS,
     api_key: Optional[List[str]] = API_KEY,
     api_keys_file: Optional[Path] = KEYS_FILE,
     cors_origin: Optional[List[str]] = CORS,
@@ -143,6 +144,7 @@ def worker(
     dtype: str = DTYPE,
     implementation: str = IMPL,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
+    threads: Optional[int] = THREADS,
     max_batch_size: int = BATCH,
     max_queue: int = QUEUE,
     prefix_cache_mb: int = PREFIX_CACHE,

@@ -8,7 +8,7 @@ from typing import Any, List, Optional, get_type_hints
 
 import typer
 
-from ._common import TRUST_REMOTE_CODE
+from ._common import THREADS, TRUST_REMOTE_CODE
 
 app = typer.Typer(help="Fine-tune chat models the Vicuna way (loss on the assistant's turns only).",
                   no_args_is_help=True)
@@ -51,6 +51,7 @@ def sft(
     attention: Optional[str] = typer.Option(None, "--attention", help="auto (flash-attn 2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2."),
     kernels: Optional[str] = typer.Option(None, "--kernels", help="auto: fused chunked loss and kernels/ patches; off: plain PyTorch."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    threads: Optional[int] = THREADS,
     lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train a LoRA adapter (peft) instead of all weights."),
     lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (default 16)."),
     lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 32)."),
@@ -118,6 +119,9 @@ def _rm_signature() -> inspect.Signature:
     params["eval_data"] = params["eval_data"].replace(default=typer.Option(None, "--eval-data", help="Eval pair file(s) instead of --eval-split."))
     params["shp_min_ratio"] = inspect.Parameter("shp_min_ratio", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float],
                                                 default=typer.Option(None, "--shp-min-ratio", help="SHP inputs: least score ratio of a pair (default 2)."))
+    params["share_prompt"] = inspect.Parameter("share_prompt", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                                               default=typer.Option(None, "--share-prompt/--no-share-prompt",
+                                                                    help="Hold a pair's common prompt once in a packed row (SDPA; default on)."))
     # Pair methods have their own defaults (in the command's docstring): not SFT's in these helps.
     for name, flags, text in (("epochs", ("--epochs",), "Passes over the data."),
                               ("learning_rate", ("--learning-rate", "--lr"), "Peak learning rate."),

@@ -338,7 +338,12 @@ class BatchEngine:
         max_queue: int = 256,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        threads: int | None = None,
     ):
+        """`threads`: a fixed torch thread count (--threads); None follows the free CPUs while
+        running (core/threads.py, also $VICUNA_THREADS)."""
+        from .threads import ThreadPolicy
+
         if max_batch_size < 1:
             raise VicunaError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queue < 0:
@@ -349,6 +354,7 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.prefill_chunk = max(1, prefill_chunk)
+        self.threads = ThreadPolicy(threads)
         self.stop_token_ids = eos_token_ids(model, tokenizer)
         self.runner = make_runner(model, max_batch_size, self.context_length, prefix_cache_bytes)
         self.batched = isinstance(self.runner, NativeRunner)
@@ -428,6 +434,7 @@ class BatchEngine:
         # chains every step's activations to the KV cache through its in-place writes, and
         # the process grew by ~20 MB per decode step (batch 16) until the machine swapped.
         with self._step_lock, torch.inference_mode():
+            self.threads.tick()  # in the computing thread: OpenMP's count is per OS thread
             try:
                 busy = self._reap()
                 self._admit()

@@ -52,7 +52,8 @@ def build_config(cls: type[C], flags: dict[str, Any], config_file: Path | None =
             raise VicunaError(f"unknown option {field!r}{source}", hint=f"known options: {known}") from None
         if not field:  # a check across several options (a model validator) names them itself
             raise VicunaError(str(first["msg"]).removeprefix("Value error, ")) from None
-        raise VicunaError(f"{flag(field)}{source}: {first['msg']}") from None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise VicunaError(f"{flag(field)}{source}: {message}") from None
 
 
 def save_config(config: CommandConfig, path: Path) -> None:

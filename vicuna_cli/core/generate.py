@@ -304,13 +304,13 @@ class Engine:
     """Streaming generation over one loaded causal LM, one request at a time in the caller's
     thread: a batch of one over `batch.BatchEngine`'s step machinery (serve batches many)."""
 
-    def __init__(self, model: Any, tokenizer: Any, context_length: int | None = None):
+    def __init__(self, model: Any, tokenizer: Any, context_length: int | None = None, threads: int | None = None):
         from .batch import BatchEngine
 
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.batch = BatchEngine(model, tokenizer, self.context_length, max_batch_size=1)
+        self.batch = BatchEngine(model, tokenizer, self.context_length, max_batch_size=1, threads=threads)
 
     @property
     def stop_token_ids(self) -> set[int]:

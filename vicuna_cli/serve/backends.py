@@ -87,6 +87,7 @@ class HFBackend:
         prefix_cache_mb: int = 256,
         *,
         trust_remote_code: bool = False,
+        threads: int | None = None,
     ):
         from ..core import models
         from ..core.templates import template_for_model
@@ -99,7 +100,7 @@ class HFBackend:
         self.tokenizer = self.loaded.tokenizer
         self.engine = BatchEngine(
             self.loaded.model, self.loaded.tokenizer, self.loaded.context_length, max_batch_size=max_batch_size, max_queue=max_queue,
-            prefix_cache_bytes=prefix_cache_mb * 2**20,
+            prefix_cache_bytes=prefix_cache_mb * 2**20, threads=threads,
         )
         self.context_length = self.loaded.context_length
         self.model = WorkerModel(name=name, backend="hf", context_length=self.context_length, template=self.template.name)

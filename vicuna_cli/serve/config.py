@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
+from ..core.threads import Threads
 
 
 class _Common(CommandConfig):
@@ -49,6 +50,7 @@ class WorkerConfig(_Common):
     dtype: Dtype = "auto"
     implementation: str = "auto"
     trust_remote_code: bool = False  # a model folder's own Python code runs only when True
+    threads: Threads = None
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
     prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
@@ -118,6 +120,7 @@ class ServeConfig(ApiConfig, _Timing):
     dtype: Dtype = "auto"
     implementation: str = "auto"
     trust_remote_code: bool = False  # passed to every worker it starts
+    threads: Threads = None  # passed to every worker (None: each adapts to the CPUs the others leave)
     max_batch_size: int = Field(16, ge=1, le=1024)
     max_queue: int = Field(256, ge=1, le=100000)
     prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
@@ -202,7 +205,7 @@ def run_worker(config: WorkerConfig) -> None:
         else:
             backends.append(HFBackend(name, ref, config.template, config.device, config.dtype, config.implementation,
                                       config.max_batch_size, config.max_queue, config.prefix_cache_mb,
-                                      trust_remote_code=config.trust_remote_code))
+                                      trust_remote_code=config.trust_remote_code, threads=config.threads))
     address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
     if config.port == 0 and not config.advertise:
         raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")

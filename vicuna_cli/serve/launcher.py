@@ -74,6 +74,8 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
                 args += ["--template", config.template]
             if config.trust_remote_code:
                 args.append("--trust-remote-code")
+            if config.threads is not None:
+                args += ["--threads", str(config.threads)]
             roles.append((f"worker:{port}", args))
             port += 1
     api = ["api", "--port", str(config.port), "--controller", controller, "--max-body-bytes", str(config.max_body_bytes),

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from ..core.choices import Dtype
 from ..core.config import CommandConfig
+from ..core.threads import Threads
 
 # Vicuna's recipe (FastChat README): global batch 128, lr 2e-5, 3 epochs, max length 2048,
 # weight decay 0, warmup 0.03, cosine schedule.
@@ -48,6 +49,7 @@ class TrainConfig(CommandConfig):
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     kernels: Literal["auto", "off"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Threads = None
 
     lora: bool = False
     lora_r: int = Field(16, ge=1)
@@ -99,4 +101,5 @@ class TrainConfig(CommandConfig):
 DATA_POSITION_FIELDS = (
     "model", "data", "template", "max_length", "eval_split", "eval_data", "seed",
     "global_batch_size", "global_batch_tokens", "packing", "micro_batch_tokens", "micro_batch_size",
+    "share_prompt",  # train rm: a pair's packed length
 )

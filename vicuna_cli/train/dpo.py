@@ -7,7 +7,7 @@ A sequence's log-probability is the sum over its answer tokens only: the assista
 the prompt plus their end-of-turn marker, masked by labels.py from one rendered string tokenized
 once (../shared/specs/masking.md). Chosen and rejected of a pair are one sample, packed into one
 row without padding (positions restart per sequence) and summed per sequence by segment ids; with
-an attention that takes a 4D mask the row holds their common prefix once (`collate_shared`).
+`--share-prompt` (SDPA or eager attention) the row holds their common prefix once (`collate_shared`).
 
 Losses and metrics follow TRL's DPOTrainer: with h = β·[(log π(c) − log π_ref(c)) − (log π(r) −
 log π_ref(r))], sigmoid is −log σ(h), hinge max(0, 1 − h), IPO ((Δ_c/|c| − Δ_r/|r|) − 1/(2β))²
@@ -63,22 +63,25 @@ class DpoSample:
     rejected: list[int]
     rejected_labels: list[int]
     ref: tuple[float, float] | None = None  # reference log-probs (chosen, rejected), once computed
+    shared: int = 0  # leading tokens of both sides held once in a packed row (0: each side whole)
     n_supervised = 1  # one pair is one unit of the loss
 
     def __len__(self) -> int:
-        return len(self.chosen) + len(self.rejected)
+        return len(self.chosen) + len(self.rejected) - self.shared
 
     def sides(self) -> tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]:
         return (self.chosen, self.chosen_labels), (self.rejected, self.rejected_labels)
 
 
 def build_dpo_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template: Any, max_length: int,
-                      notes: Counter) -> list[DpoSample]:
+                      notes: Counter, share_prompt: bool = False) -> list[DpoSample]:
     """Render prompt + answer with the model's template and tokenize once per side; the labels are
     the answer's assistant turns (not the prompt's). Nothing is truncated: a pair whose prompt
     fills --max-length, or with a side longer than it, or whose sides tokenize the same, is
-    skipped and counted (the last two as `train rm` counts them)."""
+    skipped and counted (the last two as `train rm` counts them). `share_prompt`: record the
+    tokens both sides share, for collate to hold once."""
     from .dataset import Conversation
+    from .packing import common_prefix
 
     builder = LabelBuilder(tokenizer, template, max_length=1 << 62)  # never truncate: skip instead
     rendered = []
@@ -104,8 +107,9 @@ def build_dpo_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template:
         elif skip := unusable_pair(chosen.input_ids, rejected.input_ids, max_length):
             notes[skip] += 1
         else:
+            shared = common_prefix(chosen.input_ids, rejected.input_ids) if share_prompt else 0
             samples.append(DpoSample(pair["id"], pair.get("source") or "", chosen.input_ids, chosen.labels,
-                                     rejected.input_ids, rejected.labels))
+                                     rejected.input_ids, rejected.labels, shared=shared))
     return samples
 
 
@@ -115,12 +119,12 @@ def build(config: DpoConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
     return build_pairs(config, tokenizer, build_dpo_samples, need_rejected=True)
 
 
-def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int, shared: bool = False) -> dict[str, Any]:
+def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int) -> dict[str, Any]:
     """Chosen then rejected of each pair: one packed row (positions restart per sequence), or rows
     padded on the right. `targets` are the shifted labels of each sequence, `segments` the number
     of the sequence each position belongs to, `answer_tokens` each sequence's targets, and `ref`
-    the reference log-probs [pairs, 2] when every sample has them. `shared` (packed only): see
-    `collate_shared`."""
+    the reference log-probs [pairs, 2] when every sample has them. Packed samples with a shared
+    prompt: see `collate_shared`."""
     from .packing import shifted
 
     if not samples:  # an empty micro-batch keeps the ranks in step with a zero loss
@@ -133,7 +137,7 @@ def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int, shared: bo
                                                            dtype=torch.float32)}
     if all(s.ref is not None for s in samples):
         batch["ref"] = torch.tensor([s.ref for s in samples], dtype=torch.float64)
-    if packing and shared:
+    if packing and any(s.shared for s in samples):
         return {**batch, **collate_shared(samples)}
     if packing:
         batch.update({"input_ids": torch.tensor([[t for ids, _ in sequences for t in ids]]),
@@ -151,40 +155,21 @@ def collate(samples: Sequence[DpoSample], packing: bool, pad_id: int, shared: bo
 
 
 def collate_shared(samples: Sequence[DpoSample]) -> dict[str, Any]:
-    """One packed row where each pair's common prefix (the prompt) appears ONCE: [prefix, chosen
-    tail, rejected tail], the rejected tail placed at the positions it has in its own sequence and
-    masked from the chosen tail (a 4D boolean mask, block-diagonal across pairs). Identical prefix
-    tokens have identical hidden states, so every log-prob equals the separate sequences' one
-    while the prompt is computed once instead of twice. A target is read as (`gather`: the row
-    position whose hidden state predicts it, `gather_targets`: the token, `segments`: its sequence)."""
-    ids, positions, gather, gather_targets, segments = [], [], [], [], []
-    blocks = []  # (start, prefix length, chosen tail length, rejected tail length)
-    for k, sample in enumerate(samples):
-        (chosen, chosen_labels), (rejected, rejected_labels) = sample.sides()
-        common = 0
-        while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
-            common += 1
-        start = len(ids)
-        ids += chosen + rejected[common:]
-        positions += list(range(len(chosen))) + list(range(common, len(rejected)))
-        blocks.append((start, common, len(chosen) - common, len(rejected) - common))
-        for side, (side_ids, labels) in enumerate(((chosen, chosen_labels), (rejected, rejected_labels))):
+    """One packed row where each pair's common prefix (the prompt) appears once
+    (packing.shared_prefix_row). A target is read as (`gather`: the row position whose hidden
+    state predicts it, `gather_targets`: the token, `segments`: its sequence)."""
+    from .packing import row_position, shared_prefix_row
+
+    batch, placements = shared_prefix_row([(s.chosen, s.rejected, s.shared) for s in samples])
+    gather, gather_targets, segments = [], [], []
+    for k, (sample, placement) in enumerate(zip(samples, placements)):
+        for side, (side_ids, labels) in enumerate(sample.sides()):
             for t in range(1, len(side_ids)):
-                if labels[t] == IGNORE:
-                    continue
-                source = t - 1 if side == 0 or t - 1 < common else len(chosen) + t - 1 - common
-                gather.append(start + source)
-                gather_targets.append(side_ids[t])
-                segments.append(2 * k + side)
-    length = len(ids)
-    mask = torch.zeros(length, length, dtype=torch.bool)
-    for start, common, n_chosen, n_rejected in blocks:
-        end = start + common + n_chosen + n_rejected
-        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool).tril()
-        tail = start + common + n_chosen  # the rejected tail does not see the chosen tail
-        mask[tail:end, start + common:tail] = False
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-            "attention_mask": mask[None, None], "gather": torch.tensor(gather, dtype=torch.long),
+                if labels[t] != IGNORE:
+                    gather.append(row_position(placement, side, t - 1))
+                    gather_targets.append(side_ids[t])
+                    segments.append(2 * k + side)
+    return {**batch, "gather": torch.tensor(gather, dtype=torch.long),
             "gather_targets": torch.tensor(gather_targets, dtype=torch.long),
             "segments": torch.tensor(segments, dtype=torch.long)}
 
@@ -200,16 +185,11 @@ def sequence_logps(model: Any, batch: dict, chunked: bool = False) -> torch.Tens
     whole (the vocabulary of 7B+ models makes that gigabytes)."""
     from torch.utils.checkpoint import checkpoint
 
-    from .modeling import _has_custom_head, causal_lm
+    from .modeling import _has_custom_head, causal_lm, decoder_inputs
 
     lm = causal_lm(model)
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    inputs = decoder_inputs(lm, batch)
     if "gather" in batch:  # collate_shared: rows are positions of the one packed row
-        mask = inputs["attention_mask"]
-        if lm.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
-            inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(dtype).min)
         rows, targets, segments = batch["gather"], batch["gather_targets"], batch["segments"]
     else:
         keep = batch["targets"] != IGNORE

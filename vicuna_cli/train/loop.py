@@ -40,6 +40,7 @@ import torch
 
 from ..core import console
 from ..core.errors import VicunaError
+from ..core.threads import ThreadPolicy
 from . import checkpoint
 from .checkpoint import TrainerState
 from .packing import plan_epoch, split_step, supervised_tokens
@@ -69,6 +70,7 @@ class LoopSpec:
     max_grad_norm: float = 1.0
     eval_lengths: list[int] = field(default_factory=list)
     eval_metrics: Callable[[Any, Any, "LoopSpec"], dict] | None = None  # a method's figures beyond eval loss
+    threads: int | None = None  # fixed torch threads (--threads); None follows the free CPUs (core/threads.py)
     session: Any = None  # a method that makes each step's batches itself (module docstring)
 
     def plans(self) -> list[list[list[int]]]:
@@ -136,6 +138,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
     progress = Progress(total, state.global_step, accelerator.is_main_process)
     last_save = time.monotonic()
     window = _window()
+    threads = ThreadPolicy(spec.threads)
     module.train()
     try:
         with _Signals() as signals:
@@ -144,7 +147,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm, tokens, n_sup, figures = _step(accelerator, module, optimizer, scheduler, spec,
-                                                                step, world, rank, params, state)
+                                                                step, world, rank, params, state, threads.tick)
                 finite = math.isfinite(loss)
                 state.nonfinite_steps += not finite
                 state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
@@ -237,17 +240,19 @@ def split_output(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, step: list[int],
-          world: int, rank: int, params: list, state: TrainerState) -> tuple[float, float | None, int, int, dict[str, Any]]:
+          world: int, rank: int, params: list, state: TrainerState, tick: Callable[[], Any] = lambda: None
+          ) -> tuple[float, float | None, int, int, dict[str, Any]]:
     if spec.session is None:
-        result = _update(accelerator, module, optimizer, spec, spec.samples, spec.lengths, step, world, rank, params)
+        result = _update(accelerator, module, optimizer, spec, spec.samples, spec.lengths, step, world, rank, params, tick)
     else:
-        result = _session_step(accelerator, module, optimizer, spec, step, world, rank, params, state)
+        result = _session_step(accelerator, module, optimizer, spec, step, world, rank, params, state, tick)
     scheduler.step()  # a skipped step keeps the schedule a function of the step number
     return result
 
 
 def _session_step(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, step: list[int], world: int,
-                  rank: int, params: list, state: TrainerState) -> tuple[float, float | None, int, int, dict[str, Any]]:
+                  rank: int, params: list, state: TrainerState, tick: Callable[[], Any]
+                  ) -> tuple[float, float | None, int, int, dict[str, Any]]:
     """The session's updates in order; a non-finite one ends the step (the ones before it stay)."""
     made = spec.session.batches(step, state)
     started = time.perf_counter()
@@ -256,7 +261,7 @@ def _session_step(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec,
     grad_norm, tokens, n_sup = None, 0, 0
     for samples in made.updates:
         loss, grad_norm, t, n, means = _update(accelerator, module, optimizer, spec, samples, [len(s) for s in samples],
-                                               list(range(len(samples))), world, rank, params)
+                                               list(range(len(samples))), world, rank, params, tick)
         losses.append(loss)
         tokens, n_sup = tokens + t, n_sup + n
         for name, value in means.items():
@@ -271,7 +276,8 @@ def _session_step(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec,
 
 
 def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool: Sequence[Any], lengths: Sequence[int],
-            step: list[int], world: int, rank: int, params: list) -> tuple[float, float | None, int, int, dict[str, float]]:
+            step: list[int], world: int, rank: int, params: list, tick: Callable[[], Any] = lambda: None
+            ) -> tuple[float, float | None, int, int, dict[str, float]]:
     """One optimizer update over the samples `pool[i] for i in step`."""
     n_sup = spec.supervised([pool[i] for i in step])
     tokens = sum(lengths[i] for i in step)
@@ -280,6 +286,7 @@ def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool:
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
     for k, group in enumerate(micro):
+        tick()  # re-check the free CPUs (a micro-batch is one "step" of the thread policy)
         last = k == len(micro) - 1
         accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
         context = contextlib.nullcontext() if last else accelerator.no_sync(module)

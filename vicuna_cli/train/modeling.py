@@ -39,6 +39,11 @@ def resolve_precision(precision: str, device: str) -> str:
     return {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}[precision]
 
 
+def training_device(config: TrainConfig) -> str:
+    """"cuda" when asked for or available (and not refused by --device cpu), else "cpu"."""
+    return "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
 def pick_training_attention(requested: str, device: str, packing: bool) -> tuple[str, str]:
     if requested != "auto":
         if requested == "flash_attention_2":
@@ -165,6 +170,26 @@ def sft_loss(fused: bool) -> LossFn:
 def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Softmax in at least fp32 (bf16 logits lose the loss's precision; fp64 stays fp64)."""
     return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+
+
+def decoder_inputs(model: nn.Module, batch: dict) -> dict:
+    """The decoder's inputs from a batch; a boolean 4D mask (packing.shared_prefix_row) is made
+    additive for eager attention, which adds the mask to the scores (SDPA takes it as it is)."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 4 and mask.dtype == torch.bool and model.config._attn_implementation == "eager":
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        inputs["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min)
+    return inputs
+
+
+def shares_prompt(config: TrainConfig) -> bool:
+    """--share-prompt (pair methods) needs packed rows and an attention that takes a 4D mask:
+    flash-attn's varlen kernels see only where sequences start (position ids), so with it each
+    side of a pair stays a whole sequence. The same rule load_for_training picks the attention by."""
+    return (getattr(config, "share_prompt", False) and config.packing
+            and pick_training_attention(config.attention, training_device(config), True)[0] in ("sdpa", "eager"))
 
 
 def _has_custom_head(lm: nn.Module, head: nn.Module) -> bool:

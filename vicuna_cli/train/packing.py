@@ -115,3 +115,45 @@ def collate(samples: Sequence[Sample], packing: bool, pad_id: int) -> dict[str, 
 def supervised_tokens(samples: Sequence[Sample]) -> int:
     """Tokens that carry loss (the first label of each sample is never one)."""
     return sum(sum(1 for label in s.labels[1:] if label != IGNORE) for s in samples)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Leading tokens `a` and `b` share, leaving each at least its last token in its own tail."""
+    most = min(len(a), len(b)) - 1
+    n = 0
+    while n < most and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def shared_prefix_row(pairs: Sequence[tuple[Sequence[int], Sequence[int], int]]) -> tuple[dict[str, Any], list[tuple[int, int, int]]]:
+    """One packed row of [common prefix, first tail, second tail] per pair (first, second, shared
+    prefix length), and its 4D boolean mask (True: may attend): each tail sees the prefix and
+    itself causally, never the other tail nor another pair; the second tail's positions continue
+    from the prefix as in its own sequence. Causal attention gives every token the hidden state it
+    has in its whole sequence, while the prefix (a pair's prompt) is computed once. Returns the
+    tensors and each pair's placement for `row_position`."""
+    import torch
+
+    ids: list[int] = []
+    positions: list[int] = []
+    pair: list[int] = []
+    branch: list[int] = []  # 0 prefix, 1 first tail, 2 second tail
+    placements = []
+    for k, (first, second, n) in enumerate(pairs):
+        placements.append((len(ids), n, len(first)))
+        ids += list(first) + list(second[n:])
+        positions += list(range(len(first))) + list(range(n, len(second)))
+        pair += [k] * (len(first) + len(second) - n)
+        branch += [0] * n + [1] * (len(first) - n) + [2] * (len(second) - n)
+    pair_of, branch_of, at = torch.tensor(pair), torch.tensor(branch), torch.arange(len(ids))
+    mask = ((pair_of[:, None] == pair_of[None, :]) & (at[None, :] <= at[:, None])
+            & ((branch_of[None, :] == 0) | (branch_of[None, :] == branch_of[:, None])))
+    return ({"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+             "attention_mask": mask[None, None]}, placements)
+
+
+def row_position(placement: tuple[int, int, int], side: int, t: int) -> int:
+    """Where token `t` of a pair's first (side 0) or second (side 1) sequence sits in its shared row."""
+    start, shared, first = placement
+    return start + t if side == 0 or t < shared else start + first + t - shared

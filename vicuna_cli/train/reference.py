@@ -32,16 +32,12 @@ _SAMPLED = 1 << 20  # bytes hashed at each end of a weight file: enough to tell 
 
 
 def prepare(config: Any, setup: Any, spec: Any, accelerator: Any, run_dir: Path) -> tuple[list, list, Callable]:
-    """The method hook of sft.run_training: the row layout, the samples with their reference
-    log-probs (or the frozen reference) and the loss function."""
-    from .dpo import collate, dpo_loss
+    """The method hook of sft.run_training: the samples with their reference log-probs (or the
+    frozen reference) and the loss function."""
+    from .dpo import dpo_loss
 
-    if config.packing and setup.attention in ("sdpa", "eager"):
-        # Each pair's prompt once per row (dpo.collate_shared): its 4D mask needs an attention that
-        # takes one; flash-attn's varlen rows keep chosen and rejected as two sequences.
-        spec.collate = lambda samples: collate(samples, True, 0, shared=True)
-        if accelerator.is_main_process:
-            console.info(f"rows: each pair's prompt once, both answers attending to it ({setup.attention}, 4D mask)")
+    if accelerator.is_main_process and any(s.shared for s in spec.samples):
+        console.info(f"rows: each pair's prompt once, both answers attending to it ({setup.attention}, 4D mask)")
     reference, ref_model, ref_path = reference_for(config, setup, accelerator)
     if not config.precompute:
         if accelerator.is_main_process:

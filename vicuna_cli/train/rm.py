@@ -7,7 +7,10 @@ template, so the run dir loads back with `AutoModelForSequenceClassification`. T
 Bradley–Terry, `-log σ(r_chosen − r_rejected − margin)` summed over pairs and divided by the pairs
 of the whole optimizer step (the loop's normalisation with "pairs" as the supervised unit), which
 equals TRL's `RewardTrainer` mean when a step is one batch. Chosen and rejected of a pair are one
-sample, so they always share a micro-batch; packed rows hold them without padding.
+sample, so they always share a micro-batch; packed rows hold them without padding, and with
+`--share-prompt` (default, SDPA or eager attention) hold the prompt both sides share once
+(packing.shared_prefix_row: exact, since attention is causal; on HH-RLHF the prompt is most of
+each side).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class PairTrainConfig(TrainConfig):
     epochs: int = Field(1, ge=1)
     global_batch_size: int | None = Field(64, ge=1)  # pairs per optimizer step
     shp_min_ratio: float = Field(2.0, ge=1.0)
+    share_prompt: bool = True  # packed rows hold a pair's common prompt once (SDPA or eager attention)
 
     @property
     def row_capacity(self) -> int:
@@ -63,17 +67,21 @@ class PairSample:
     chosen: list[int]
     rejected: list[int]
     margin: float = 0.0
+    shared: int = 0  # leading tokens of both sides held once in a packed row (0: each side whole)
     n_supervised = 1  # one pair is one unit of the loss
 
     def __len__(self) -> int:
-        return len(self.chosen) + len(self.rejected)
+        return len(self.chosen) + len(self.rejected) - self.shared
 
 
 def build_pair_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template: Any, max_length: int,
-                       notes: Counter) -> list[PairSample]:
+                       notes: Counter, share_prompt: bool = False) -> list[PairSample]:
     """Render prompt + answer with the model's template and tokenize once per side. A side longer
     than --max-length is never cut (the reward is read at the last token): the pair is skipped
-    and counted; so are pairs whose sides tokenize the same."""
+    and counted; so are pairs whose sides tokenize the same. `share_prompt`: record the tokens
+    both sides share, for collate to hold once."""
+    from .packing import common_prefix
+
     counter = TokenCounter(tokenizer, template)
     texts = [counter.render(p["prompt"] + p[side]) for p in pairs for side in ("chosen", "rejected")]
     encodings = counter.encode_batch(texts)
@@ -84,7 +92,8 @@ def build_pair_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template
         if skip:
             notes[skip] += 1
         else:
-            samples.append(PairSample(pair["id"], pair.get("source") or "", chosen, rejected, float(pair.get("margin") or 0.0)))
+            samples.append(PairSample(pair["id"], pair.get("source") or "", chosen, rejected, float(pair.get("margin") or 0.0),
+                                      common_prefix(chosen, rejected) if share_prompt else 0))
     return samples
 
 
@@ -104,9 +113,10 @@ def build(config: RewardConfig, tokenizer: Any) -> tuple[list, list, Counter, st
 def build_pairs(config: PairTrainConfig, tokenizer: Any, to_samples: Any, need_rejected: bool = False
                 ) -> tuple[list, list, Counter, str]:
     """Read the pair files, hold out --eval-split/--eval-data, and turn pairs into a method's
-    samples with `to_samples(pairs, tokenizer, template, max_length, notes)`."""
+    samples with `to_samples(pairs, tokenizer, template, max_length, notes, share_prompt)`."""
     from ..data.preferences import read_pairs
     from .dataset import split_eval
+    from .modeling import shares_prompt
 
     if not config.data:
         raise VicunaError("no training data: pass --data PAIRS.jsonl (from `vicuna data pairs`)")
@@ -117,8 +127,9 @@ def build_pairs(config: PairTrainConfig, tokenizer: Any, to_samples: Any, need_r
         train, held = pairs, read_pairs(config.eval_data, Counter(), config.shp_min_ratio, need_rejected)
     else:
         train, held = split_eval(pairs, config.eval_split, config.seed)
-    samples = to_samples(train, tokenizer, template, config.max_length, notes)
-    eval_samples = to_samples(held, tokenizer, template, config.max_length, Counter())
+    share = shares_prompt(config)
+    samples = to_samples(train, tokenizer, template, config.max_length, notes, share)
+    eval_samples = to_samples(held, tokenizer, template, config.max_length, Counter(), share)
     if not samples:
         raise VicunaError(f"no usable preference pair ({len(pairs)} read; "
                           + (", ".join(f"{k}: {v}" for k, v in sorted(notes.items())) or "none usable") + ")",
@@ -134,6 +145,13 @@ def collate(samples: Sequence[PairSample], packing: bool, pad_id: int) -> dict[s
                 "ends": torch.tensor([[0, 0]]), "margin": torch.zeros(0), "empty": torch.tensor(1)}
     sequences = [ids for s in samples for ids in (s.chosen, s.rejected)]
     margin = torch.tensor([s.margin for s in samples], dtype=torch.float32)
+    if packing and any(s.shared for s in samples):
+        from .packing import row_position, shared_prefix_row
+
+        batch, placements = shared_prefix_row([(s.chosen, s.rejected, s.shared) for s in samples])
+        ends = [[0, row_position(at, side, len(ids) - 1)] for s, at in zip(samples, placements)
+                for side, ids in enumerate((s.chosen, s.rejected))]
+        return {**batch, "ends": torch.tensor(ends), "margin": margin}
     if packing:
         ends, at = [], 0
         for ids in sequences:
@@ -155,12 +173,11 @@ def pairs_in(samples: Sequence[PairSample]) -> int:
 
 def rewards(model: Any, batch: dict) -> torch.Tensor:
     """The scalar reward of every sequence of `batch`, in order (chosen, rejected, chosen, ...)."""
-    from .modeling import causal_lm
+    from .modeling import causal_lm, decoder_inputs
 
     classifier = causal_lm(model)
     decoder = getattr(classifier, classifier.base_model_prefix)
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    hidden = decoder(**decoder_inputs(classifier, batch), use_cache=False).last_hidden_state
     ends = batch["ends"]
     return classifier.score(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1).float()
 

@@ -98,8 +98,9 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ and config.precision == "auto"
-    device = "cpu" if config.device == "cpu" or not torch.cuda.is_available() else "cuda"
-    from .modeling import resolve_precision
+    from .modeling import resolve_precision, training_device
+
+    device = training_device(config)
 
     accelerator = Accelerator(
         cpu=device == "cpu", mixed_precision=None if launched else resolve_precision(config.precision, device),
@@ -123,7 +124,7 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
         batch_size=config.batch_size(), batch_tokens=config.global_batch_tokens, epochs=config.epochs,
         max_steps=config.max_steps, seed=config.seed, log_every=config.log_every, eval_every=config.eval_every,
         save_every=config.save_every, save_every_minutes=config.save_every_minutes,
-        keep_checkpoints=config.keep_checkpoints, max_grad_norm=config.max_grad_norm,
+        keep_checkpoints=config.keep_checkpoints, max_grad_norm=config.max_grad_norm, threads=config.threads,
     )
     total = spec.total_steps()
     loss_fn = method.loss(config)
