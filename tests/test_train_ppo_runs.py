@@ -97,29 +97,23 @@ def test_ppo_raises_a_programmatic_reward_with_bounded_kl_and_the_run_dir_chats(
 
 
 def test_ppo_lora_reference_is_the_adapter_off_and_rollouts_follow_the_adapter(bpe_model_dir, tmp_path):
-    from vicuna_cli.train.rollout import live_state
-    from vicuna_cli.train.modeling import add_lora
     from transformers import AutoModelForCausalLM
 
+    from vicuna_cli.train.modeling import add_lora
+    from vicuna_cli.train.rollout import native_policy
+
     model = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
-    config = PpoConfig(model=str(bpe_model_dir), prompts=["x"], lora=True, lora_r=4, **TINY)
-    peft_model = add_lora(model, config)
+    peft_model = add_lora(model, PpoConfig(model=str(bpe_model_dir), prompts=["x"], lora=True, lora_r=4, **TINY))
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
-    state = live_state(peft_model)
     x = torch.tensor([[3, 7, 11, 5]])
     with torch.no_grad():
         want = peft_model(input_ids=x).logits
         with peft_model.disable_adapter():
             base = peft_model(input_ids=x).logits
-    from vicuna_cli.core.native_llama import NativeLlamaForCausalLM
-
-    native = NativeLlamaForCausalLM(model.config.to_dict())
-    native.load_state_dict(state, strict=False, assign=True)
-    with torch.no_grad():
-        got = native(input_ids=x, use_cache=False).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        got = native_policy(peft_model)(input_ids=x, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # rollouts sample from the adapted policy
     assert not torch.allclose(got, base, atol=1e-3)
 
 
@@ -236,17 +230,17 @@ def test_rollout_model_shares_the_policy_tensors_and_bf16_is_a_copy(bpe_model_di
 
     policy = AutoModelForCausalLM.from_pretrained(bpe_model_dir)
     shared = native_policy(policy)
-    weight = policy.model.layers[0].self_attn.q_proj.weight
-    assert shared.model.layers[0].self_attn.q_proj.weight.data_ptr() == weight.data_ptr()  # no copy
+    weight = policy.model.layers[0].self_attn.o_proj.weight
+    assert shared.model.layers[0].self_attn.o_proj.weight.data_ptr() == weight.data_ptr()  # no copy
     x = torch.tensor([[3, 7, 11, 5]])
     with torch.no_grad():
         want = policy(input_ids=x).logits
         torch.testing.assert_close(shared(input_ids=x, use_cache=False).logits, want, rtol=1e-4, atol=1e-5)
-        weight.add_(0.5)  # what an optimizer step does in place: the next rollout sees it
+        weight.add_(0.5)  # what an optimizer step does in place: the rollout model sees it without a rebuild
         moved = policy(input_ids=x).logits
         torch.testing.assert_close(shared(input_ids=x, use_cache=False).logits, moved, rtol=1e-4, atol=1e-5)
         copy = native_policy(policy, torch.bfloat16)
-        assert copy.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert copy.model.embed_tokens.weight.dtype == torch.bfloat16
         torch.testing.assert_close(copy(input_ids=x, use_cache=False).logits.float(), moved, rtol=0.05, atol=0.05)
 
 

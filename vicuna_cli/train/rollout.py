@@ -1,13 +1,15 @@
 """PPO rollouts with the project's own engine (core/batch.py: continuous batching), at the
 policy's CURRENT weights, without saving and reloading the model each step.
 
-Llama-family policies run on the native fast path (core/native_llama.py): a native model is built
-over the policy's own parameter tensors (`load_state_dict(assign=True)` wraps the same storage,
-so the optimizer's in-place updates are what the next rollout samples from: nothing is copied).
-With --lora the adapted layers are merged into fresh tensors (W + B·A·s) once per rollout step;
-the other tensors stay shared. `--rollout-dtype bfloat16` samples from a bf16 copy of an fp32
-policy instead, made once per step (about 2x the decode speed on CPU; PPO stays correct because
-the old log-probs are recomputed by the training policy itself). Other architectures run the engine's transformers path over the
+Llama-family policies run on the native fast path (core/native_llama.py), rebuilt at every
+rollout step from the policy's live tensors: embeddings, norms, o_proj, down_proj and lm_head are
+the policy's own storage (`load_state_dict(assign=True)` wraps it: the optimizer's in-place
+updates are what the next rollout samples from), while the engine's fused q/k/v and gate/up
+projections are stacked into fresh tensors once per step (one matmul each instead of five).
+With --lora the adapted layers are merged (W + B·A·s) into fresh tensors the same way.
+`--rollout-dtype bfloat16` samples from a bf16 copy of an fp32 policy instead (oneDNN-prepacked on
+CPU, the engine's fast path; PPO stays correct because the old log-probs are recomputed by the
+training policy itself). Other architectures run the engine's transformers path over the
 policy itself. Every prompt has its own seeded sampler (seed from --seed, the step and the
 prompt's place), so a resumed run draws the same answers as an uninterrupted one.
 """
@@ -32,7 +34,7 @@ class Answer:
 def native_policy(model: Any, dtype: torch.dtype | None = None) -> Any | None:
     """A native Llama model over the policy's current weights, or None when the architecture is
     not one the native path computes."""
-    from ..core.native_llama import NativeLlamaForCausalLM, unsupported_reason
+    from ..core.native_llama import NativeLlamaForCausalLM, fuse_projections, pack_weights, unsupported_reason
 
     lm = causal_lm(model)
     config = lm.config.to_dict()
@@ -44,12 +46,20 @@ def native_policy(model: Any, dtype: torch.dtype | None = None) -> Any | None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     if native.shape.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    native.load_state_dict(state, strict=False, assign=True)
+    state = fuse_projections({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")},
+                             native.shape.num_layers)
+    missing, unexpected = native.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and native.shape.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"the policy does not map onto the native Llama model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     if native.shape.tie_word_embeddings:
         native.lm_head.weight = native.model.embed_tokens.weight
     device = next(lm.parameters()).device
-    return native.to(device).eval()
+    native = native.to(device).eval()
+    if device.type == "cpu" and native.lm_head.weight.dtype == torch.bfloat16:
+        pack_weights(native)  # the engine's bf16 CPU path (load_native does the same)
+    return native
 
 
 @torch.no_grad()
