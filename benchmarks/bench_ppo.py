@@ -93,7 +93,7 @@ def main() -> None:
                     break
         return tokens, seconds
 
-    arms = {"vicuna engine (shared fp32 weights)": vicuna(None), "vicuna engine (--rollout-dtype bf16)": vicuna(torch.bfloat16),
+    arms = {"vicuna engine (fp32, the policy dtype)": vicuna(None), "vicuna engine (--rollout-dtype bf16)": vicuna(torch.bfloat16),
             "model.generate": hf_generate}
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(args.repeats):
