@@ -257,3 +257,26 @@ def test_every_ppo_option_has_one_flag_and_no_default_of_its_own():
     assert all(params[name].default.default in (None, PpoConfig.model_fields[name].default) for name in cli)
     assert [name for name in cli if params[name].default.default is not None] == ["trust_remote_code"]
     assert "--data" not in str([params[n].default.param_decls for n in cli])
+
+
+@pytest.mark.slow
+def test_ppo_two_gloo_processes_match_one_process(bpe_model_dir, reward_model_dir, tmp_path):
+    from test_train_distributed import free_port
+
+    prompts = write_prompts(tmp_path / "prompts.json", 8)
+    options = {**TINY, "rollout_batch_size": 4, "max_steps": 3, "learning_rate": 1e-2, "ppo_epochs": 2,
+               "micro_batch_tokens": 64}
+    single = tmp_path / "single"
+    run_ppo(PpoConfig(model=str(bpe_model_dir), reward_model=str(reward_model_dir), prompts=[str(prompts)],
+                      output=single, **options))
+    double = tmp_path / "double"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "vicuna_cli", "train", "ppo", "-m", str(bpe_model_dir),
+               "--reward-model", str(reward_model_dir), "--prompts", str(prompts), "-o", str(double), "--device", "cpu",
+               *flags(options)]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert yaml.safe_load((double / "config.yaml").read_text())["resolved"]["processes"] == 2
+    one, two = read_metrics(single), read_metrics(double)
+    for key in ("reward", "kl", "loss", "value_loss", "clip_fraction"):
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-4, abs=1e-6), key
