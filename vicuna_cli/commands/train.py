@@ -214,3 +214,4 @@ def inspect_data(
     console.out.print(table)
     console.out.print(f"{result.supervised} of {len(result.rows)} tokens supervised"
                       + (f" · {result.notes}" if result.notes else ""), markup=False)
+from . import train_ppo  # noqa: E402,F401  (registers `train ppo` on this app)

@@ -121,6 +121,7 @@ class BatchRequest:
         self.params = params
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.output_ids: list[int] = []
+        self.stop_token_id: int | None = None  # the stop token that ended it, if one did (PPO rollouts)
         self.exception: BaseException | None = None  # what failed it, when finish_reason is "error"
         self.finished = False
         self._arrival = time.perf_counter()
@@ -626,6 +627,7 @@ class BatchEngine:
             stats.time_to_first_token = time.perf_counter() - request._arrival
         request.pending = None
         if token in request.stop_ids:  # the stop token itself is not part of the answer
+            request.stop_token_id = token
             self._finish(request, "stop")
             return
         request.output_ids.append(token)

@@ -34,6 +34,7 @@ from ..core.store import atomic_write_text
 MARKER = "COMPLETE.json"
 STATE = "trainer_state.json"
 SCHEDULER = "scheduler.json"
+METHOD_STATE = "method_state.json"  # a method's own state (PPO: KL controller, score moments), JSON
 _NAME = re.compile(r"^step-(\d+)$")
 _CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")  # accelerate's name, see the module docstring
 RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
@@ -57,8 +58,10 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save(accelerator: Any, scheduler: Any, run_dir: Path, state: TrainerState, keep: int) -> Path:
-    """Write checkpoint `step-N` atomically (collective: every process calls it)."""
+def save(accelerator: Any, scheduler: Any, run_dir: Path, state: TrainerState, keep: int,
+         extra: dict | None = None) -> Path:
+    """Write checkpoint `step-N` atomically (collective: every process calls it); `extra`, a
+    method's JSON state, goes to METHOD_STATE."""
     root = checkpoints_dir(run_dir)
     final = root / f"step-{state.global_step:06d}"
     tmp = root / f".{final.name}.partial"
@@ -71,6 +74,8 @@ def save(accelerator: Any, scheduler: Any, run_dir: Path, state: TrainerState, k
     if accelerator.is_main_process:
         atomic_write_text(tmp / STATE, json.dumps(asdict(state), indent=1) + "\n")
         atomic_write_text(tmp / SCHEDULER, json.dumps(scheduler.state_dict(), indent=1) + "\n")
+        if extra is not None:
+            atomic_write_text(tmp / METHOD_STATE, json.dumps(extra, indent=1) + "\n")
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         _fsync_tree(tmp)
         atomic_write_text(tmp / MARKER, json.dumps({"step": state.global_step, "files": files}, indent=1) + "\n")
@@ -155,6 +160,12 @@ def load(accelerator: Any, scheduler: Any, checkpoint: Path) -> TrainerState:
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0][:200]
         raise VicunaError(f"checkpoint {checkpoint} does not load: {first}") from exc
     return state
+
+
+def read_extra(checkpoint: Path) -> dict | None:
+    """The method state `save` wrote with the checkpoint (None when it has none)."""
+    path = checkpoint / METHOD_STATE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _check_rng_state(path: Path) -> None:

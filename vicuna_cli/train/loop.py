@@ -19,6 +19,11 @@ state, `skipped` in metrics.jsonl). Three such steps in a row save a checkpoint 
 error naming the steps: the weights are still those of the last good step. (Under DeepSpeed the
 engine steps inside `backward`, before the loss is known everywhere: such a step is counted and
 stops the run the same way, but its update is not held back.)
+
+A method that makes its own batches each step (PPO generates rollouts) sets `LoopSpec.session`:
+`session.batches(step, state)` turns the step's samples (prompts) into `StepBatches`, one or more
+optimizer updates each normalised over its own loss units, and its state (JSON) goes into every
+checkpoint (`state_dict` / `load_state_dict`). The LR schedule still moves once per step.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class LoopSpec:
     eval_lengths: list[int] = field(default_factory=list)
     eval_metrics: Callable[[Any, Any, "LoopSpec"], dict] | None = None  # a method's figures beyond eval loss
     threads: int | None = None  # fixed torch threads (--threads); None follows the free CPUs (core/threads.py)
+    session: Any = None  # a method that makes each step's batches itself (module docstring)
 
     def plans(self) -> list[list[list[int]]]:
         """The steps of each epoch: `epochs` of them, or as many as `max_steps` needs (it wins,
@@ -80,6 +86,15 @@ class LoopSpec:
 
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row that stop a run
+
+
+@dataclass
+class StepBatches:
+    """What a session makes of one step: the samples of each optimizer update, in order, and the
+    step's own figures (asked for after the updates ran). No update: the step is skipped."""
+
+    updates: list[list[Any]]
+    figures: Callable[[], dict[str, Any]] = dict
 
 
 class Stop(Exception):
@@ -132,7 +147,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 started = time.perf_counter()
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
                 loss, grad_norm, tokens, n_sup, figures = _step(accelerator, module, optimizer, scheduler, spec,
-                                                                step, world, rank, params, threads.tick)
+                                                                step, world, rank, params, state, threads.tick)
                 finite = math.isfinite(loss)
                 state.nonfinite_steps += not finite
                 state.nonfinite_in_a_row = 0 if finite else state.nonfinite_in_a_row + 1
@@ -167,7 +182,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                 if track:
                     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=state.global_step)
                 if state.nonfinite_in_a_row >= NONFINITE_LIMIT:
-                    path = checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints)
+                    path = _save(accelerator, scheduler, run_dir, state, spec)
                     first = state.global_step - NONFINITE_LIMIT + 1
                     raise VicunaError(
                         f"the loss was NaN or infinite at steps {first} to {state.global_step} ({NONFINITE_LIMIT} in a row): "
@@ -180,19 +195,21 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                     progress.line(log_line({**record, "loss": window["loss"] / window["steps"],
                                             "tokens_per_s": window["tokens"] / window["seconds"],
                                             "supervised_tokens": window["supervised"]})
-                                  + (f" | eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""))
+                                  + (f" | eval_loss {record['eval_loss']:.4f}" if "eval_loss" in record else "")
+                                  + "".join(f" | {k} {record[k]:.4g}" for k in getattr(spec.session, "log_figures", ())
+                                            if isinstance(record.get(k), (int, float))))
                     window = _window()
                 due = bool(spec.save_every and state.global_step % spec.save_every == 0)
                 timed = bool(spec.save_every_minutes and time.monotonic() - last_save >= spec.save_every_minutes * 60)
                 stop, timed = _agree(accelerator, bool(signals.received), timed)
                 if due or timed or stop:
-                    path = checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints)
+                    path = _save(accelerator, scheduler, run_dir, state, spec)
                     last_save = time.monotonic()
                     if stop:
                         raise Stop(state.global_step, path, signals.received or "SIGTERM")
             checkpointing = spec.save_every or spec.save_every_minutes
             if checkpointing and not (checkpoint.checkpoints_dir(run_dir) / f"step-{state.global_step:06d}").is_dir():
-                checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints)
+                _save(accelerator, scheduler, run_dir, state, spec)
     finally:
         progress.close()
     return state
@@ -212,17 +229,59 @@ def _agree(accelerator: Any, stop: bool, timed: bool) -> tuple[bool, bool]:
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
+def _save(accelerator: Any, scheduler: Any, run_dir: Path, state: TrainerState, spec: LoopSpec) -> Path:
+    extra = spec.session.state_dict() if spec.session is not None else None
+    return checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints, extra)
+
+
 def split_output(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A loss module's output: the summed loss, and the method's figures (sums) if it gives any."""
     return (output[0], output[1]) if isinstance(output, tuple) else (output, {})
 
 
 def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: LoopSpec, step: list[int],
-          world: int, rank: int, params: list, tick: Callable[[], Any] = lambda: None
-          ) -> tuple[float, float | None, int, int, dict[str, float]]:
-    n_sup = spec.supervised([spec.samples[i] for i in step])
-    tokens = sum(spec.lengths[i] for i in step)
-    micro = split_step(step, spec.lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
+          world: int, rank: int, params: list, state: TrainerState, tick: Callable[[], Any] = lambda: None
+          ) -> tuple[float, float | None, int, int, dict[str, Any]]:
+    if spec.session is None:
+        result = _update(accelerator, module, optimizer, spec, spec.samples, spec.lengths, step, world, rank, params, tick)
+    else:
+        result = _session_step(accelerator, module, optimizer, spec, step, world, rank, params, state, tick)
+    scheduler.step()  # a skipped step keeps the schedule a function of the step number
+    return result
+
+
+def _session_step(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, step: list[int], world: int,
+                  rank: int, params: list, state: TrainerState, tick: Callable[[], Any]
+                  ) -> tuple[float, float | None, int, int, dict[str, Any]]:
+    """The session's updates in order; a non-finite one ends the step (the ones before it stay)."""
+    made = spec.session.batches(step, state)
+    started = time.perf_counter()
+    losses: list[float] = []
+    sums: dict[str, float] = {}
+    grad_norm, tokens, n_sup = None, 0, 0
+    for samples in made.updates:
+        loss, grad_norm, t, n, means = _update(accelerator, module, optimizer, spec, samples, [len(s) for s in samples],
+                                               list(range(len(samples))), world, rank, params, tick)
+        losses.append(loss)
+        tokens, n_sup = tokens + t, n_sup + n
+        for name, value in means.items():
+            sums[name] = sums.get(name, 0.0) + value
+        if not math.isfinite(loss):
+            break
+    seconds = max(time.perf_counter() - started, 1e-9)
+    figures = {name: value / len(losses) for name, value in sums.items()}
+    figures.update({**made.figures(), "updates": len(losses), "train_tokens_per_s": tokens / seconds})
+    loss = (losses[-1] if not math.isfinite(losses[-1]) else sum(losses) / len(losses)) if losses else math.nan
+    return loss, grad_norm, tokens, n_sup, figures
+
+
+def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool: Sequence[Any], lengths: Sequence[int],
+            step: list[int], world: int, rank: int, params: list, tick: Callable[[], Any] = lambda: None
+            ) -> tuple[float, float | None, int, int, dict[str, float]]:
+    """One optimizer update over the samples `pool[i] for i in step`."""
+    n_sup = spec.supervised([pool[i] for i in step])
+    tokens = sum(lengths[i] for i in step)
+    micro = split_step(step, lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
     scale = world / max(n_sup, 1)
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
@@ -232,7 +291,7 @@ def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
         accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
         context = contextlib.nullcontext() if last else accelerator.no_sync(module)
         with context:
-            batch = {key: value.to(accelerator.device) for key, value in spec.collate([spec.samples[i] for i in group]).items()}
+            batch = {key: value.to(accelerator.device) for key, value in spec.collate([pool[i] for i in group]).items()}
             loss_sum, figures = split_output(module(batch))
             accelerator.backward(loss_sum * scale)
         total += loss_sum.detach().double()
@@ -248,7 +307,6 @@ def _step(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
             norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
             grad_norm = float(norm) if norm is not None else None
         optimizer.step()
-    scheduler.step()  # a skipped step keeps the schedule a function of the step number
     optimizer.zero_grad(set_to_none=True)
     means = {name: float(packed[1 + i]) / max(n_sup, 1) for i, name in enumerate(names)}
     return float(packed[0]) / max(n_sup, 1), grad_norm, tokens, n_sup, means

@@ -225,7 +225,8 @@ def save_final(accelerator: Any, module: nn.Module, tokenizer: Any, run_dir: Pat
     if not accelerator.is_main_process:
         return []
     inner = accelerator.unwrap_model(module).model
-    state = {k.removeprefix("model."): v for k, v in state.items()} if state else None
+    # Only the model: a method's own trained modules (PPO's value head) stay in the checkpoints.
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} if state else None
     target = run_dir / "adapter" if config.lora else run_dir
     with models._quiet_transformers():
         inner.save_pretrained(target, state_dict=state, safe_serialization=True)

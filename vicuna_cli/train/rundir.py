@@ -58,7 +58,8 @@ def check_same_data(run_dir: Path, config: TrainConfig) -> None:
         return
     before = (yaml.safe_load(path.read_text()) or {}).get("train", {})
     now = config.model_dump(mode="json")
-    changed = [k for k in DATA_POSITION_FIELDS if k in before and before[k] != now.get(k)]
+    fields = getattr(config, "position_fields", DATA_POSITION_FIELDS)  # a method's own (PPO: prompts, rollout batch)
+    changed = [k for k in fields if k in before and before[k] != now.get(k)]
     if changed:
         what = ", ".join(f"--{k.replace('_', '-')} (was {before[k]}, now {now.get(k)})" for k in changed)
         raise VicunaError(

@@ -44,6 +44,19 @@ class Scored:
     seconds: float = 0.0
 
 
+def check_reward_model(name: str) -> Any:
+    """The resolved model, or a VicunaError when `name` is not a sequence classifier."""
+    from ..core import models
+
+    resolved = models.resolve(name)
+    config_file = resolved.path / "config.json"
+    architectures = (json.loads(config_file.read_text()).get("architectures") or []) if config_file.is_file() else []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise VicunaError(f"{name} is not a reward model (architectures: {', '.join(architectures) or 'none'})",
+                          hint="train one with `vicuna train rm`, or pass a *ForSequenceClassification model")
+    return resolved
+
+
 class RewardModel:
     def __init__(self, name: str, device: str, template: Optional[str]):
         import torch
@@ -53,12 +66,7 @@ class RewardModel:
         from ..core.templates import template_for_model
         from ..data.split import TokenCounter
 
-        resolved = models.resolve(name)
-        config_file = resolved.path / "config.json"
-        architectures = (json.loads(config_file.read_text()).get("architectures") or []) if config_file.is_file() else []
-        if not any(a.endswith("ForSequenceClassification") for a in architectures):
-            raise VicunaError(f"{name} is not a reward model (architectures: {', '.join(architectures) or 'none'})",
-                              hint="train one with `vicuna train rm`, or pass a *ForSequenceClassification model")
+        resolved = check_reward_model(name)
         self.device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
         with models._quiet_transformers():
             self.tokenizer = models.load_pretrained(AutoTokenizer, resolved.path)

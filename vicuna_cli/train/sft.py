@@ -150,6 +150,8 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
     state, resumed_from = TrainerState(), None
     if config.resume:
         state, resumed_from = checkpoint.resume(accelerator, scheduler, run_dir, config.resume)
+        if resumed_from is not None and spec.session is not None:
+            spec.session.load_state_dict(checkpoint.read_extra(resumed_from), state)
     _log_plan(config, setup, samples, eval_samples, notes, template_name, total, accelerator, resumed_from, state,
               kernel_note, spec, method.unit)
     if main:

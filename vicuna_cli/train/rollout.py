@@ -1,0 +1,112 @@
+"""PPO rollouts with the project's own engine (core/batch.py: continuous batching), at the
+policy's CURRENT weights, without saving and reloading the model each step.
+
+Llama-family policies run on the native fast path (core/native_llama.py), rebuilt at every
+rollout step from the policy's live tensors: embeddings, norms, o_proj, down_proj and lm_head are
+the policy's own storage (`load_state_dict(assign=True)` wraps it: the optimizer's in-place
+updates are what the next rollout samples from), while the engine's fused q/k/v and gate/up
+projections are stacked into fresh tensors once per step (one matmul each instead of five).
+With --lora the adapted layers are merged (W + B·A·s) into fresh tensors the same way.
+`--rollout-dtype bfloat16` samples from a bf16 copy of an fp32 policy instead (oneDNN-prepacked on
+CPU, the engine's fast path; PPO stays correct because the old log-probs are recomputed by the
+training policy itself). Other architectures run the engine's transformers path over the
+policy itself. Every prompt has its own seeded sampler (seed from --seed, the step and the
+prompt's place), so a resumed run draws the same answers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .modeling import causal_lm
+
+
+@dataclass
+class Answer:
+    ids: list[int]  # the answer's tokens, the stop token included when the model stopped
+    finish_reason: str
+
+
+def native_policy(model: Any, dtype: torch.dtype | None = None) -> Any | None:
+    """A native Llama model over the policy's current weights, or None when the architecture is
+    not one the native path computes."""
+    from ..core.native_llama import NativeLlamaForCausalLM, fuse_projections, pack_weights, unsupported_reason
+
+    lm = causal_lm(model)
+    config = lm.config.to_dict()
+    if unsupported_reason(config) is not None:
+        return None
+    native = NativeLlamaForCausalLM(config, lm.generation_config.to_dict() if lm.generation_config else {})
+    state = live_state(model)
+    if dtype is not None:  # a tensor already in `dtype` stays shared
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if native.shape.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    state = fuse_projections({k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")},
+                             native.shape.num_layers)
+    missing, unexpected = native.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and native.shape.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"the policy does not map onto the native Llama model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    if native.shape.tie_word_embeddings:
+        native.lm_head.weight = native.model.embed_tokens.weight
+    device = next(lm.parameters()).device
+    native = native.to(device).eval()
+    if device.type == "cpu" and native.lm_head.weight.dtype == torch.bfloat16:
+        pack_weights(native)  # the engine's bf16 CPU path (load_native does the same)
+    return native
+
+
+@torch.no_grad()
+def live_state(model: Any) -> dict[str, torch.Tensor]:
+    """The causal LM's weights under transformers' names, sharing storage with the policy; LoRA
+    layers merged (their base weight plus each active adapter's delta)."""
+    lm = causal_lm(model)
+    state = {k.replace(".base_layer", ""): v for k, v in lm.state_dict().items() if ".lora_" not in k}
+    for name, module in lm.named_modules():
+        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+            merged = state[f"{name}.weight"]
+            for adapter in module.active_adapters:
+                if adapter in getattr(module, "lora_A", {}):
+                    merged = merged + module.get_delta_weight(adapter).to(merged.dtype)
+            state[f"{name}.weight"] = merged
+    return state
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], seeds: Sequence[int], max_new_tokens: int,
+             context_length: int, max_batch_size: int, temperature: float = 1.0, dtype: torch.dtype | None = None
+             ) -> tuple[list[Answer], float, str]:
+    """Sample one answer per prompt at the policy's current weights: (answers, seconds, engine)."""
+    from ..core.batch import BatchEngine
+    from ..core.generate import SamplingParams
+
+    started = time.perf_counter()
+    native = native_policy(model, dtype)
+    runner_model = native if native is not None else causal_lm(model)
+    was_training = runner_model.training
+    runner_model.eval()
+    try:
+        engine = BatchEngine(runner_model, tokenizer, context_length, max_batch_size=max(1, min(max_batch_size, len(prompts))),
+                             max_queue=len(prompts), prefix_cache_bytes=0)
+        requests = [engine.submit(ids, SamplingParams(temperature=temperature, top_p=1.0, top_k=0,
+                                                      max_new_tokens=max_new_tokens, seed=seed))
+                    for ids, seed in zip(prompts, seeds)]
+        while engine.step():
+            pass
+    finally:
+        if was_training:
+            runner_model.train()
+    answers = []
+    for request in requests:
+        if request.stats.finish_reason == "error":
+            raise request.exception or RuntimeError("rollout generation failed")
+        ids = list(request.output_ids)
+        if request.stop_token_id is not None:  # the policy learns to stop: the stop token is an action
+            ids.append(request.stop_token_id)
+        answers.append(Answer(ids, request.stats.finish_reason or "length"))
+    return answers, time.perf_counter() - started, "native" if native is not None else "transformers"
