@@ -20,7 +20,7 @@ from vicuna_cli.train.dpo import DpoConfig, FIGURES, build_dpo_samples, collate 
 from vicuna_cli.train.labels import IGNORE
 from vicuna_cli.train.rundir import read_metrics
 
-from test_train_rm import write_pairs
+from pair_runs import pair_config, trained_with_held_out, write_pairs
 
 
 LAYOUTS = {"packed": dict(packing=True), "shared prompt": dict(packing=True, shared=True), "padded": dict(packing=False)}
@@ -218,19 +218,13 @@ def test_only_the_answer_turns_are_scored(bpe_model_dir):
 
 
 def config(model_dir, data, out, **overrides) -> DpoConfig:
-    values = dict(model=str(model_dir), data=[str(data)], output=out, max_length=128, global_batch_size=8,
-                  learning_rate=2e-3, warmup_steps=0, lr_schedule="constant", log_every=5)
-    values.update(overrides)
-    return DpoConfig(**values)
+    return pair_config(DpoConfig, model_dir, data, out, learning_rate=2e-3, **overrides)
 
 
 @pytest.fixture(scope="module")
 def trained(bpe_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo")
-    data = write_pairs(root / "train.jsonl", 160, seed=1)
-    held = write_pairs(root / "held.jsonl", 60, seed=2)
-    out = root / "run"
-    return out, held, run_dpo(config(bpe_model_dir, data, out, eval_data=[str(held)], max_steps=40, eval_every=20))
+    return trained_with_held_out(tmp_path_factory.mktemp("dpo"), bpe_model_dir, 160, run_dpo, config,
+                                 max_steps=40, eval_every=20)
 
 
 def test_learns_a_synthetic_preference(trained):

@@ -5,7 +5,6 @@ as AutoModelForSequenceClassification, and bad inputs are counted or refused."""
 from __future__ import annotations
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -19,27 +18,7 @@ from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.train.rm import RewardConfig, build_pair_samples, collate, rm_loss, run_rm
 from vicuna_cli.train.rundir import read_metrics
 
-WORDS = "hello there how are you I am fine thank you the capital of France is Paris".split()
-
-
-def write_pairs(path: Path, n: int, seed: int = 0, sources=("alpha", "beta")) -> Path:
-    """The answer that contains "Paris" wins; both answers otherwise random words of similar length."""
-    rng = random.Random(seed)
-
-    def words(k):
-        return " ".join(rng.choice([w for w in WORDS if w != "Paris"]) for _ in range(k))
-
-    records = []
-    for i in range(n):
-        k = rng.randint(2, 6)
-        good, bad = words(k).split(), words(k + rng.choice([-1, 0, 1])).split()
-        good.insert(rng.randrange(len(good) + 1), "Paris")
-        records.append({"id": f"p{i}", "prompt": [{"role": "user", "content": words(rng.randint(2, 5))}],
-                        "chosen": [{"role": "assistant", "content": " ".join(good)}],
-                        "rejected": [{"role": "assistant", "content": " ".join(bad)}],
-                        "source": sources[i % len(sources)]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+from pair_runs import pair_config, trained_with_held_out, write_pairs
 
 
 def reward_model(model_dir: Path):
@@ -153,19 +132,12 @@ def test_share_prompt_only_where_the_attention_takes_the_mask(tmp_path, monkeypa
 
 
 def config(model_dir, data, out, **overrides) -> RewardConfig:
-    values = dict(model=str(model_dir), data=[str(data)], output=out, max_length=128, global_batch_size=8,
-                  learning_rate=3e-3, warmup_steps=0, lr_schedule="constant", log_every=5)
-    values.update(overrides)
-    return RewardConfig(**values)
+    return pair_config(RewardConfig, model_dir, data, out, learning_rate=3e-3, **overrides)
 
 
 @pytest.fixture(scope="module")
 def trained(bpe_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm")
-    data = write_pairs(root / "train.jsonl", 240, seed=1)
-    held = write_pairs(root / "held.jsonl", 60, seed=2)
-    out = root / "run"
-    return out, held, run_rm(config(bpe_model_dir, data, out, eval_data=[str(held)], epochs=3))
+    return trained_with_held_out(tmp_path_factory.mktemp("rm"), bpe_model_dir, 240, run_rm, config, epochs=3)
 
 
 def test_learns_a_synthetic_preference_and_loads_back_as_a_sequence_classifier(trained):

@@ -1,51 +1,28 @@
 """`train rm` on the shared run machinery: SIGKILL or SIGTERM then --resume auto gives the same
-per-step losses as an uninterrupted run, and 2 gloo processes equal 1 (helpers of the SFT tests)."""
+per-step losses as an uninterrupted run, and 2 gloo processes equal 1 (pair_runs, on the helpers of
+the SFT tests)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-import torch
-import yaml
 
 from vicuna_cli.train.rm import RewardConfig, run_rm
-from vicuna_cli.train.rundir import read_metrics
 
-from test_train_distributed import flags, free_port
-from test_train_resume import kill_then_resume, losses, start, terminate_then_resume
-from test_train_rm import write_pairs
-
-STEPS = 8
-OPTIONS = {"max_length": 128, "global_batch_size": 4, "max_steps": STEPS, "learning_rate": 5e-3, "save_every": 2,
-           "keep_checkpoints": 3, "log_every": 1}
-
-
-def config(model_dir, data, out, **extra) -> RewardConfig:
-    # LoRA dropout draws random numbers every step: resuming must restore the RNG states.
-    return RewardConfig(model=str(model_dir), data=[str(data)], output=out, lora=True, lora_r=4, **OPTIONS, **extra)
+from pair_runs import interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
+from test_train_resume import kill_then_resume, losses, terminate_then_resume
 
 
 @pytest.fixture(scope="module")
 def setup(bpe_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm_resume")
-    data = write_pairs(root / "pairs.jsonl", 40, seed=4)
-    reference = root / "reference"
-    run_rm(config(bpe_model_dir, data, reference))
-    assert len(losses(reference)) == STEPS
+    data, reference = uninterrupted(tmp_path_factory.mktemp("rm_resume"), bpe_model_dir, RewardConfig, run_rm)
     return bpe_model_dir, data, reference
-
-
-ARGS = [*flags(OPTIONS), "--lora", "--lora-r", "4"]
 
 
 @pytest.mark.slow
 def test_rm_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
     model_dir, data, reference = setup
     out = tmp_path / "killed"
-    kill_then_resume(start(model_dir, data, out, "rm", ARGS), out, STEPS,
-                     lambda: run_rm(config(model_dir, data, out, resume="auto")))
+    interrupt_then_resume(kill_then_resume, "rm", RewardConfig, run_rm, model_dir, data, out)
     assert losses(out) == losses(reference)
 
 
@@ -53,32 +30,12 @@ def test_rm_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_pat
 def test_rm_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
     model_dir, data, reference = setup
     out = tmp_path / "terminated"
-    terminate_then_resume(start(model_dir, data, out, "rm", ARGS), out, STEPS,
-                          lambda: run_rm(config(model_dir, data, out, resume="auto")))
+    interrupt_then_resume(terminate_then_resume, "rm", RewardConfig, run_rm, model_dir, data, out)
     assert losses(out) == losses(reference)
 
 
 @pytest.mark.slow
 def test_rm_two_gloo_processes_match_one_process(bpe_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    data = write_pairs(tmp_path / "pairs.jsonl", 30, seed=5)
-    options = {**OPTIONS, "global_batch_size": 8, "max_steps": 4, "eval_split": 0.2, "eval_every": 2, "warmup_steps": 0}
-    single = tmp_path / "single"
-    run_rm(RewardConfig(model=str(bpe_model_dir), data=[str(data)], output=single, **options))
-    double = tmp_path / "double"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "vicuna_cli", "train", "rm", "-m", str(bpe_model_dir),
-               "--data", str(data), "-o", str(double), "--device", "cpu", *flags(options)]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
-    assert yaml.safe_load((double / "config.yaml").read_text())["resolved"]["processes"] == 2
-    one, two = read_metrics(single), read_metrics(double)
-    assert [m["step"] for m in two] == [m["step"] for m in one]
-    for key in ("loss", "eval_loss", "eval_accuracy", "eval_margin"):
-        values = [m[key] for m in one if key in m]
-        assert len(values) == {"loss": 4}.get(key, 3)
-        assert [m[key] for m in two if key in m] == pytest.approx(values, rel=1e-5, abs=1e-6), key
-    a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
-    assert a.keys() == b.keys() and "score.weight" in a
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    counts = {"loss": 4, "eval_loss": 3, "eval_accuracy": 3, "eval_margin": 3}
+    *_, weights = one_and_two_gloo_processes("rm", RewardConfig, run_rm, bpe_model_dir, tmp_path, counts)
+    assert "score.weight" in weights

@@ -7,32 +7,10 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const KEY_STORAGE = "vicuna.apiKey";
   const MODEL_STORAGE = "vicuna.model";
   const state = { history: [], controller: null };
-  const { describe, httpError, sseEvents, renderContent } = window.vicuna;
-
-  // ---- errors -------------------------------------------------------------------------------
-
-  function showError(message) {
-    const box = $("error");
-    box.textContent = message;
-    box.hidden = false;
-  }
-
-  function clearError() {
-    const box = $("error");
-    box.textContent = "";
-    box.hidden = true;
-  }
-
-  function headers(json) {
-    const h = {};
-    if (json) h["Content-Type"] = "application/json";
-    const key = $("api-key").value.trim();
-    if (key) h["Authorization"] = `Bearer ${key}`;
-    return h;
-  }
+  const { describe, httpError, sseEvents, renderContent, showError, clearError, headers, bindApiKey, bindComposer } =
+    window.vicuna;
 
   // ---- models -------------------------------------------------------------------------------
 
@@ -228,32 +206,12 @@
   }
 
   function start() {
-    const keyInput = $("api-key");
-    keyInput.value = localStorage.getItem(KEY_STORAGE) || "";
-    keyInput.addEventListener("change", () => {
-      const key = keyInput.value.trim();
-      if (key) localStorage.setItem(KEY_STORAGE, key);
-      else localStorage.removeItem(KEY_STORAGE);
-      loadModels();
-    });
+    bindApiKey(loadModels);
     $("model").addEventListener("change", () => localStorage.setItem(MODEL_STORAGE, $("model").value));
     $("reload-models").addEventListener("click", loadModels);
     $("new-chat").addEventListener("click", newChat);
     $("stop").addEventListener("click", () => state.controller && state.controller.abort());
-    $("composer").addEventListener("submit", (e) => {
-      e.preventDefault();
-      if (state.controller) return;
-      const text = $("prompt").value.trim();
-      if (!text) return;
-      $("prompt").value = "";
-      send(text);
-    });
-    $("prompt").addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-        e.preventDefault();
-        $("composer").requestSubmit();
-      }
-    });
+    bindComposer(() => !state.controller, send);
     loadModels();
   }
 

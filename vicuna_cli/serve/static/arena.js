@@ -6,28 +6,10 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const KEY_STORAGE = "vicuna.apiKey"; // the chat page's key: one key for the whole server
-  const { describe, httpError, sseEvents, renderContent } = window.vicuna;
+  const { describe, httpError, sseEvents, renderContent, showError, clearError, headers, bindApiKey, bindComposer } =
+    window.vicuna;
   const state = { battle: null, busy: false, ready: false, controller: null };
   const LABELS = { model_a: "A is better", model_b: "B is better", tie: "a tie", "tie (bothbad)": "both are bad" };
-
-  function showError(message) {
-    $("error").textContent = message;
-    $("error").hidden = false;
-  }
-
-  function clearError() {
-    $("error").textContent = "";
-    $("error").hidden = true;
-  }
-
-  function headers(json) {
-    const h = {};
-    if (json) h["Content-Type"] = "application/json";
-    const key = $("api-key").value.trim();
-    if (key) h["Authorization"] = `Bearer ${key}`;
-    return h;
-  }
 
   function side(name) {
     const el = $(`side-${name}`);
@@ -179,14 +161,7 @@
   }
 
   function start() {
-    const keyInput = $("api-key");
-    keyInput.value = localStorage.getItem(KEY_STORAGE) || "";
-    keyInput.addEventListener("change", () => {
-      const key = keyInput.value.trim();
-      if (key) localStorage.setItem(KEY_STORAGE, key);
-      else localStorage.removeItem(KEY_STORAGE);
-      loadStatus();
-    });
+    bindApiKey(loadStatus); // the chat page's key: one key for the whole server
     for (const button of $("votes").querySelectorAll("button")) {
       button.addEventListener("click", () => vote(button.dataset.vote));
     }
@@ -196,20 +171,7 @@
       resetSides();
       $("prompt").focus();
     });
-    $("composer").addEventListener("submit", (e) => {
-      e.preventDefault();
-      if (state.busy || !state.ready) return;
-      const text = $("prompt").value.trim();
-      if (!text) return;
-      $("prompt").value = "";
-      battle(text);
-    });
-    $("prompt").addEventListener("keydown", (e) => {
-      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
-        e.preventDefault();
-        $("composer").requestSubmit();
-      }
-    });
+    bindComposer(() => !state.busy && state.ready, battle);
     setBusy(false);
     loadStatus();
   }

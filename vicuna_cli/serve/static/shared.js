@@ -1,5 +1,6 @@
 // What the chat page (app.js) and the arena page (arena.js) share: error messages from an HTTP
-// reply, server-sent events read from a fetch body, and the safe rendering of model text.
+// reply, server-sent events read from a fetch body, the safe rendering of model text, the error
+// box, the API key (stored, sent as a bearer token) and the prompt box's send-on-Enter form.
 // Plain JavaScript, no build step. Model text is only ever placed with textContent /
 // createElement, never innerHTML: an answer that contains <script> or <img onerror=...> shows up
 // as text.
@@ -124,5 +125,59 @@ window.vicuna = (() => {
     }
   }
 
-  return { describe, httpError, sseEvents, renderContent };
+  // The page elements both pages have: #error (one message box), #api-key (stored in
+  // localStorage under one name, so the chat and arena pages use the same key), #composer/#prompt.
+  const $ = (id) => document.getElementById(id);
+  const KEY_STORAGE = "vicuna.apiKey";
+
+  function showError(message) {
+    $("error").textContent = message;
+    $("error").hidden = false;
+  }
+
+  function clearError() {
+    $("error").textContent = "";
+    $("error").hidden = true;
+  }
+
+  function headers(json) {
+    const h = {};
+    if (json) h["Content-Type"] = "application/json";
+    const key = $("api-key").value.trim();
+    if (key) h["Authorization"] = `Bearer ${key}`;
+    return h;
+  }
+
+  // Fill the key box from storage; an edited key is stored (an empty one forgotten), then changed().
+  function bindApiKey(changed) {
+    const keyInput = $("api-key");
+    keyInput.value = localStorage.getItem(KEY_STORAGE) || "";
+    keyInput.addEventListener("change", () => {
+      const key = keyInput.value.trim();
+      if (key) localStorage.setItem(KEY_STORAGE, key);
+      else localStorage.removeItem(KEY_STORAGE);
+      changed();
+    });
+  }
+
+  // The composer form both pages have (#composer, #prompt): Enter sends, Shift+Enter breaks the
+  // line; a non-blank prompt goes to send(text) and the box empties, unless canSend() says no.
+  function bindComposer(canSend, send) {
+    $("composer").addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (!canSend()) return;
+      const text = $("prompt").value.trim();
+      if (!text) return;
+      $("prompt").value = "";
+      send(text);
+    });
+    $("prompt").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        $("composer").requestSubmit();
+      }
+    });
+  }
+
+  return { describe, httpError, sseEvents, renderContent, showError, clearError, headers, bindApiKey, bindComposer };
 })();
