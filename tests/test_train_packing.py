@@ -115,6 +115,7 @@ def test_fused_and_plain_losses_agree(model64):
 def _one_step(model, samples, packing, capacity, micro_batch_size):
     from accelerate import Accelerator
 
+    from vicuna_cli.train.checkpoint import TrainerState
     from vicuna_cli.train.loop import LoopSpec, _step
     from vicuna_cli.train.modeling import LossModule, sft_loss
 
@@ -125,7 +126,7 @@ def _one_step(model, samples, packing, capacity, micro_batch_size):
                     collate=lambda b: collate(b, packing, 0), packing=packing, capacity=capacity,
                     micro_batch_size=micro_batch_size, max_grad_norm=0)
     loss, _, _, n, _ = _step(Accelerator(cpu=True), module, optimizer, scheduler, spec, list(range(len(samples))), 1, 0,
-                          list(module.parameters()))
+                          list(module.parameters()), TrainerState())
     return loss, n, [p.detach().clone() for p in module.parameters()]
 
 
