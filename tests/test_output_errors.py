@@ -74,9 +74,29 @@ def test_train_sft_checks_its_output_before_loading_the_model(tmp_path, monkeypa
         out, why = tmp_path / "file" / "run", f"{tmp_path / 'file'} is a file, not a directory"
     else:
         out, why = read_only, "Permission denied"
-    config = TrainConfig(model="unused", data=[str(tmp_path / "unused.json")], output=out)
+    (tmp_path / "data.json").write_text("[]")  # inputs are checked first (next test)
+    config = TrainConfig(model="unused", data=[str(tmp_path / "data.json")], output=out)
     with pytest.raises(VicunaError, match=f"cannot write the run in {out}: {why}"):
         run_sft(config)
+
+
+@pytest.mark.parametrize("command", [["train", "sft"], ["train", "rm"], ["train", "dpo"]])
+@pytest.mark.parametrize("option", ["--data", "--eval-data"])
+def test_a_missing_input_fails_before_the_run_dir_is_made(tmp_path, monkeypatch, command, option):
+    """A mistyped data path used to surface only after the model loaded, leaving an empty run dir."""
+    from typer.testing import CliRunner
+
+    from vicuna_cli.cli import app
+
+    monkeypatch.setattr(modeling, "load_for_training", _never_load)
+    (tmp_path / "pairs.jsonl").write_text("")
+    data = [str(tmp_path / "pairs.jsonl")] if option == "--eval-data" else []
+    args = [*command, "-m", "unused", *(["--data", *data] if data else []), option, str(tmp_path / "typo.jsonl"),
+            "-o", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)  # the app raises; `vicuna`'s handler prints it as one line
+    assert isinstance(result.exception, VicunaError)
+    assert result.exception.message == f"input {tmp_path / 'typo.jsonl'} does not exist"
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_judge_cache_with_corrupt_pages_says_delete_it(tmp_path):

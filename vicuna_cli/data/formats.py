@@ -70,6 +70,15 @@ class _Counted:
         return data
 
 
+def check_input(path: str | Path) -> None:
+    """An input file (`-`: stdin) that can be opened, or a VicunaError naming why; commands call it
+    before any slow loading, so a missing file fails at once."""
+    if str(path) != "-" and not Path(path).exists():
+        raise VicunaError(f"input {path} does not exist")
+    if Path(path).is_dir():
+        raise VicunaError(f"input {path} is a directory", hint="pass the data files themselves")
+
+
 class InputFile:
     """An opened input (`-` is stdin): its container, its record format, and its records."""
 
@@ -79,10 +88,7 @@ class InputFile:
         self._formats, self._detect = formats or INPUT_FORMATS, detect or detect_format
         self.path = str(path)
         self.name = "<stdin>" if self.path == "-" else self.path
-        if self.path != "-" and not Path(self.path).exists():
-            raise VicunaError(f"input {self.path} does not exist")
-        if Path(self.path).is_dir():
-            raise VicunaError(f"input {self.path} is a directory", hint="pass the data files themselves")
+        check_input(self.path)
         self._file: BinaryIO = sys.stdin.buffer if self.path == "-" else open(self.path, "rb")
         try:
             self._open(input_format)

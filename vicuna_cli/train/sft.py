@@ -81,6 +81,10 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
     # A bad -o must fail now, not after the 10+ s of imports and model loading below.
     if config.output is None:
         raise VicunaError("no output dir: pass -o RUN_DIR")
+    from ..data.formats import check_input
+
+    for path in [*config.data, *config.eval_data, *getattr(config, "prompts", [])]:
+        check_input(path)  # before the run dir is made and the model loaded
     ensure_writable(config.output.expanduser(), "run")
     import torch
     from accelerate import Accelerator
