@@ -62,8 +62,10 @@ def trained_with_held_out(root: Path, model_dir, train_pairs: int, run: Callable
 # ---------------------------------------------------------------- the run machinery (slow tests)
 
 STEPS = 8
+# One fixed torch thread count on both sides: the adaptive default (core/threads.py) may change it
+# mid-run, and with it the order of float sums, which these exact comparisons must not see.
 OPTIONS = {"max_length": 128, "global_batch_size": 4, "max_steps": STEPS, "learning_rate": 5e-3, "save_every": 2,
-           "keep_checkpoints": 3, "log_every": 1}
+           "keep_checkpoints": 3, "log_every": 1, "threads": 1}
 ARGS = [*flags(OPTIONS), "--lora", "--lora-r", "4"]
 
 
