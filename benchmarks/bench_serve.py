@@ -508,7 +508,7 @@ def main() -> None:
                         help="torch threads for every target (OMP_NUM_THREADS for the servers); default: torch's own")
     parser.add_argument("--max-foreign", type=float, default=0.10, help="warn when others took more of the CPUs")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp") / f"bench-serve-{os.getpid()}")
-    parser.add_argument("--json", default=None, help="write results here (default benchmarks/results/)")
+    parser.add_argument("--json", default=None, help="write results here (default benchmarks/records/)")
     args = parser.parse_args()
 
     info = machine_info()
