@@ -134,7 +134,7 @@ def test_serve_error_from_an_upstream_body():
 
 
 def test_vllm_request_mapping():
-    from vicuna_cli.serve.backends import vllm_sampling_kwargs
+    from vicuna_cli.serve.backends.vllm_engine import vllm_sampling_kwargs
 
     p = GenerateParams(temperature=0.3, top_p=0.0, max_tokens=50, presence_penalty=0.5, frequency_penalty=-0.2,
                        logprobs=True, top_logprobs=3, n=2)
@@ -147,17 +147,20 @@ def test_vllm_request_mapping():
 
 def test_vllm_backend_names_the_extra_when_vllm_is_missing(monkeypatch):
     from vicuna_cli.serve.backends import VLLMBackend
+    from vicuna_cli.serve.config import WorkerConfig
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails, installed or not
+    cfg = WorkerConfig()
     with pytest.raises(VicunaError) as info:
-        VLLMBackend("m", "some/model")
+        VLLMBackend("m", "some/model", None, cfg.max_batch_size, cfg.max_queue, cfg.dtype)
     assert "the optional package 'vllm' is not installed (needed for the vllm worker backend)" in info.value.message
     assert info.value.hint == "pip install 'vicuna-cli[vllm]'"
 
 
 def test_hf_engine_params_and_seeds_per_choice():
     from vicuna_cli.core.generate import SamplingParams
-    from vicuna_cli.serve.backends import choice_seed, engine_params
+    from vicuna_cli.serve.backends.base import choice_seed
+    from vicuna_cli.serve.backends.hf import engine_params
 
     p = GenerateParams(temperature=0.5, top_p=0, presence_penalty=1.0, logprobs=True, top_logprobs=2)
     params = SamplingParams(**engine_params(p, ("</s>",), 10, choice_seed(7, 2)))
@@ -169,7 +172,7 @@ def test_hf_engine_params_and_seeds_per_choice():
 def test_openai_proxy_payloads():
     from vicuna_cli.serve.backends import OpenAIProxyBackend
 
-    backend = OpenAIProxyBackend("hosted", "https://up.example/v1/", "gpt-x")
+    backend = OpenAIProxyBackend("hosted", "https://up.example/v1/", "gpt-x", None, max_queue=4)
     p = GenerateParams(temperature=0, top_p=1, max_tokens=8, seed=3, stop=["\n"], logprobs=True, top_logprobs=2, n=2)
     path, body = backend.payload(GenerateRequest(model="hosted", request_id="r", messages=[{"role": "user", "content": "hi"}], params=p))
     assert path == "/chat/completions"
@@ -446,9 +449,11 @@ def test_a_long_chat_request_is_rendered_in_one_template_pass(bpe_model_dir):
     import asyncio
 
     from vicuna_cli.serve.backends import HFBackend
+    from vicuna_cli.serve.config import WorkerConfig
     from vicuna_cli.serve.protocol import GenerateRequest
 
-    backend = HFBackend("tiny", str(bpe_model_dir), device="cpu", dtype="float32", implementation="auto", max_batch_size=2)
+    cfg = WorkerConfig()
+    backend = HFBackend("tiny", str(bpe_model_dir), None, "cpu", "float32", "auto", 2, cfg.max_queue, cfg.prefix_cache_mb)
     try:
         tokenizer = backend.template.tokenizer
         real, calls = tokenizer.apply_chat_template, []
@@ -459,7 +464,10 @@ def test_a_long_chat_request_is_rendered_in_one_template_pass(bpe_model_dir):
 
         tokenizer.apply_chat_template = counted
         messages = [{"role": role, "content": f"turn {i}"} for i in range(100) for role in ("user", "assistant")]
-        ids, _ = backend.prompt_ids(GenerateRequest(model="tiny", request_id="r", messages=messages + [{"role": "user", "content": "end"}]))
-        assert ids and len(calls) == 1
+        # 201 messages overflow the tiny model's context: the one encode step renders once, then refuses.
+        with pytest.raises(ServeError) as refused:
+            backend.prompt_ids(GenerateRequest(model="tiny", request_id="r", messages=messages + [{"role": "user", "content": "end"}]))
+        assert (refused.value.status, refused.value.code) == (400, "context_length_exceeded")
+        assert len(calls) == 1
     finally:
         asyncio.run(backend.close())
