@@ -7,7 +7,7 @@ stop strings" (`encode_prompt`), and for the rules it is made of:
 - stop strings (`merge_stops`): the template's first, then the request's, without repeats;
 - the context check (`generate.check_prompt`): one message, from `generate.ContextOverflow`.
 
-Chat (`chat/backends.py`) and serve (`serve/backends/hf.py`, `vllm.py`) call `encode_prompt`;
+Chat (`chat/backends.py`) and serve (`serve/backends/hf.py`, `vllm_engine.py`) call `encode_prompt`;
 data split and train labels batch-encode rendered text themselves (token offsets, a fast
 tokenizer's `encode_batch`) but take the BOS rule from here through `data.split.TokenCounter`.
 """
