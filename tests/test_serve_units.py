@@ -157,6 +157,42 @@ def test_vllm_backend_names_the_extra_when_vllm_is_missing(monkeypatch):
     assert info.value.hint == "pip install 'vicuna-cli[vllm]'"
 
 
+def test_vllm_backend_encodes_with_the_shared_rule(monkeypatch, sp_model_dir):
+    """The vllm backend feeds vLLM the ids and stops of core/encoding.py (template stops first) and
+    refuses an overflowing prompt with the hf backend's 400 (param included)."""
+    import asyncio
+    import types
+
+    from transformers import AutoTokenizer
+
+    from vicuna_cli.core.templates import get_template
+    from vicuna_cli.serve.backends import VLLMBackend
+
+    sampling_module = types.ModuleType("vllm.sampling_params")
+    sampling_module.RequestOutputKind = types.SimpleNamespace(DELTA="delta")
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.sampling_params = sampling_module
+    made = []
+    fake_vllm.SamplingParams = lambda **kwargs: made.append(kwargs) or kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_module)
+
+    backend = object.__new__(VLLMBackend)  # no engine: open() only prepares the requests
+    backend.vllm, backend.tokenizer = fake_vllm, AutoTokenizer.from_pretrained(sp_model_dir)
+    backend.template, backend.context_length, backend.max_queue, backend.active = get_template("vicuna_v1.1"), 512, 8, 0
+    messages = [{"role": "user", "content": "hi"}]
+    stream = asyncio.run(backend.open(GenerateRequest(model="m", request_id="r", messages=messages,
+                                                      params=GenerateParams(stop=["\n", "</s>"], max_tokens=500))))
+    prompt_tokens = len(backend.tokenizer(get_template("vicuna_v1.1").prompt_text(messages))["input_ids"])
+    assert stream.prompt_tokens == prompt_tokens
+    assert made[0]["stop"] == ["</s>", "USER:", "\n"] and made[0]["max_tokens"] == 512 - prompt_tokens < 500
+    for source in stream.sources:
+        asyncio.run(source.aclose())
+    with pytest.raises(ServeError) as refused:
+        asyncio.run(backend.open(GenerateRequest(model="m", request_id="r", messages=[{"role": "user", "content": "hi " * 600}])))
+    assert (refused.value.status, refused.value.code, refused.value.param) == (400, "context_length_exceeded", "messages")
+
+
 def test_hf_engine_params_and_seeds_per_choice():
     from vicuna_cli.core.generate import SamplingParams
     from vicuna_cli.serve.backends.base import choice_seed
