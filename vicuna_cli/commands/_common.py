@@ -64,14 +64,17 @@ def config_params(config: type, names: dict[str, Any], skip: tuple[str, ...] = (
         spec = names.get(field, ())
         kwargs = dict(spec) if isinstance(spec, dict) else {"param_decls": tuple(spec)}
         decls = kwargs.pop("param_decls", ()) or ("--" + field.replace("_", "-"),)
-        default = info.get_default(call_default_factory=True)
+        default = ... if info.is_required() else info.get_default(call_default_factory=True)
         # A flag may take a form the config's validator parses (`--price 2,8` for a pair of floats).
         annotation = kwargs.pop("annotation", None) or cli_type(info.annotation)
         if isinstance(default, (list, tuple)) or default is None:
             default = None  # typer's empty list or unset: the config's default applies
             annotation = Optional[annotation]
-        kwargs.setdefault("show_default", default is not None and default != "")
-        option = typer.Option(default, *decls, help=info.description, **kwargs)
+        kwargs.setdefault("show_default", default not in (None, "", ...))
+        if kwargs.pop("argument", False):  # a positional argument: its decls are not flags
+            option = typer.Argument(default, help=info.description, **kwargs)
+        else:
+            option = typer.Option(default, *decls, help=info.description, **kwargs)
         params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params
 

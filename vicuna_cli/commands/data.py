@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
-from ._common import TRUST_REMOTE_CODE
+from ..data.config import FetchConfig
+from ._common import TRUST_REMOTE_CODE, build, derived
 
 app = typer.Typer(help="Fetch, clean and describe conversation datasets.", no_args_is_help=True)
 
@@ -25,15 +26,8 @@ _CONFIG = typer.Option(None, "--config", help="YAML file of options; flags overr
 
 
 @app.command("fetch")
-def fetch(
-    source: str = typer.Argument(..., help="hf://owner/name (a Hub dataset), an http(s):// URL, or a local file."),
-    output: Path = typer.Option(..., "-o", "--output", help="Directory to fetch into (manifest.yaml is written there)."),
-    file: Optional[str] = typer.Option(None, "--file", help="hf:// only: the file's path in the dataset repo."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="hf:// only: branch, tag or commit."),
-    sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256; a file that differs is removed."),
-    retries: int = typer.Option(3, "--retries", min=0, help="Resume an interrupted download this many times."),
-    force: bool = typer.Option(False, "--force", help="Fetch again even if the manifest says it is done."),
-) -> None:
+@derived(FetchConfig, {"source": {"argument": True}, "output": ("-o", "--output")}, config_option=False)
+def fetch(ctx: typer.Context, **options: Any) -> None:
     """Download a dataset file with progress and resume, verify it, and record it in a manifest.
 
     Prints the local path on stdout. Running it again after it completed does nothing.
@@ -42,7 +36,9 @@ def fetch(
     from ..core.store import human_size
     from ..data.fetch import fetch as run
 
-    result = run(source, output, file=file, revision=revision, sha256=sha256, retries=retries, force=force)
+    config = build(ctx, FetchConfig)
+    result = run(config.source, config.output, file=config.file, revision=config.revision, sha256=config.sha256,
+                 retries=config.retries, force=config.force)
     if result.already:
         console.info(f"already fetched: {result.path} ({human_size(result.entry['size'])}, sha256 {result.entry['sha256'][:12]}…); nothing to do")
     else:

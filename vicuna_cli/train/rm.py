@@ -21,43 +21,15 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
 from ..core.errors import VicunaError
 from ..core.templates import template_for_model
 from ..data.split import TokenCounter
-from .config import TrainConfig
+from .config import PairTrainConfig, RewardConfig  # noqa: F401  (RewardConfig: imported from here)
 
 
-class PairTrainConfig(TrainConfig):
-    """`train sft`'s options for pairwise methods (`train rm`, `train dpo`): one epoch (InstructGPT,
-    TRL, Zephyr), the batch counted in pairs, and SHP's ratio filter."""
-
-    epochs: int = Field(1, ge=1)
-    global_batch_size: int | None = Field(64, ge=1)  # pairs per optimizer step
-    shp_min_ratio: float = Field(2.0, ge=1.0)
-    share_prompt: bool = True  # packed rows hold a pair's common prompt once (SDPA or eager attention)
-
-    @property
-    def row_capacity(self) -> int:
-        # --max-length bounds each sequence; a packed row must hold both sides of a pair.
-        return self.micro_batch_tokens or 2 * self.max_length
-
-    def batch_size(self) -> int | None:
-        return None if self.global_batch_tokens is not None else self.global_batch_size
 
 
-class RewardConfig(PairTrainConfig):
-    """A reward model trains at a lower rate than SFT (InstructGPT, TRL)."""
-
-    learning_rate: float = Field(1e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _no_merge(self) -> "RewardConfig":
-        if self.merge:
-            raise ValueError("--merge is not available for reward models yet: the LoRA adapter and its score head "
-                             "are saved to RUN_DIR/adapter")
-        return self
 
 
 @dataclass(frozen=True)
