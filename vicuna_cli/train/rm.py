@@ -175,8 +175,8 @@ def evaluate_pairs(accelerator: Any, module: Any, spec: Any) -> dict[str, Any]:
     sources = sorted({s.source for s in spec.eval_samples})
     totals = torch.zeros(len(sources) + 1, 3, dtype=torch.float64, device=accelerator.device)  # right, n, margin
     module.eval()
-    for group in split_step(list(range(len(spec.eval_samples))), spec.eval_lengths, world, rank, spec.packing,
-                            spec.capacity, spec.micro_batch_size):
+    for group in split_step(list(range(len(spec.eval_samples))), spec.eval_lengths, world, rank, spec.config.packing,
+                            spec.config.row_capacity, spec.config.micro_batch_size):
         samples = [spec.eval_samples[i] for i in group]
         batch = {k: v.to(accelerator.device) for k, v in spec.collate(samples).items()}
         scores = module({**batch, "want_rewards": torch.tensor(1)})
