@@ -12,11 +12,9 @@ from typing import Any, Callable, List, Optional, Union
 import typer
 
 from ..core.hf import TRUST_REMOTE_CODE_HELP
-from ..core.threads import THREADS_HELP
 
-# Commands whose options are not (yet) fields of a config still share these two declarations.
+# Commands whose options are not (yet) fields of a config (data clean) still share this declaration.
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
-THREADS = typer.Option(None, "--threads", help=THREADS_HELP, show_default=False)
 
 CONFIG_HELP = "YAML file of options; flags override it."
 
@@ -64,14 +62,17 @@ def config_params(config: type, names: dict[str, Any], skip: tuple[str, ...] = (
         spec = names.get(field, ())
         kwargs = dict(spec) if isinstance(spec, dict) else {"param_decls": tuple(spec)}
         decls = kwargs.pop("param_decls", ()) or ("--" + field.replace("_", "-"),)
-        default = ... if info.is_required() else info.get_default(call_default_factory=True)
+        argument = kwargs.pop("argument", False)
+        # A required option is left to the config to report ("--base: Field required", exit 1),
+        # like every other invalid value; a required argument is click's to ask for.
+        default = ... if argument and info.is_required() else None if info.is_required() else info.get_default(call_default_factory=True)
         # A flag may take a form the config's validator parses (`--price 2,8` for a pair of floats).
         annotation = kwargs.pop("annotation", None) or cli_type(info.annotation)
         if isinstance(default, (list, tuple)) or default is None:
             default = None  # typer's empty list or unset: the config's default applies
             annotation = Optional[annotation]
         kwargs.setdefault("show_default", default not in (None, "", ...))
-        if kwargs.pop("argument", False):  # a positional argument: its decls are not flags
+        if argument:  # a positional argument: its decls are not flags
             option = typer.Argument(default, help=info.description, **kwargs)
         else:
             option = typer.Option(default, *decls, help=info.description, **kwargs)
