@@ -227,3 +227,19 @@ class InspectConfig(CommandConfig):
     template: Optional[str] = Field(None, description=TEMPLATE_HELP)
     max_length: int = Field(2048, gt=1, description="Most tokens per sample.")
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
+
+
+class ScoreConfig(CommandConfig):
+    """`vicuna rm score`: a reward model over pairs, conversations or FastChat answers."""
+
+    input: str = Field(description="A pairwise file (or HH-RLHF/SHP/OASST1), a conversation file, or a FastChat answer file.")
+    model: str = Field(description="Reward model: a `train rm` run dir or a sequence classifier with one label.")
+    # conversations and answers: the records with `reward` added
+    output: Optional[Path] = Field(None, description="Write the records with their reward(s) here (needed for conversations and answers).")
+    kind: Literal["auto", "pairs", "conversations", "answers"] = Field("auto", description="auto (detected), pairs, conversations or answers.")
+    bench: Optional[str] = Field(None, description="FastChat answers: the questions (built-in name, question.jsonl or bench dir).")
+    template: Optional[str] = Field(None, description="Template (default: the one the model was trained with).")
+    batch_tokens: int = Field(4096, ge=16, description="Tokens per forward pass, sequences packed.")
+    max_length: Optional[int] = Field(None, ge=2, description="Longest sequence scored (default: the model's positions); longer ones are counted, not cut.")
+    device: TrainDevice = Field("auto", description="auto, cpu or cuda (gpu).")
+    overwrite: bool = Field(False, description="Replace an existing output.")
