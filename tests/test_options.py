@@ -19,7 +19,7 @@ ROOT = typer.main.get_command(app)
 # Commands whose flags are still written in the command module (no config, or a config without
 # help text yet): each is named with where its options live, so a new command cannot slip by.
 NOT_DERIVED = {
-    "launch": "LaunchConfig/ManageConfig in launch/config.py",
+    "launch": "two configs behind one command (LaunchConfig for RECIPE, ManageConfig for status|logs|down)",
     "templates": "the listing's display flag", "templates show": "two display flags, no config",
     "models list": "one display flag", "models pull": "one argument",
     "serve status": "reads its --controller default and help from ApiConfig",
