@@ -30,7 +30,7 @@ NOT_DERIVED = {
 
 # Config fields a command deliberately does not offer, and why: a skip is a decision, not a leak.
 SKIPPED = {
-    "serve": {"insecure"},  # the all-in-one server listens on loopback roles; --insecure is per role
+    "serve": {"insecure"},  # `vicuna serve` never offered it: beyond loopback it takes --secret
     "train ppo": {"data", "eval_split", "eval_data", "eval_every", "global_batch_size", "global_batch_tokens"},
 }
 
