@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vicuna_cli.core.templates import get_template
+from vicuna_cli.train.config import TrainConfig
 from vicuna_cli.train.dataset import Conversation
 from vicuna_cli.train.labels import IGNORE, LabelBuilder
 from vicuna_cli.train.packing import best_fit_decreasing, collate, plan_epoch, split_step, supervised_tokens
@@ -122,9 +123,10 @@ def _one_step(model, samples, packing, capacity, micro_batch_size):
     module = LossModule(copy.deepcopy(model), sft_loss(True))
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    spec = LoopSpec(samples=samples, eval_samples=[], lengths=[len(s) for s in samples],
-                    collate=lambda b: collate(b, packing, 0), packing=packing, capacity=capacity,
-                    micro_batch_size=micro_batch_size, max_grad_norm=0)
+    config = TrainConfig(packing=packing, max_length=capacity, micro_batch_size=micro_batch_size, max_grad_norm=0)
+    assert config.row_capacity == capacity
+    spec = LoopSpec(samples=samples, eval_samples=[], lengths=[len(s) for s in samples], config=config,
+                    collate=lambda b: collate(b, packing, 0))
     loss, _, _, n, _ = _step(Accelerator(cpu=True), module, optimizer, scheduler, spec, list(range(len(samples))), 1, 0,
                           list(module.parameters()), TrainerState())
     return loss, n, [p.detach().clone() for p in module.parameters()]
@@ -144,7 +146,10 @@ def test_loss_and_update_do_not_depend_on_the_micro_batch_split(model64):
 def test_max_steps_wins_over_epochs():
     from vicuna_cli.train.loop import LoopSpec
 
-    spec = LoopSpec(samples=[], eval_samples=[], collate=None, lengths=[5] * 10, batch_size=4, epochs=1, max_steps=7)
-    assert spec.total_steps() == 7
-    assert [len(plan) for plan in spec.plans()] == [3, 3, 3]  # three epochs of 3 steps cover 7
-    assert LoopSpec(samples=[], eval_samples=[], collate=None, lengths=[5] * 10, batch_size=4, epochs=2).total_steps() == 6
+    def spec(**options):
+        return LoopSpec(samples=[], eval_samples=[], collate=None, lengths=[5] * 10,
+                        config=TrainConfig(global_batch_size=4, **options))
+
+    assert spec(epochs=1, max_steps=7).total_steps() == 7
+    assert [len(plan) for plan in spec(epochs=1, max_steps=7).plans()] == [3, 3, 3]  # three epochs of 3 steps cover 7
+    assert spec(epochs=2).total_steps() == 6

@@ -10,33 +10,34 @@ from typing import Iterable, Literal, Optional
 from pydantic import Field, model_validator
 
 from ..core import console
-from ..core.choices import Dtype
+from ..core.choices import Device, Dtype
 from ..core.config import CommandConfig
+from ..core.hf import TRUST_REMOTE_CODE_HELP
 from ..core.generate import GenerationStats, SamplingParams
 from ..core.threads import Threads
 from .session import ChatSession
 
 
 class ChatConfig(CommandConfig):
-    model: Optional[str] = None
-    template: Optional[str] = None
-    api_base: Optional[str] = None
-    api_key: Optional[str] = None
-    system: Optional[str] = None
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    max_new_tokens: int = Field(512, ge=1)
-    seed: Optional[int] = None
-    device: str = "auto"
-    dtype: Dtype = "auto"
-    implementation: Literal["auto", "native", "transformers"] = "auto"
-    trust_remote_code: bool = False  # a local model folder's own Python code runs only when True
+    model: Optional[str] = Field(None, description="Alias, model dir, .gguf or Hub id; with --api-base, the server's model id. Default: the embedded smollm2-135m-instruct.")
+    template: Optional[str] = Field(None, description="Conversation template (see `vicuna templates`); default: the model's own, else vicuna_v1.1.")
+    api_base: Optional[str] = Field(None, description="Chat with an OpenAI-compatible server instead, e.g. http://127.0.0.1:8000/v1.")
+    api_key: Optional[str] = Field(None, description="API key for --api-base [env: OPENAI_API_KEY].")
+    system: Optional[str] = Field(None, description="System message (default: the template's).")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling probability mass.")
+    top_k: int = Field(0, ge=0, description="Sample from the k most likely tokens; 0 = off.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Penalty for repeated tokens; 1 = off (local models).")
+    max_new_tokens: int = Field(512, ge=1, description="Most tokens per answer.")
+    seed: Optional[int] = Field(None, description="Seed for reproducible sampling.")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:1, mps.")
+    dtype: Dtype = Field("auto", description="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
+    implementation: Literal["auto", "native", "transformers"] = Field(
+        "auto", description="auto (native Llama on CPU when it fits, else transformers), native, or transformers.")
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
     threads: Threads = None
-    prompt: list[str] = Field(default_factory=list)
-    json_output: bool = False
-
+    prompt: list[str] = Field(default_factory=list, description="Ask this and exit (repeat for several turns).")
+    json_output: bool = Field(False, description="Non-interactive: one JSON object per turn on stdout.")
     @model_validator(mode="after")
     def _template_is_local(self) -> "ChatConfig":
         if self.api_base and self.template:

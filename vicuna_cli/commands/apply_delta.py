@@ -3,10 +3,12 @@ merges, streamed tensor by tensor (the work is in vicuna_cli/delta/)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
+
+from ..delta.config import DeltaConfig
+from ._common import derived
 
 VOCAB_RULE = (
     "Embedding / LM-head rows beyond the base vocabulary (tokens the fine-tune added, like "
@@ -40,29 +42,17 @@ MERGE_LORA_HELP = (
 )
 
 
-def apply_delta(
-    ctx: typer.Context,
-    base: Optional[str] = typer.Option(None, "--base", help="Base model: model dir, alias or Hub id (e.g. the original LLaMA)."),
-    delta: Optional[str] = typer.Option(None, "--delta", help="Delta to add to the base: model dir or Hub id."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Directory to write (the target; with --make, the delta)."),
-    make: bool = typer.Option(False, "--make", help="Make a delta instead: --target minus --base, written to -o."),
-    target: Optional[str] = typer.Option(None, "--target", help="With --make: the fine-tuned model."),
-    lora: Optional[str] = typer.Option(None, "--lora", help="Merge this peft LoRA adapter (dir or Hub id) into --base instead."),
-    dtype: str = typer.Option("auto", "--dtype", help="bfloat16 (bf16), float16 (fp16) or float32 (fp32); arithmetic is always fp32. auto: the dtype in the delta's config (make: the target's; merge: the base's)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
-    check: Optional[str] = typer.Option(None, "--check", help="Before publishing, compare with this expected model (dir or name) or sha256 file (sha256sum format or a vicuna manifest); a mismatch lists the tensors and leaves nothing behind."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace -o if it exists (only once the new output is complete)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of options; flags override it."),
-) -> None:
+@derived(DeltaConfig, {"output": ("-o", "--output")})
+def apply_delta(ctx: typer.Context, **options: Any) -> None:
     """TARGET = BASE + DELTA, DELTA = TARGET - BASE (--make) or a LoRA merge (--lora); help in APPLY_DELTA_HELP."""
     from ..core import console
     from ..core.config import build_config
-    from ..delta import DeltaConfig, render, run
+    from ..delta import render, run
     from ._common import given_flags
 
-    flags = given_flags(ctx)
+    flags = {k: v for k, v in given_flags(ctx).items() if v is not None}
     if ctx.info_name == "make-delta":
         flags["make"] = True
-    result = run(build_config(DeltaConfig, flags, config))
+    result = run(build_config(DeltaConfig, flags, ctx.params.get("config")))
     render(result)
     console.out.print(str(result.output), markup=False)

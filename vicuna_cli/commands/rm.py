@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import typer
+
+from ..train.config import ScoreConfig
+from ._common import build, derived, option_param
 
 app = typer.Typer(help="Score answers with a reward model (from `vicuna train rm`).", no_args_is_help=True)
 
 
 @app.command("score")
-def score(
-    ctx: typer.Context,
-    input: str = typer.Argument(..., help="A pairwise file (or HH-RLHF/SHP/OASST1), a conversation file, or a FastChat answer file."),
-    model: str = typer.Option(..., "-m", "--model", help="Reward model: a `train rm` run dir or a sequence classifier with one label."),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the records with their reward(s) here (needed for conversations and answers)."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="auto (detected), pairs, conversations or answers."),
-    bench: Optional[str] = typer.Option(None, "--bench", help="FastChat answers: the questions (built-in name, question.jsonl or bench dir)."),
-    template: Optional[str] = typer.Option(None, "--template", "-t", help="Template (default: the one the model was trained with)."),
-    batch_tokens: Optional[int] = typer.Option(None, "--batch-tokens", help="Tokens per forward pass, sequences packed (default 4096)."),
-    max_length: Optional[int] = typer.Option(None, "--max-length", help="Longest sequence scored (default: the model's positions); longer ones are counted, not cut."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
-    json_output: bool = typer.Option(False, "--json", help="Print the figures as JSON on stdout."),
-) -> None:
+@derived(ScoreConfig, {"input": {"argument": True}, "model": ("-m", "--model"), "output": ("-o", "--output"),
+                       "template": ("--template", "-t")}, config_option=False,
+         extra=[option_param("json_output", bool, False, "--json", help="Print the figures as JSON on stdout.")])
+def score(ctx: typer.Context, **options: Any) -> None:
     """Score INPUT with a reward model: pair accuracy, mean margin and a table per source for pairs;
     a `reward` field on every record of conversations and FastChat answers."""
     import json
@@ -32,20 +24,18 @@ def score(
     from rich.table import Table
 
     from ..core import console
-    from ..core.config import build_config
-    from ..train.score import ScoreConfig, score as run
-    from ._common import given_flags
+    from ..train.score import score as run
 
-    flags = {k: v for k, v in given_flags(ctx, exclude=("json_output",)).items() if v is not None}
-    result = run(build_config(ScoreConfig, flags))
+    config = build(ctx, ScoreConfig, exclude=("json_output",))
+    result = run(config)
     figures = {"kind": result.kind, "records": result.records, "skipped": dict(result.skipped), **result.figures}
     if result.output:
         figures["output"] = str(result.output)
-    if json_output:
+    if options["json_output"]:
         console.out.print(json.dumps(figures, indent=2, ensure_ascii=False), markup=False)
         return
     if result.kind == "pairs" and result.figures.get("pairs"):
-        table = Table("source", "pairs", "accuracy", "mean margin", title=f"rm score · {input}", title_justify="left")
+        table = Table("source", "pairs", "accuracy", "mean margin", title=f"rm score · {config.input}", title_justify="left")
         for source, row in [*result.figures["by_source"].items(), ("all", result.figures)]:
             table.add_row(source or "-", str(row["pairs"]), f"{row['accuracy']:.1%}", f"{row['mean_margin']:+.3f}")
         console.out.print(table)

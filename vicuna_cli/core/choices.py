@@ -28,3 +28,29 @@ def dtype_name(value: object) -> str:
 
 # A config field of this type accepts every spelling and holds the canonical name.
 Dtype = Annotated[Literal["auto", "bfloat16", "float16", "float32"], BeforeValidator(dtype_name)]
+
+
+DEVICE_SPELLINGS = {
+    "auto": ("auto",),
+    "cpu": ("cpu",),
+    "cuda": ("cuda", "gpu"),
+    "mps": ("mps",),
+}
+_DEVICE_BY_SPELLING = {spelling: name for name, spellings in DEVICE_SPELLINGS.items() for spelling in spellings}
+
+
+def device_name(value: object) -> str:
+    """The canonical device for any common spelling (`cuda:1` keeps its index, `gpu:1` becomes
+    `cuda:1`); ValueError listing the accepted spellings otherwise."""
+    text = str(value).strip().lower()
+    base, colon, index = text.partition(":")
+    name = _DEVICE_BY_SPELLING.get(base)
+    if name is None or (colon and (name != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {value!r}; known: auto, cpu, cuda (gpu), cuda:N, mps")
+    return f"{name}:{int(index)}" if colon else name
+
+
+# A config field of this type accepts every spelling and holds the canonical name.
+Device = Annotated[str, BeforeValidator(device_name)]
+# Training places one process per device (accelerate picks the index): no `cuda:N`, no mps.
+TrainDevice = Annotated[Literal["auto", "cpu", "cuda"], BeforeValidator(device_name)]

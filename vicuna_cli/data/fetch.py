@@ -28,6 +28,7 @@ from typing import Any, Optional
 import yaml
 
 from ..core import console
+from .config import FETCH_RETRIES
 from ..core.errors import VicunaError
 from ..core.store import atomic_write_text, human_size
 from .report import Progress
@@ -45,7 +46,7 @@ class Fetched:
 
 
 def fetch(source: str, out_dir: Path, file: Optional[str] = None, revision: Optional[str] = None,
-          sha256: Optional[str] = None, retries: int = 3, force: bool = False) -> Fetched:
+          sha256: Optional[str] = None, retries: int = FETCH_RETRIES, force: bool = False) -> Fetched:
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise VicunaError(f"-o {out_dir} is a file", hint="-o names the directory to fetch into")

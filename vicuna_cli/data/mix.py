@@ -16,27 +16,16 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
-from pydantic import Field
 
 from ..core import console
-from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 from ..core.store import atomic_write_text
 from .formats import RecordWriter, Skip, output_format, to_sharegpt
+from .config import MixConfig  # noqa: F401  (also imported from here)
 
 
-class MixConfig(CommandConfig):
-    sources: list[str] = Field(min_length=1)  # "PATH:WEIGHT"
-    output: Path
-    seed: int = 42
-    total: Optional[int] = Field(None, ge=1)
-    kind: Literal["auto", "conversations", "pairs"] = "auto"
-    format: Optional[Literal["json", "jsonl"]] = None
-    overwrite: bool = False
-    report: Optional[Path] = None
 
 
 @dataclass

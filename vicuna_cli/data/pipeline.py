@@ -16,55 +16,20 @@ import signal
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
-from pydantic import Field, field_validator
 
 from ..core import console
-from ..core.config import CommandConfig
 from ..core.errors import VicunaError, unknown_choice
 from ..core.store import ensure_writable, remove_stale_partials
 from .formats import InputFile, Raw, RecordWriter, output_format
 from .report import Progress, Report
 from .steps import StepOptions, known_languages, load_blocklist, process_chunk
+from .config import CleanConfig  # noqa: F401  (also imported from here)
 
 CHUNK_SIZE = 32  # records per task: small enough to keep the window's memory low
 
 
-class CleanConfig(CommandConfig):
-    inputs: list[str] = Field(min_length=1)
-    output: Path
-    format: Optional[Literal["json", "jsonl"]] = None
-    input_format: Literal["auto", "sharegpt", "openai", "alpaca", "gpt4all", "oasst1"] = "auto"
-    oasst_paths: Literal["best", "all"] = "best"
-    overwrite: bool = False
-    strict: bool = False
-    html: bool = True
-    empty: bool = True
-    roles: bool = True
-    dedup: bool = True
-    split: bool = True
-    min_turns: int = Field(1, ge=0)
-    min_chars: int = Field(16, ge=0)
-    blocklist: list[Path] = []
-    blocklist_preset: Optional[str] = None
-    lang: Optional[str] = None
-    model: Optional[str] = None
-    template: Optional[str] = None
-    trust_remote_code: bool = False  # the -m model's own tokenizer code runs only when True
-    max_length: int = Field(2048, ge=8)
-    workers: int = Field(0, ge=0)
-    report: Optional[Path] = None
-
-    @field_validator("lang")
-    @classmethod
-    def _lang_codes(cls, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        codes = [c.strip().lower() for c in value.split(",") if c.strip()]
-        if not codes:
-            raise ValueError("give language codes, e.g. --lang en,ko")
-        return ",".join(codes)
 
 
 def worker_count(requested: int) -> int:

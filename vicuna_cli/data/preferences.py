@@ -13,15 +13,14 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator
 
-from pydantic import Field
 
-from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 from .formats import InputFile, Raw, RecordWriter, Skip
 from .report import Progress, Report
 from .steps import Result, text_key
+from .config import PairsConfig  # noqa: F401  (also imported from here)
 
 PAIR_FORMATS = {
     "hh-rlhf": 'Anthropic HH-RLHF: {"chosen", "rejected"} whole dialogues ("\\n\\nHuman: … \\n\\nAssistant: …")',
@@ -35,16 +34,6 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 NO_REJECTED = "no 'rejected' answer"  # the reason `read_pairs(..., need_rejected=True)` refuses
 
 
-class PairsConfig(CommandConfig):
-    inputs: list[str] = Field(min_length=1)
-    output: Path
-    input_format: Literal["auto", "hh-rlhf", "shp", "oasst1", "pairs"] = "auto"
-    # The SHP paper trains on pairs whose preferred answer has at least twice the other's score.
-    shp_min_ratio: float = Field(2.0, ge=1.0)
-    overwrite: bool = False
-    strict: bool = False
-    dedup: bool = True
-    report: Optional[Path] = None
 
 
 def detect_pair_format(value: Any, name: str) -> str:

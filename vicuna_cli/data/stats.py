@@ -7,26 +7,17 @@ rendered for training after role normalisation, the same count `clean` splits by
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Literal, Optional
+from typing import Any
 
-from pydantic import Field
 
-from ..core.config import CommandConfig
 from .formats import Raw, Skip, to_sharegpt
 from .pipeline import _STATE, OrderedPool, chunked, load_token_counter, open_inputs, worker_count
 from .report import Progress, histogram, summarize
 from .split import to_messages
 from .steps import detect_language, normalise_roles
+from .config import StatsConfig  # noqa: F401  (also imported from here)
 
 
-class StatsConfig(CommandConfig):
-    inputs: list[str] = Field(min_length=1)
-    input_format: Literal["auto", "sharegpt", "openai", "alpaca", "gpt4all", "oasst1"] = "auto"
-    model: Optional[str] = None
-    template: Optional[str] = None
-    trust_remote_code: bool = False  # the -m model's own tokenizer code runs only when True
-    languages: bool = True
-    workers: int = Field(0, ge=0)
 
 
 def _describe(raw: Raw, fmt: str) -> tuple:

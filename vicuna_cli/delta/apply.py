@@ -22,18 +22,16 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from pydantic import field_validator, model_validator
 from rich.markup import escape
 from rich.table import Table
 
 from .. import __version__
 from ..core import console
-from ..core.choices import Dtype
-from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 from ..core.models import resolve
 from ..core.store import atomic_dir, ensure_writable, human_size
 from .check import sha256_file, verify
+from .config import DeltaConfig
 from .lora import plan_adapter, read_adapter_config, resolve_adapter
 from .plan import DTYPES, VOCAB_TENSOR, Step, Tally, compute, plan_arithmetic, plan_merge
 from .progress import Progress
@@ -55,42 +53,6 @@ PAST = {"add": "added", "subtract": "subtracted", "copy": "copied", "keep": "kep
 TORCH_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-class DeltaConfig(CommandConfig):
-    base: str
-    output: Path
-    delta: Optional[str] = None
-    target: Optional[str] = None
-    lora: Optional[str] = None
-    make: bool = False
-    dtype: Dtype = "auto"
-    max_shard_size: str = "5GB"
-    check: Optional[str] = None
-    overwrite: bool = False
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        parse_size(value)
-        return value
-
-    @model_validator(mode="after")
-    def _one_operation(self) -> "DeltaConfig":
-        # VicunaError passes through pydantic untouched, so these messages name the flags as written.
-        if self.make and (self.target is None or self.delta or self.lora):
-            raise VicunaError("--make computes a delta: it needs --base and --target, and no --delta or --lora",
-                              hint="vicuna make-delta --base BASE --target FINE_TUNED -o DELTA")
-        if self.lora and (self.delta or self.target):
-            raise VicunaError("--lora merges an adapter into --base: drop --delta / --target")
-        if not (self.make or self.lora or self.delta):
-            raise VicunaError("give --delta DELTA to apply a delta, --lora ADAPTER to merge an adapter "
-                              "(merge-lora), or --make --target TARGET to make a delta (make-delta)")
-        if self.delta and self.target:
-            raise VicunaError("--target is only for --make (make-delta); apply-delta adds --delta to --base")
-        return self
-
-    @property
-    def operation(self) -> str:
-        return "make-delta" if self.make else "merge-lora" if self.lora else "apply-delta"
 
 
 @dataclass

@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from .common import AccessLogMiddleware, install_error_handlers, log_json
+from .config import WORKER_EXPIRY
 from .metrics import ApiMetrics, RequestTimer
 from .moderation import NoModeration
 from .protocol import (
@@ -92,7 +93,7 @@ def create_app(
     cors_origins: list[str] | None = None,
     max_body_bytes: int = 1 << 20,
     moderation: Any = None,
-    worker_timeout: float = 6.0,
+    worker_timeout: float = WORKER_EXPIRY,
     shutdown_timeout: float = 30.0,
     arena: Any = None,
 ) -> Any:

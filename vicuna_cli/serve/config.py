@@ -8,59 +8,63 @@ from typing import Optional
 
 from pydantic import Field, model_validator
 
-from ..core.choices import Dtype
+from ..core.choices import Device, Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
+from ..core.hf import TRUST_REMOTE_CODE_HELP
 from ..core.threads import Threads
 
 
+# A 2-core box under load was seen missing 6 s of heartbeats from a busy worker: 15 s by default,
+# for the controller's expiry and the API's worker timeout alike (and their Python functions).
+WORKER_EXPIRY = 15.0
+
+
 class _Common(CommandConfig):
-    host: str = "127.0.0.1"
-    secret: Optional[str] = None  # shared between the roles; also read from VICUNA_SERVE_SECRET
-    insecure: bool = False  # allow a non-loopback bind without a secret
-    shutdown_timeout: float = Field(30.0, ge=0)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes it to the network.")
+    secret: Optional[str] = Field(None, description="Shared secret between the roles [env: VICUNA_SERVE_SECRET].")
+    insecure: bool = Field(False, description="Allow listening beyond loopback without --secret (anyone reaching the port can call it).")
+    shutdown_timeout: float = Field(30.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM/Ctrl-C.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 beyond).")
 
 
-class _Timing(CommandConfig):
-    heartbeat: float = Field(2.0, gt=0, le=3600)
-    expiry: float = Field(15.0, gt=0, le=86400)
-
-    @model_validator(mode="after")
-    def _expiry_after_heartbeat(self):
-        if self.expiry <= self.heartbeat:
-            raise ValueError(f"--expiry ({self.expiry:g} s) must be longer than --heartbeat ({self.heartbeat:g} s)")
-        return self
+class _Expiry(CommandConfig):
+    expiry: float = Field(WORKER_EXPIRY, gt=0, le=86400, description="Seconds of silence after which the controller drops a worker.")
 
 
-class ControllerConfig(_Common):
-    port: int = Field(21001, ge=0, le=65535)
-    expiry: float = Field(15.0, gt=0, le=86400)
+class EngineOptions(CommandConfig):
+    """How a worker runs its models: the ONE declaration, shared by `serve worker` and by `serve`,
+    which hands them to every worker it starts."""
 
-
-class WorkerConfig(_Common):
-    model: list[str] = []
-    name: list[str] = []  # served names, one per -m (default: the model argument)
-    port: int = Field(21002, ge=0, le=65535)
-    controller: Optional[str] = "http://127.0.0.1:21001"
-    advertise: Optional[str] = None  # the URL others reach this worker at (default http://host:port)
-    backend: str = "hf"
-    template: Optional[str] = None
-    device: str = "auto"
-    dtype: Dtype = "auto"
-    implementation: str = "auto"
-    trust_remote_code: bool = False  # a model folder's own Python code runs only when True
+    model: list[str] = Field([], description="Model to serve (alias, dir, .gguf, Hub id); repeat for several. Default: the embedded model.")
+    template: Optional[str] = Field(None, description="Conversation template for all models (default: each model's own).")
+    backend: str = Field("hf", description="hf (batching, default), vllm (GPU extra) or openai (proxy to --upstream).")
+    device: Device = Field("auto", description="auto, cpu, cuda, cuda:1, mps.")
+    dtype: Dtype = Field("auto", description="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
+    implementation: str = Field("auto", description="auto, native or transformers (hf backend).")
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
     threads: Threads = None
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    max_queue: int = Field(256, ge=1, le=100000)
-    prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
-    heartbeat: float = Field(2.0, gt=0, le=3600)
-    upstream: Optional[str] = None  # openai backend: base URL of the upstream API (…/v1)
-    upstream_model: Optional[str] = None
-    upstream_key_env: str = "OPENAI_API_KEY"
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests decoded together per worker.")
+    max_queue: int = Field(256, ge=1, le=100000, description="Most requests waiting per worker beyond its running batch; beyond it: 429.")
+    prefix_cache_mb: int = Field(256, ge=0, le=1 << 20, description="Memory per model for reusing repeated prompt prefixes (hf backend, native models); 0: off.")
+    heartbeat: float = Field(2.0, gt=0, le=3600, description="Seconds between worker heartbeats.")
+
+
+class ControllerConfig(_Common, _Expiry):
+    port: int = Field(21001, ge=0, le=65535, description="Port to listen on.")
+
+
+class WorkerConfig(_Common, EngineOptions):
+    name: list[str] = Field([], description="Name to serve each -m under (default: the -m value).")
+    controller: Optional[str] = Field("http://127.0.0.1:21001", description="URL of the controller.")
+    port: int = Field(21002, ge=0, le=65535, description="Port to listen on.")
+    advertise: Optional[str] = Field(None, description="URL the API reaches this worker at (default http://HOST:PORT).")
+    upstream: Optional[str] = Field(None, description="openai backend: upstream base URL, e.g. https://api.openai.com/v1.")
+    upstream_model: Optional[str] = Field(None, description="openai backend: model id upstream (default: -m).")
+    upstream_key_env: str = Field("OPENAI_API_KEY", description="openai backend: env var holding the upstream key.")
     # The API re-encodes a client's body (at most --max-body-bytes, 1 MiB) as JSON for us; escapes
     # can make it up to 3x longer.
-    max_body_bytes: int = Field(4 << 20, ge=1024)
+    max_body_bytes: int = Field(4 << 20, ge=1024, description="Largest request body accepted (413 beyond); 4x the API's, which re-encodes bodies.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -85,19 +89,20 @@ class WorkerConfig(_Common):
 
 
 class ApiConfig(_Common):
-    port: int = Field(8000, ge=0, le=65535)
-    controller: str = "http://127.0.0.1:21001"
-    api_key: list[str] = []
-    api_keys_file: Optional[Path] = None
-    cors_origin: list[str] = []
-    moderation: str = "off"
-    moderation_url: Optional[str] = None
-    worker_timeout: float = Field(15.0, gt=0, le=3600)
-    arena: bool = False  # the side-by-side battle page at /arena and its API (arena.py)
-    arena_db: Optional[Path] = None  # default: $VICUNA_HOME/arena.sqlite3
-    arena_rate_limit: int = Field(30, ge=1, le=100000)  # arena requests (battles + votes) per client per minute
-    arena_max_tokens: int = Field(512, ge=1, le=1 << 20)
-    arena_temperature: float = Field(0.7, ge=0.0, le=2.0)  # FastChat's arena default
+    controller: str = Field("http://127.0.0.1:21001", description="URL of the controller.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    api_key: list[str] = Field([], description="Require this API key (repeatable; also one per line in $VICUNA_SERVE_API_KEYS); /health stays open.")
+    api_keys_file: Optional[Path] = Field(None, description="File of API keys, one per line.")
+    cors_origin: list[str] = Field([], description="Allow browser calls from this origin (repeatable; * for any). Off by default.")
+    moderation: str = Field("off", description="Input filter: off, openai, or keywords:FILE.")
+    moderation_url: Optional[str] = Field(None, description="Moderation endpoint for --moderation openai.")
+    worker_timeout: float = Field(WORKER_EXPIRY, gt=0, le=3600, description="Seconds of worker silence before a request fails (use the controller's --expiry).")
+    # The side-by-side battle page at /arena and its API (arena.py); 0.7 is FastChat's arena temperature.
+    arena: bool = Field(False, description="Also serve the arena at /arena: two anonymous models answer one prompt side by side, the user votes.")
+    arena_db: Optional[Path] = Field(None, description="SQLite file of the arena's battles and votes (default $VICUNA_HOME/arena.sqlite3).")
+    arena_rate_limit: int = Field(30, ge=1, le=100000, description="Arena requests (battles and votes) per client per minute; beyond it: 429.")
+    arena_max_tokens: int = Field(512, ge=1, le=1 << 20, description="Longest arena answer, in tokens.")
+    arena_temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature of arena answers.")
 
     def arena_settings(self):
         """The arena's settings when --arena is on, else None."""
@@ -110,23 +115,19 @@ class ApiConfig(_Common):
                              max_tokens=self.arena_max_tokens, temperature=self.arena_temperature)
 
 
-class ServeConfig(ApiConfig, _Timing):
-    """`vicuna serve -m M [-m M2]`: everything on one machine."""
+class ServeConfig(EngineOptions, ApiConfig, _Expiry):
+    """`vicuna serve -m M [-m M2]`: everything on one machine; the engine options go to every worker."""
 
-    model: list[str] = []
-    template: Optional[str] = None
-    backend: str = "hf"
-    device: str = "auto"
-    dtype: Dtype = "auto"
-    implementation: str = "auto"
-    trust_remote_code: bool = False  # passed to every worker it starts
-    threads: Threads = None  # passed to every worker (None: each adapts to the CPUs the others leave)
-    max_batch_size: int = Field(16, ge=1, le=1024)
-    max_queue: int = Field(256, ge=1, le=100000)
-    prefix_cache_mb: int = Field(256, ge=0, le=1 << 20)
-    controller_port: int = Field(21001, ge=0, le=65535)
-    worker_port: int = Field(21002, ge=0, le=65535)
-    workers_per_model: int = Field(1, ge=1, le=16)
+    port: int = Field(8000, ge=0, le=65535, description="Port of the API server.")
+    controller_port: int = Field(21001, ge=0, le=65535, description="Port of the controller.")
+    worker_port: int = Field(21002, ge=0, le=65535, description="Port of the first worker (the next ones count up).")
+    workers_per_model: int = Field(1, ge=1, le=16, description="Worker processes per model.")
+
+    @model_validator(mode="after")
+    def _expiry_after_heartbeat(self):
+        if self.expiry <= self.heartbeat:
+            raise ValueError(f"--expiry ({self.expiry:g} s) must be longer than --heartbeat ({self.heartbeat:g} s)")
+        return self
 
 
 def require_serve() -> None:

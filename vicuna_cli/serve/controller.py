@@ -26,6 +26,7 @@ from typing import Any, Callable
 from fastapi import FastAPI
 
 from .common import AccessLogMiddleware, install_error_handlers, log_json, read_at_most
+from .config import WORKER_EXPIRY
 from .protocol import (
     DispatchRequest,
     DispatchResponse,
@@ -186,7 +187,7 @@ async def verify_worker(client: Any, address: str, secret: str) -> None:
                               "is a vicuna worker with the same --secret listening there?", "worker_unverified")
 
 
-def create_app(expiry: float = 6.0, secret: str | None = None, max_body_bytes: int = 1 << 20) -> Any:
+def create_app(expiry: float = WORKER_EXPIRY, secret: str | None = None, max_body_bytes: int = 1 << 20) -> Any:
     from contextlib import asynccontextmanager
 
     import httpx

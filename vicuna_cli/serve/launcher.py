@@ -21,7 +21,7 @@ from typing import Any
 
 from ..core import console
 from ..core.errors import VicunaError
-from .config import API_KEYS_ENV, ServeConfig, env_api_keys, resolve_secret
+from .config import API_KEYS_ENV, EngineOptions, ServeConfig, env_api_keys, resolve_secret
 from .security import secret_headers
 
 STARTUP_TIMEOUT = float(os.environ.get("VICUNA_SERVE_STARTUP_TIMEOUT", "300"))
@@ -56,6 +56,19 @@ def _common(config: ServeConfig) -> list[str]:
     return ["--host", config.host, "--shutdown-timeout", f"{config.shutdown_timeout:g}"]
 
 
+def engine_args(config: EngineOptions) -> list[str]:
+    """The worker flags for every engine option but -m: derived from EngineOptions, so an option
+    added there reaches the workers `serve` starts without a line here."""
+    args: list[str] = []
+    for field in EngineOptions.model_fields:
+        value = getattr(config, field)
+        if field == "model" or value is None or value is False:
+            continue
+        flag = "--" + field.replace("_", "-")
+        args += [flag] if value is True else [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
 def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
     """(role, arguments of `vicuna serve ...`) for every process, controller first."""
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
@@ -64,18 +77,10 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
     port = config.worker_port
     for model in config.model or [None]:
         for _ in range(config.workers_per_model):
-            args = ["worker", "--port", str(port), "--controller", controller, "--backend", config.backend,
-                    "--heartbeat", f"{config.heartbeat:g}", "--max-batch-size", str(config.max_batch_size),
-                    "--max-queue", str(config.max_queue), "--prefix-cache-mb", str(config.prefix_cache_mb), "--device", config.device, "--dtype", config.dtype,
-                    "--implementation", config.implementation, "--max-body-bytes", str(4 * config.max_body_bytes), *_common(config)]
+            args = ["worker", "--port", str(port), "--controller", controller, *engine_args(config),
+                    "--max-body-bytes", str(4 * config.max_body_bytes), *_common(config)]
             if model:
                 args += ["-m", model]
-            if config.template:
-                args += ["--template", config.template]
-            if config.trust_remote_code:
-                args.append("--trust-remote-code")
-            if config.threads is not None:
-                args += ["--threads", str(config.threads)]
             roles.append((f"worker:{port}", args))
             port += 1
     api = ["api", "--port", str(config.port), "--controller", controller, "--max-body-bytes", str(config.max_body_bytes),

@@ -27,31 +27,20 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from .labels import IGNORE, LabelBuilder
-from .rm import PairTrainConfig, unusable_pair
+from .config import DpoConfig  # noqa: F401  (imported from here)
+from .rm import unusable_pair
 
 LOSSES = ("sigmoid", "ipo", "hinge")
 FIGURES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 _CHUNK = 1024  # answer tokens per output-head chunk (kernels on): logits are recomputed in backward
 
 
-class DpoConfig(PairTrainConfig):
-    """`train rm`'s pair options; a DPO run takes small steps from the SFT model (the DPO paper and
-    Zephyr's alignment-handbook recipe: lr 5e-7, warmup 10 %)."""
-
-    learning_rate: float = Field(5e-7, gt=0)
-    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    beta: float = Field(0.1, gt=0)  # how far from the reference the policy may move (IPO's τ)
-    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
-    sft_weight: float = Field(0.0, ge=0.0)  # RPO: weight of the chosen answer's NLL
-    ref_model: str | None = None  # default: the SFT model itself (-m)
-    precompute: bool = True  # reference log-probs once before training, stored in the run dir
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from ..core.errors import VicunaError
 
@@ -49,3 +50,21 @@ def relaunch(config_file: Path, num_processes: int | None) -> None:
     at = argv.index("train") if "train" in argv else 0
     command = launch_command(config_file, num_processes, argv[at:])
     os.execv(command[0], command)
+
+
+def run_method(make_config: Callable[[], Any], run: Callable[[Any], Any], accelerate_config: Path | None,
+               num_processes: int | None) -> Any:
+    """A `vicuna train` method from its command: relaunched under accelerate when asked (before the
+    config is built, so each rank builds its own), then run; a signal's stop is a one-line error
+    with the exit code of that signal (the checkpoint is saved by then)."""
+    from .loop import Stop
+
+    if accelerate_config is not None and not launched():
+        relaunch(accelerate_config, num_processes)
+    config = make_config()
+    try:
+        return run(config)
+    except Stop as stop:
+        raise VicunaError(f"stopped by {stop.signame} after step {stop.step}; checkpoint saved to {stop.path}",
+                          hint="continue with the same command plus --resume auto",
+                          exit_code=130 if stop.signame == "SIGINT" else 143) from None

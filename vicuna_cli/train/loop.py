@@ -49,40 +49,30 @@ from .rundir import Metrics, Progress, log_line
 
 @dataclass
 class LoopSpec:
+    """What the loop runs: a method's samples and functions, and the run's config (batch, epochs,
+    packing, logging and checkpoint cadence are read from it, never copied)."""
+
     samples: Sequence[Any]
     eval_samples: Sequence[Any]
     collate: Callable[[Sequence[Any]], dict]
     lengths: list[int]
+    config: Any  # train/config.py's TrainConfig or a method's subclass
     supervised: Callable[[Sequence[Any]], int] = supervised_tokens
-    packing: bool = True
-    capacity: int = 2048
-    micro_batch_size: int = 1
-    batch_size: int | None = 128
-    batch_tokens: int | None = None
-    epochs: int = 1
-    max_steps: int | None = None
-    seed: int = 42
-    log_every: int = 10
-    eval_every: int = 0
-    save_every: int = 0
-    save_every_minutes: float = 0.0
-    keep_checkpoints: int = 3
-    max_grad_norm: float = 1.0
     eval_lengths: list[int] = field(default_factory=list)
     eval_metrics: Callable[[Any, Any, "LoopSpec"], dict] | None = None  # a method's figures beyond eval loss
-    threads: int | None = None  # fixed torch threads (--threads); None follows the free CPUs (core/threads.py)
     session: Any = None  # a method that makes each step's batches itself (module docstring)
 
     def plans(self) -> list[list[list[int]]]:
         """The steps of each epoch: `epochs` of them, or as many as `max_steps` needs (it wins,
         as in HF Trainer)."""
         plans: list[list[list[int]]] = []
-        while (len(plans) < self.epochs) if not self.max_steps else (sum(map(len, plans)) < self.max_steps):
-            plans.append(plan_epoch(self.lengths, len(plans), self.seed, self.batch_size, self.batch_tokens))
+        c = self.config
+        while (len(plans) < c.epochs) if not c.max_steps else (sum(map(len, plans)) < c.max_steps):
+            plans.append(plan_epoch(self.lengths, len(plans), c.seed, c.batch_size(), c.global_batch_tokens))
         return plans
 
     def total_steps(self) -> int:
-        return self.max_steps or sum(len(plan) for plan in self.plans())
+        return self.config.max_steps or sum(len(plan) for plan in self.plans())
 
 
 NONFINITE_LIMIT = 3  # non-finite steps in a row that stop a run
@@ -138,7 +128,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
     progress = Progress(total, state.global_step, accelerator.is_main_process)
     last_save = time.monotonic()
     window = _window()
-    threads = ThreadPolicy(spec.threads)
+    threads = ThreadPolicy(spec.config.threads)
     module.train()
     try:
         with _Signals() as signals:
@@ -172,7 +162,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                     if accelerator.is_main_process:
                         console.warn(f"step {state.global_step}: loss is {loss}; the step is skipped (no weight "
                                      f"changed), {state.nonfinite_in_a_row} in a row")
-                if spec.eval_samples and spec.eval_every and state.global_step % spec.eval_every == 0:
+                if spec.eval_samples and spec.config.eval_every and state.global_step % spec.config.eval_every == 0:
                     eval_loss, eval_figures = evaluate(accelerator, module, spec, world, rank)
                     record["eval_loss"] = eval_loss
                     record.update(eval_figures)
@@ -190,7 +180,7 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                         hint="lower --learning-rate or --max-grad-norm, train in --precision float32, or check the data "
                         "of those steps; --resume auto continues after them")
                 progress.update(state.global_step, f"loss {loss:.4f}")
-                if window["steps"] and (state.global_step % spec.log_every == 0 or state.global_step == total
+                if window["steps"] and (state.global_step % spec.config.log_every == 0 or state.global_step == total
                                         or "eval_loss" in record):
                     progress.line(log_line({**record, "loss": window["loss"] / window["steps"],
                                             "tokens_per_s": window["tokens"] / window["seconds"],
@@ -199,15 +189,15 @@ def train(accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: L
                                   + "".join(f" | {k} {record[k]:.4g}" for k in getattr(spec.session, "log_figures", ())
                                             if isinstance(record.get(k), (int, float))))
                     window = _window()
-                due = bool(spec.save_every and state.global_step % spec.save_every == 0)
-                timed = bool(spec.save_every_minutes and time.monotonic() - last_save >= spec.save_every_minutes * 60)
+                due = bool(spec.config.save_every and state.global_step % spec.config.save_every == 0)
+                timed = bool(spec.config.save_every_minutes and time.monotonic() - last_save >= spec.config.save_every_minutes * 60)
                 stop, timed = _agree(accelerator, bool(signals.received), timed)
                 if due or timed or stop:
                     path = _save(accelerator, scheduler, run_dir, state, spec)
                     last_save = time.monotonic()
                     if stop:
                         raise Stop(state.global_step, path, signals.received or "SIGTERM")
-            checkpointing = spec.save_every or spec.save_every_minutes
+            checkpointing = spec.config.save_every or spec.config.save_every_minutes
             if checkpointing and not (checkpoint.checkpoints_dir(run_dir) / f"step-{state.global_step:06d}").is_dir():
                 _save(accelerator, scheduler, run_dir, state, spec)
     finally:
@@ -231,7 +221,7 @@ def _agree(accelerator: Any, stop: bool, timed: bool) -> tuple[bool, bool]:
 
 def _save(accelerator: Any, scheduler: Any, run_dir: Path, state: TrainerState, spec: LoopSpec) -> Path:
     extra = spec.session.state_dict() if spec.session is not None else None
-    return checkpoint.save(accelerator, scheduler, run_dir, state, spec.keep_checkpoints, extra)
+    return checkpoint.save(accelerator, scheduler, run_dir, state, spec.config.keep_checkpoints, extra)
 
 
 def split_output(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -281,7 +271,7 @@ def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool:
     """One optimizer update over the samples `pool[i] for i in step`."""
     n_sup = spec.supervised([pool[i] for i in step])
     tokens = sum(lengths[i] for i in step)
-    micro = split_step(step, lengths, world, rank, spec.packing, spec.capacity, spec.micro_batch_size)
+    micro = split_step(step, lengths, world, rank, spec.config.packing, spec.config.row_capacity, spec.config.micro_batch_size)
     scale = world / max(n_sup, 1)
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
@@ -303,8 +293,8 @@ def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool:
     packed = accelerator.reduce(packed, "sum") if world > 1 else packed
     grad_norm = None
     if torch.isfinite(packed[0]):
-        if spec.max_grad_norm > 0:
-            norm = accelerator.clip_grad_norm_(params, spec.max_grad_norm)
+        if spec.config.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(params, spec.config.max_grad_norm)
             grad_norm = float(norm) if norm is not None else None
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -320,8 +310,8 @@ def evaluate(accelerator: Any, module: Any, spec: LoopSpec, world: int, rank: in
     everything = list(range(len(spec.eval_samples)))
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
-    for group in split_step(everything, spec.eval_lengths, world, rank, spec.packing, spec.capacity,
-                            spec.micro_batch_size):
+    for group in split_step(everything, spec.eval_lengths, world, rank, spec.config.packing, spec.config.row_capacity,
+                            spec.config.micro_batch_size):
         samples = [spec.eval_samples[i] for i in group]
         batch = {key: value.to(accelerator.device) for key, value in spec.collate(samples).items()}
         loss_sum, figures = split_output(module(batch))

@@ -22,15 +22,13 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from ..core.choices import Dtype
 from ..core.errors import VicunaError
-from .config import DATA_POSITION_FIELDS, TrainConfig
+from .config import PpoConfig  # noqa: F401  (imported from here)
 from .modeling import causal_lm
 from .ppo_math import policy_loss, value_loss
 
@@ -39,52 +37,6 @@ SAMPLES = "samples.jsonl"
 RewardFn = Callable[[list, list, list], Sequence[float]]
 
 
-class PpoConfig(TrainConfig):
-    """`train sft`'s model, LoRA, precision, checkpoint and resume options, plus PPO's. Defaults
-    follow trlX's PPO config (the StableVicuna trainer): constant lr 1e-5, 4 PPO epochs, clip 0.2,
-    initial KL coefficient 0.05 adapted towards KL 6 over a 10,000-sample horizon, scores clipped
-    to ±10, γ 1, λ 0.95."""
-
-    position_fields: ClassVar[tuple[str, ...]] = (*DATA_POSITION_FIELDS, "prompts", "rollout_batch_size", "max_new_tokens")
-
-    prompts: list[str] = Field(default_factory=list)  # conversation or pairwise files
-    reward_model: Optional[str] = None
-    reward_device: Literal["auto", "cpu", "cuda"] = "auto"
-    epochs: int = Field(1, ge=1)  # passes over the prompts
-    learning_rate: float = Field(1e-5, gt=0)
-    lr_schedule: Literal["cosine", "linear", "constant"] = "constant"
-    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # dropout would make the PPO ratio noisy
-    rollout_batch_size: int = Field(64, ge=1)  # prompts answered per step
-    mini_batch_size: Optional[int] = Field(None, ge=1)  # rollouts per optimizer update; default all
-    ppo_epochs: int = Field(4, ge=1)
-    max_new_tokens: int = Field(128, ge=1)
-    rollout_dtype: Dtype = "auto"  # auto: the policy's own weights, shared; bfloat16: a bf16 copy per step
-    kl_coef: float = Field(0.05, ge=0.0)
-    target_kl: float = Field(6.0, ge=0.0)  # 0: a fixed --kl-coef
-    kl_horizon: int = Field(10000, ge=1)
-    gamma: float = Field(1.0, ge=0.0, le=1.0)
-    lam: float = Field(0.95, ge=0.0, le=1.0)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(1.0, ge=0.0)
-    reward_clip: float = Field(10.0, ge=0.0)  # 0 = off
-    whiten_rewards: bool = False  # scores minus their running mean, over their running std
-    log_samples: int = Field(10, ge=0)  # steps between rollout samples in samples.jsonl; 0 = off
-
-    @model_validator(mode="after")
-    def _check_ppo(self) -> "PpoConfig":
-        if self.data or self.eval_data or self.eval_split:
-            raise ValueError("train ppo reads prompts from --prompts (no --data, --eval-data or --eval-split)")
-        if self.global_batch_size is not None or self.global_batch_tokens is not None:
-            raise ValueError("train ppo's batch is --rollout-batch-size prompts (and --mini-batch-size per update)")
-        if self.max_new_tokens >= self.max_length:
-            raise ValueError(f"--max-new-tokens {self.max_new_tokens} leaves no room for a prompt in "
-                             f"--max-length {self.max_length}")
-        return self
-
-    def batch_size(self) -> int | None:
-        return self.rollout_batch_size
 
 
 @dataclass(frozen=True)

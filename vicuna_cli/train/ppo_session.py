@@ -186,13 +186,13 @@ class PpoSession:
         from .packing import best_fit_decreasing
 
         lengths = [len(r) for r in rollouts]
-        groups = best_fit_decreasing(range(len(rollouts)), lengths, self.spec.capacity) if self.spec.packing \
+        groups = best_fit_decreasing(range(len(rollouts)), lengths, self.spec.config.row_capacity) if self.spec.config.packing \
             else [[i] for i in range(len(rollouts))]
         per: dict[int, tuple] = {}
         device = self.accelerator.device
         for group in groups:
             group = sorted(group)
-            batch = {k: v.to(device) for k, v in collate([rollouts[i] for i in group], self.spec.packing, 0).items()}
+            batch = {k: v.to(device) for k, v in collate([rollouts[i] for i in group], self.spec.config.packing, 0).items()}
             with self.accelerator.autocast():
                 logprobs, values, entropy = policy_outputs(model, self.loss.v_head, batch)
             start = 0

@@ -198,8 +198,8 @@ def compute(accelerator: Any, reference: Callable, policy: Any, spec: Any, sampl
     was_training = policy.training
     policy.eval()
     out = torch.zeros(len(samples), 2, dtype=torch.float64, device=accelerator.device)
-    for group in split_step(list(range(len(samples))), lengths, world, rank, spec.packing, spec.capacity,
-                            spec.micro_batch_size):
+    for group in split_step(list(range(len(samples))), lengths, world, rank, spec.config.packing, spec.config.row_capacity,
+                            spec.config.micro_batch_size):
         if not group:
             continue
         batch = {k: v.to(accelerator.device) for k, v in spec.collate([samples[i] for i in group]).items()}

@@ -21,43 +21,15 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
 from ..core.errors import VicunaError
 from ..core.templates import template_for_model
 from ..data.split import TokenCounter
-from .config import TrainConfig
+from .config import PairTrainConfig, RewardConfig  # noqa: F401  (RewardConfig: imported from here)
 
 
-class PairTrainConfig(TrainConfig):
-    """`train sft`'s options for pairwise methods (`train rm`, `train dpo`): one epoch (InstructGPT,
-    TRL, Zephyr), the batch counted in pairs, and SHP's ratio filter."""
-
-    epochs: int = Field(1, ge=1)
-    global_batch_size: int | None = Field(64, ge=1)  # pairs per optimizer step
-    shp_min_ratio: float = Field(2.0, ge=1.0)
-    share_prompt: bool = True  # packed rows hold a pair's common prompt once (SDPA or eager attention)
-
-    @property
-    def row_capacity(self) -> int:
-        # --max-length bounds each sequence; a packed row must hold both sides of a pair.
-        return self.micro_batch_tokens or 2 * self.max_length
-
-    def batch_size(self) -> int | None:
-        return None if self.global_batch_tokens is not None else self.global_batch_size
 
 
-class RewardConfig(PairTrainConfig):
-    """A reward model trains at a lower rate than SFT (InstructGPT, TRL)."""
-
-    learning_rate: float = Field(1e-5, gt=0)
-
-    @model_validator(mode="after")
-    def _no_merge(self) -> "RewardConfig":
-        if self.merge:
-            raise ValueError("--merge is not available for reward models yet: the LoRA adapter and its score head "
-                             "are saved to RUN_DIR/adapter")
-        return self
 
 
 @dataclass(frozen=True)
@@ -203,8 +175,8 @@ def evaluate_pairs(accelerator: Any, module: Any, spec: Any) -> dict[str, Any]:
     sources = sorted({s.source for s in spec.eval_samples})
     totals = torch.zeros(len(sources) + 1, 3, dtype=torch.float64, device=accelerator.device)  # right, n, margin
     module.eval()
-    for group in split_step(list(range(len(spec.eval_samples))), spec.eval_lengths, world, rank, spec.packing,
-                            spec.capacity, spec.micro_batch_size):
+    for group in split_step(list(range(len(spec.eval_samples))), spec.eval_lengths, world, rank, spec.config.packing,
+                            spec.config.row_capacity, spec.config.micro_batch_size):
         samples = [spec.eval_samples[i] for i in group]
         batch = {k: v.to(accelerator.device) for k, v in spec.collate(samples).items()}
         scores = module({**batch, "want_rewards": torch.tensor(1)})

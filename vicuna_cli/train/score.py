@@ -13,25 +13,12 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from pydantic import Field
-
-from ..core.config import CommandConfig
 from ..core.errors import VicunaError
+from .config import ScoreConfig  # noqa: F401  (also imported from here)
 
 
-class ScoreConfig(CommandConfig):
-    model: str
-    input: str
-    output: Optional[Path] = None  # conversations and answers: the records with `reward` added
-    kind: Literal["auto", "pairs", "conversations", "answers"] = "auto"
-    bench: Optional[str] = None  # FastChat answers: the questions they answer (default: the judge's)
-    template: Optional[str] = None
-    batch_tokens: int = Field(4096, ge=16)  # tokens per forward pass (packed)
-    max_length: Optional[int] = Field(None, ge=2)  # default: the model's positions
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    overwrite: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ from ..core import console
 from ..core.errors import VicunaError
 from ..core.store import ensure_writable
 from ..core.templates import template_for_model
+from . import rundir
 from .checkpoint import TrainerState
 from .config import TrainConfig
 from .dataset import read_conversations, split_eval
@@ -76,71 +77,125 @@ def run_sft(config: TrainConfig) -> SftResult:
 
 
 def run_training(config: TrainConfig, method: Any) -> SftResult:
-    """Everything around the loop, for every method (objectives.Method): accelerator, run dir,
-    model, optimizer and schedule, resume, config.yaml, final eval and save."""
-    # A bad -o must fail now, not after the 10+ s of imports and model loading below.
+    """Everything around the loop, for every method (objectives.Method), step by step: inputs
+    checked, accelerator and run dir, model and samples, optimizer and schedule, resume,
+    config.yaml, the loop, final eval and save."""
+    _check_inputs(config)  # before the 10+ s of imports and model loading below
+    from .loop import train
+    from .modeling import LossModule, save_final
+
+    started = time.perf_counter()
+    run_dir = config.output.expanduser()
+    accelerator = _accelerator(config, run_dir)
+    main = accelerator.is_main_process
+    setup, spec, loss_fn, template_name, notes = _loop_spec(config, method, accelerator, run_dir)
+    module, optimizer, scheduler, warmup = _optimization(config, LossModule(setup.model, loss_fn), spec.total_steps())
+    module, optimizer, state, resumed_from, kernel_ops, kernel_note = _prepare(config, accelerator, module, optimizer,
+                                                                               scheduler, spec, run_dir)
+    _log_plan(config, setup, spec.samples, spec.eval_samples, notes, template_name, spec.total_steps(), accelerator,
+              resumed_from, state, kernel_note, spec, method.unit)
+    if main:
+        rundir.write_config(run_dir, config, {
+            "template": template_name, "device": accelerator.device.type, "processes": accelerator.num_processes,
+            "distributed": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
+            "attention": setup.attention, "kernels": kernel_ops, "total_steps": spec.total_steps(),
+            "warmup_steps": warmup, "samples": len(spec.samples), "eval_samples": len(spec.eval_samples),
+            "data_notes": dict(notes), "base_model_path": str(setup.path),
+        })
+    metrics = rundir.Metrics(run_dir, state.global_step if resumed_from else None, main)
+    track = bool(config.report_to)
+    if track:
+        accelerator.init_trackers(config.run_name or os.environ.get("SKYPILOT_TASK_ID") or run_dir.name,
+                                  config=config.model_dump(mode="json"))
+    state = train(accelerator, module, optimizer, scheduler, spec, state, run_dir, metrics, track)
+    final_eval, figures = _final_eval(accelerator, module, spec, method, metrics, state)
+    accelerator.wait_for_everyone()
+    files = save_final(accelerator, module, setup.tokenizer, run_dir, config, setup.path, template_name)
+    accelerator.wait_for_everyone()
+    if track:
+        accelerator.end_training()
+    losses = [m["loss"] for m in rundir.read_metrics(run_dir) if "loss" in m] if main else []
+    return SftResult(run_dir, state.global_step, losses[-1] if losses else None, final_eval, len(spec.samples),
+                     len(spec.eval_samples), dict(notes), files, resumed_from, time.perf_counter() - started, figures)
+
+
+def _check_inputs(config: TrainConfig) -> None:
+    """A bad -o or a missing input file fails now, before the run dir is made and the model loaded."""
     if config.output is None:
         raise VicunaError("no output dir: pass -o RUN_DIR")
     from ..data.formats import check_input
 
     for path in [*config.data, *config.eval_data, *getattr(config, "prompts", [])]:
-        check_input(path)  # before the run dir is made and the model loaded
+        check_input(path)
     ensure_writable(config.output.expanduser(), "run")
+
+
+def _accelerator(config: TrainConfig, run_dir: Path) -> Any:
+    """The accelerator for --device/--precision (or accelerate launch's), the run dir prepared."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
-    from . import checkpoint, rundir
-    from .loop import LoopSpec, train
     from .memory import return_freed_memory
-    from .modeling import LossModule, apply_kernels, load_for_training, save_final
+    from .modeling import resolve_precision, training_device
 
-    started = time.perf_counter()
     return_freed_memory()  # before the model loads: see memory.py (peak RSS 3.76 -> 2.74 GB measured)
-    run_dir = config.output.expanduser()
     if config.device == "cuda" and not torch.cuda.is_available():
         raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ and config.precision == "auto"
-    from .modeling import resolve_precision, training_device
-
     device = training_device(config)
-
     accelerator = Accelerator(
         cpu=device == "cpu", mixed_precision=None if launched else resolve_precision(config.precision, device),
         log_with=config.report_to or None, project_dir=str(run_dir),
     )
-    main = accelerator.is_main_process
-    rundir.prepare(run_dir, config, delete=main)
-    if main:
+    rundir.prepare(run_dir, config, delete=accelerator.is_main_process)
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     set_seed(config.seed)
+    return accelerator
+
+
+def _loop_spec(config: TrainConfig, method: Any, accelerator: Any, run_dir: Path) -> tuple[Any, Any, Any, str, Counter]:
+    """The model, the method's samples and loss, and the LoopSpec over them (which reads batch,
+    epochs and cadence from the config itself)."""
+    from .loop import LoopSpec
+    from .modeling import load_for_training
+
     setup = load_for_training(config, accelerator.device.type, method.head)
     samples, eval_samples, notes, template_name = method.build(config, setup.tokenizer)
-    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else setup.tokenizer.eos_token_id or 0
-    spec = LoopSpec(
-        samples=samples, eval_samples=eval_samples, lengths=[len(s) for s in samples],
-        eval_lengths=[len(s) for s in eval_samples],
-        collate=lambda batch: method.collate(batch, config.packing, pad_id), supervised=method.supervised,
-        eval_metrics=method.eval_metrics,
-        packing=config.packing, capacity=config.row_capacity, micro_batch_size=config.micro_batch_size,
-        batch_size=config.batch_size(), batch_tokens=config.global_batch_tokens, epochs=config.epochs,
-        max_steps=config.max_steps, seed=config.seed, log_every=config.log_every, eval_every=config.eval_every,
-        save_every=config.save_every, save_every_minutes=config.save_every_minutes,
-        keep_checkpoints=config.keep_checkpoints, max_grad_norm=config.max_grad_norm, threads=config.threads,
-    )
-    total = spec.total_steps()
+    tokenizer = setup.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    spec = LoopSpec(samples=samples, eval_samples=eval_samples, lengths=[len(s) for s in samples],
+                    eval_lengths=[len(s) for s in eval_samples], config=config,
+                    collate=lambda batch: method.collate(batch, config.packing, pad_id), supervised=method.supervised,
+                    eval_metrics=method.eval_metrics)
     loss_fn = method.loss(config)
     if method.prepare is not None:  # e.g. DPO's reference log-probs, before the model is wrapped
         spec.samples, spec.eval_samples, loss_fn = method.prepare(config, setup, spec, accelerator, run_dir)
-    module = LossModule(setup.model, loss_fn)
+    return setup, spec, loss_fn, template_name, notes
+
+
+def _optimization(config: TrainConfig, module: Any, total: int) -> tuple[Any, Any, Any, int]:
+    """AdamW (decay on matrices only) and the warmup + schedule over `total` steps."""
+    import torch
+    from transformers import get_scheduler
+
     # The fused AdamW kernel (CPU and CUDA) steps ~6x faster than the default on this CPU.
     optimizer = torch.optim.AdamW(_param_groups(module, config.weight_decay), lr=config.learning_rate,
                                   fused=all(p.is_floating_point() for p in module.parameters() if p.requires_grad))
     warmup = config.warmup_steps if config.warmup_steps is not None else math.ceil(config.warmup_ratio * total)
     schedule = {"constant": "constant_with_warmup"}.get(config.lr_schedule, config.lr_schedule)
     scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    return module, optimizer, scheduler, warmup
+
+
+def _prepare(config: TrainConfig, accelerator: Any, module: Any, optimizer: Any, scheduler: Any, spec: Any,
+             run_dir: Path) -> tuple[Any, Any, TrainerState, Path | None, list, str]:
+    """Module and optimizer wrapped by accelerate, kernels patched in, and the state to resume."""
+    from . import checkpoint
+    from .modeling import apply_kernels
+
     # The scheduler is stepped by the loop once per optimizer step (accelerate would step a
     # prepared one once per process); checkpoint.py saves it as JSON (never registered with
     # accelerate, whose custom states load as unrestricted pickles).
@@ -156,40 +211,22 @@ def run_training(config: TrainConfig, method: Any) -> SftResult:
         state, resumed_from = checkpoint.resume(accelerator, scheduler, run_dir, config.resume)
         if resumed_from is not None and spec.session is not None:
             spec.session.load_state_dict(checkpoint.read_extra(resumed_from), state)
-    _log_plan(config, setup, samples, eval_samples, notes, template_name, total, accelerator, resumed_from, state,
-              kernel_note, spec, method.unit)
-    if main:
-        rundir.write_config(run_dir, config, {
-            "template": template_name, "device": accelerator.device.type, "processes": accelerator.num_processes,
-            "distributed": str(accelerator.distributed_type), "mixed_precision": accelerator.mixed_precision,
-            "attention": setup.attention, "kernels": kernel_ops, "total_steps": total,
-            "warmup_steps": warmup, "samples": len(samples), "eval_samples": len(eval_samples),
-            "data_notes": dict(notes), "base_model_path": str(setup.path),
-        })
-    metrics = rundir.Metrics(run_dir, state.global_step if resumed_from else None, main)
-    track = bool(config.report_to)
-    if track:
-        accelerator.init_trackers(config.run_name or os.environ.get("SKYPILOT_TASK_ID") or run_dir.name,
-                                  config=config.model_dump(mode="json"))
-    state = train(accelerator, module, optimizer, scheduler, spec, state, run_dir, metrics, track)
-    final_eval, figures = None, {}
-    if eval_samples:
-        from .loop import evaluate
+    return module, optimizer, state, resumed_from, kernel_ops, kernel_note
 
-        final_eval, figures = evaluate(accelerator, module, spec, accelerator.num_processes, accelerator.process_index)
-        figures.update(method.eval_metrics(accelerator, module, spec) if method.eval_metrics else {})
-        metrics.write({"step": state.global_step, "eval_loss": final_eval, **figures})
-        if main:
-            console.info(f"eval loss {final_eval:.4f} over {len(eval_samples)} samples"
-                         + "".join(f" · {k.removeprefix('eval_')} {v:.4f}" for k, v in figures.items() if isinstance(v, float)))
-    accelerator.wait_for_everyone()
-    files = save_final(accelerator, module, setup.tokenizer, run_dir, config, setup.path, template_name)
-    accelerator.wait_for_everyone()
-    if track:
-        accelerator.end_training()
-    losses = [m["loss"] for m in rundir.read_metrics(run_dir) if "loss" in m] if main else []
-    return SftResult(run_dir, state.global_step, losses[-1] if losses else None, final_eval, len(samples),
-                     len(eval_samples), dict(notes), files, resumed_from, time.perf_counter() - started, figures)
+
+def _final_eval(accelerator: Any, module: Any, spec: Any, method: Any, metrics: Any, state: TrainerState) -> tuple[float | None, dict]:
+    """Eval loss (and the method's figures) over the eval samples once training is done."""
+    if not spec.eval_samples:
+        return None, {}
+    from .loop import evaluate
+
+    final_eval, figures = evaluate(accelerator, module, spec, accelerator.num_processes, accelerator.process_index)
+    figures.update(method.eval_metrics(accelerator, module, spec) if method.eval_metrics else {})
+    metrics.write({"step": state.global_step, "eval_loss": final_eval, **figures})
+    if accelerator.is_main_process:
+        console.info(f"eval loss {final_eval:.4f} over {len(spec.eval_samples)} samples"
+                     + "".join(f" · {k.removeprefix('eval_')} {v:.4f}" for k, v in figures.items() if isinstance(v, float)))
+    return final_eval, figures
 
 
 def _param_groups(module: Any, weight_decay: float) -> list[dict]:
@@ -217,10 +254,10 @@ def _log_plan(config: TrainConfig, setup: Any, samples: list, eval_samples: list
     console.info(f"data: {len(samples)} samples ({tokens} tokens, {share}), template {template}, {len(eval_samples)} eval samples; "
                  f"global batch {batch}, {'packed' if config.packing else 'padded'}, {total} steps")
     first = spec.plans()[0][0]
-    micro = len(split_step(first, spec.lengths, accelerator.num_processes, 0, spec.packing, spec.capacity,
-                           spec.micro_batch_size))
+    micro = len(split_step(first, spec.lengths, accelerator.num_processes, 0, spec.config.packing, spec.config.row_capacity,
+                           spec.config.micro_batch_size))
     console.info(f"gradient accumulation: {micro} micro-batch(es) per process in the first step "
-                 f"({'rows of ' + str(spec.capacity) + ' tokens' if spec.packing else str(spec.micro_batch_size) + ' sequences each'})")
+                 f"({'rows of ' + str(spec.config.row_capacity) + ' tokens' if spec.config.packing else str(spec.config.micro_batch_size) + ' sequences each'})")
     if notes:
         console.info("data notes: " + _describe(notes))
     dropped = sum(v for k, v in notes.items() if not k.startswith("truncated"))
