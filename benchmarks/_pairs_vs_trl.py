@@ -65,6 +65,8 @@ def parser(doc: str, method: str, lr: float) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="runs of each arm, interleaved (A B B A ...)")
     parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--train-pairs", type=int, default=None,
+                        help="Train on the first N pairs of the 90 %% split only (the held-out 10 %% stays whole).")
     parser.add_argument("--work-dir", type=Path, default=Path(f"/tmp/bench_{method}"))
     parser.add_argument("--vicuna-home", type=Path, default=Path(os.environ.get("VICUNA_HOME", "/tmp/vh")))
     parser.add_argument("--record", type=Path, default=None,
@@ -143,6 +145,9 @@ def prepare(args: argparse.Namespace, env: dict, build_samples: Callable, trl_ro
     n_held = round(0.1 * len(kept))
     held = [kept[i] for i in sorted(order[:n_held])]
     train = [kept[i] for i in sorted(order[n_held:])]
+    # The held-out tenth is always the whole one; --train-pairs keeps only the training pairs the
+    # steps read (one epoch), so neither arm's reference pass runs over pairs it never trains on.
+    train = train[:getattr(args, "train_pairs", None)]
     for name, rows in (("train", train), ("held", held)):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     by_id = {s.id: s for s in samples}

@@ -72,6 +72,9 @@ def prepare(args, env: dict) -> dict:
     return pairs_vs_trl.prepare(args, env, build_dpo_samples, one_turn, "answer is more than one turn")
 
 
+_start_logps: dict = {}  # the start model's held-out log-probs, computed once for both arms
+
+
 def held_out(model_dir: str, start_model: str, samples: list, beta: float) -> list[float]:
     """1.0 / 0.0 per held-out pair: is the trained policy's implicit reward margin positive?"""
     import torch
@@ -84,7 +87,9 @@ def held_out(model_dir: str, start_model: str, samples: list, beta: float) -> li
         with torch.no_grad():
             return torch.cat([sequence_logps(model, collate(samples[i:i + 8], True, 0)) for i in range(0, len(samples), 8)])
 
-    ratio = logps(model_dir) - logps(start_model)
+    if start_model not in _start_logps:
+        _start_logps[start_model] = logps(start_model)
+    ratio = logps(model_dir) - _start_logps[start_model]
     margins = beta * (ratio[0::2] - ratio[1::2])
     return [float(m > 0) for m in margins]
 

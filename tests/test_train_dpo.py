@@ -321,6 +321,9 @@ def test_bad_input_is_refused_or_counted(bpe_model_dir, tmp_path):
               "chosen": [{"role": "assistant", "content": long[:200]}], "rejected": [{"role": "assistant", "content": "b"}]},
              {"id": "same", "prompt": [{"role": "user", "content": "hi"}],
               "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "hello"}]},
+             # HH-RLHF has prompts that end with an assistant turn: the template refuses them
+             {"id": "two-assistants", "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}],
+              "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "go"}]},
              {"id": "ok", "prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
               "rejected": [{"role": "assistant", "content": "go"}]}]
     notes: Counter = Counter()
@@ -328,7 +331,8 @@ def test_bad_input_is_refused_or_counted(bpe_model_dir, tmp_path):
     assert [s.id for s in samples] == ["ok"]
     assert notes == {"prompt alone fills --max-length (skipped)": 1,
                      "pair longer than --max-length (skipped, not truncated)": 1,
-                     "chosen and rejected tokenize the same": 1}
+                     "chosen and rejected tokenize the same": 1,
+                     "turns do not alternate user/assistant (skipped)": 1}
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps(pairs[0]) + "\n")
     with pytest.raises(VicunaError, match=r"no usable preference pair \(1 read; prompt alone fills --max-length"):

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import VicunaError
 from .labels import IGNORE, LabelBuilder
 from .config import DpoConfig  # noqa: F401  (imported from here)
 from .rm import unusable_pair
@@ -73,12 +74,17 @@ def build_dpo_samples(pairs: Sequence[dict[str, Any]], tokenizer: Any, template:
     from .packing import common_prefix
 
     builder = LabelBuilder(tokenizer, template, max_length=1 << 62)  # never truncate: skip instead
-    rendered = []
+    rendered, renderable = [], []
     for pair in pairs:
         in_prompt = sum(1 for m in pair["prompt"] if m["role"] == "assistant")
-        for side in ("chosen", "rejected"):
-            text, spans = builder.render(Conversation(pair["id"], pair["prompt"] + pair[side]))
-            rendered.append((text, spans[in_prompt:]))
+        try:  # the template checks the turns; one odd pair (HH-RLHF has a few) must not stop the run
+            sides = [builder.render(Conversation(pair["id"], pair["prompt"] + pair[side])) for side in ("chosen", "rejected")]
+        except VicunaError:
+            notes["turns do not alternate user/assistant (skipped)"] += 1
+            continue
+        renderable.append(pair)
+        rendered.extend((text, spans[in_prompt:]) for text, spans in sides)
+    pairs = renderable
     encodings = builder.counter.encode_batch([text for text, _ in rendered])
     samples = []
     for k, pair in enumerate(pairs):
