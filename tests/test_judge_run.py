@@ -277,10 +277,10 @@ def test_max_calls_stops_cleanly_and_resume_finishes(double, workdir):
 
 def test_429_retry_after_is_honoured(double, workdir):
     double.fail = [(429, {"Retry-After": "1"}, {"error": {"message": "slow down", "type": "rate_limit"}})]
-    client = _client(double, workdir / "out")
-    start = time.perf_counter()
+    waits: list[float] = []  # the client's injected sleep: the wait it chose, without spending it
+    client = _client(double, workdir / "out", sleep=waits.append)
     reply = client.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "Rating please [Start of Assistant's Answer]\ncorrect\n[End of"}], Sampling())
-    assert time.perf_counter() - start >= 1.0
+    assert waits == [1.0]  # exactly the server's Retry-After, not the client's own backoff
     assert double.calls == 2 and client.retries == 1 and client.calls == 2
     assert reply.text == "Rating: [[9]]"  # no schema was asked for
 
