@@ -153,3 +153,31 @@ def embedded_model_home(tmp_path_factory) -> Path:
         else:
             os.environ["VICUNA_HOME"] = previous
     return home
+
+
+@pytest.fixture
+def fake_openai():
+    """The one fake OpenAI-compatible server (fake_openai.py), echoing the last user message;
+    judge_double.py's `double` runs the same server with scripted verdicts."""
+    from fake_openai import FakeOpenAI, running
+
+    with running(FakeOpenAI()) as server:
+        yield server
+
+
+@pytest.fixture
+def double():
+    """The scripted judge (judge_double.py) on the shared fake OpenAI server."""
+    from fake_openai import running
+    from judge_double import JudgeDouble
+
+    with running(JudgeDouble()) as server:
+        yield server
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """The answer files and questions that `double` judges (judge_double.make_workdir)."""
+    from judge_double import make_workdir
+
+    return make_workdir(tmp_path)
