@@ -181,3 +181,17 @@ def workdir(tmp_path):
     from judge_double import make_workdir
 
     return make_workdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def resume_reference(sp_model_dir, tmp_path_factory):
+    """The uninterrupted LoRA run the resume tests compare with: (model dir, data, run dir)."""
+    from train_helpers import STEPS, losses, resume_config, write_data
+    from vicuna_cli.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("resume")
+    data = write_data(root / "data.json", n=40, seed=1)
+    reference = root / "reference"
+    run_sft(resume_config(sp_model_dir, data, reference))
+    assert len(losses(reference)) == STEPS
+    return sp_model_dir, data, reference

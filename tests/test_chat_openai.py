@@ -20,6 +20,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+import processes
 import pytest
 from fake_openai import MODEL_ID
 
@@ -35,12 +36,8 @@ def server(fake_openai):
 @pytest.fixture
 def closed_port():
     """A port on 127.0.0.1 that is bound but not listening: connecting to it is refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
+    with processes.closed_port() as port:
+        yield port
 
 
 def _env(**extra: str) -> dict[str, str]:

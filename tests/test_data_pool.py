@@ -15,7 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from test_data_clean import corpus, vicuna
+
+from data_helpers import corpus, vicuna
 
 from vicuna_cli.data.pipeline import CleanConfig, clean
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from judge_double import QUESTIONS, judge_client, read_rows  # fixtures `double`, `workdir`: conftest.py
+from processes import closed_port
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app
@@ -34,10 +34,6 @@ def _run(double, workdir, mode="pair", models=("good", "bad"), **kw):
     games = judging.plan_games(QUESTIONS, answers, settings)
     client = judge_client(double, workdir / "out", **kw)
     return judging.run(games, answers, client, settings, workdir / "out"), client
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 FASTCHAT_PAIR_FIELDS = {
@@ -170,9 +166,8 @@ def test_5xx_and_timeouts_back_off_then_give_up(double, workdir):
 
 
 def test_unreachable_endpoint(workdir):
-    with socket.socket() as sock:  # bound, not listening: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        client = ApiClient(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", "k", "m", max_retries=1, sleep=lambda s: None)
+    with closed_port() as port:  # bound, not listening: connections are refused
+        client = ApiClient(f"http://127.0.0.1:{port}/v1", "k", "m", max_retries=1, sleep=lambda s: None)
         with pytest.raises(VicunaError, match=r"could not connect to http://127.0.0.1:\d+/v1 \(APIConnectionError") as exc:
             client.complete([{"role": "user", "content": "hi"}], Sampling())
     assert "is the server running" in exc.value.hint and client.calls == 2

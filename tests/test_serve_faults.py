@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler
 import httpx
 import pytest
 
-from serve_cluster import Cluster, Proc, free_port, get_json, wait_until
+from processes import free_port
+from serve_cluster import Cluster, Proc, get_json, wait_until
 
 pytestmark = pytest.mark.slow  # real processes
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_helpers import kill_then_resume, losses, terminate_then_resume
 
 from vicuna_cli.train.dpo import DpoConfig, run_dpo
 from vicuna_cli.train.rundir import read_metrics
 
 from pair_runs import STEPS, interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
-from test_train_resume import kill_then_resume, losses, terminate_then_resume
 
 
 def margins(run_dir) -> list[float]:

@@ -5,11 +5,11 @@ the SFT tests)."""
 from __future__ import annotations
 
 import pytest
+from train_helpers import kill_then_resume, losses, terminate_then_resume
 
 from vicuna_cli.train.rm import RewardConfig, run_rm
 
 from pair_runs import interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
-from test_train_resume import kill_then_resume, losses, terminate_then_resume
 
 
 @pytest.fixture(scope="module")
