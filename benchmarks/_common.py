@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RECORDS_DIR = Path(__file__).resolve().parent / "records"  # committed: BENCHMARKS.md cites these
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
@@ -100,12 +100,12 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 
 def write_results(name: str, data: dict[str, Any], path: str | None) -> Path:
-    """Write JSON to `path`, or to benchmarks/results/<name>-<timestamp>.json (gitignored)."""
+    """Write JSON to `path`, or to benchmarks/records/<name>-<timestamp>.json (committed: BENCHMARKS.md tables cite these records)."""
     if path:
         target = Path(path)
     else:
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        target = RESULTS_DIR / f"{name}-{stamp}.json"
+        target = RECORDS_DIR / f"{name}-{stamp}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(data, indent=2) + "\n")
     return target

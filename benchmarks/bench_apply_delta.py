@@ -164,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fastchat-venv", default="/tmp/fastchat-venv")
-    parser.add_argument("--json", default=None, help="results file (default benchmarks/results/...)")
+    parser.add_argument("--json", default=None, help="results file (default benchmarks/records/...)")
     args = parser.parse_args()
 
     fastchat_python = str(Path(args.fastchat_venv) / "bin" / "python")

@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--answer-timeout", type=float, default=300.0)
     parser.add_argument("--vote-timeout", type=float, default=30.0)
     parser.add_argument("--chromium", default="/usr/bin/chromium")
-    parser.add_argument("--json", help="write the record here (default benchmarks/results/arena-vote-latency-TIME.json)")
+    parser.add_argument("--json", help="write the record here (default benchmarks/records/arena-vote-latency-TIME.json)")
     args = parser.parse_args()
     if args.model and len(args.model) != 2:
         parser.error("give two -m MODEL (or none)")

@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each command first")
     parser.add_argument("--no-peer", action="store_true", help="skip the transformers peer script")
     parser.add_argument("--breakdown-runs", type=int, default=3, help="runs of the per-step timing of vicuna's path (0: skip)")
-    parser.add_argument("--json", metavar="PATH", help="JSON output path (None: benchmarks/results/cold_start-<time>.json)")
+    parser.add_argument("--json", metavar="PATH", help="JSON output path (None: benchmarks/records/cold_start-<time>.json)")
     parser.add_argument("--no-json", action="store_true", help="do not write a JSON file")
     parser.add_argument("--order", choices=["alternate", "fixed"], default="alternate",
                         help="alternate: A B, B A, A B, ... (neither side always runs first); fixed: A B, A B, ...")

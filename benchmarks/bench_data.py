@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="vicuna model name (resolved with vicuna's rules)")
     parser.add_argument("--fastchat-venv", type=Path, default=Path("/tmp/fastchat-venv"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_data"))
-    parser.add_argument("--json", default=None, help="results file (default: benchmarks/results/)")
+    parser.add_argument("--json", default=None, help="results file (default: benchmarks/records/)")
     parser.add_argument("--audit-only", action="store_true", help="only audit the outputs already in --workdir")
     args = parser.parse_args()
     if args.audit_only:

@@ -312,7 +312,7 @@ def main() -> None:
                         help="how often a noisy round may be repeated; still noisy after that: left out of the figures")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each round, wait up to this long for other processes to leave the CPUs idle")
-    parser.add_argument("--json", metavar="PATH", help="JSON output path (None: benchmarks/results/decode-<time>.json)")
+    parser.add_argument("--json", metavar="PATH", help="JSON output path (None: benchmarks/records/decode-<time>.json)")
     parser.add_argument("--no-json", action="store_true", help="do not write a JSON file")
     args = parser.parse_args()
     if args.rounds < 1 or args.tokens < 2:

@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=3600.0, help="Bound (s) on the timed rounds (setup and the cached runs excluded).")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="Bound (s) on one raw request.")
     ap.add_argument("--cli-runs", type=int, default=5, help="Cached `vicuna judge` process runs (median reported).")
-    ap.add_argument("--json", help="Write the results here (default benchmarks/results/judge-*.json).")
+    ap.add_argument("--json", help="Write the results here (default benchmarks/records/judge-*.json).")
     args = ap.parse_args()
 
     info = machine_info()

@@ -8,7 +8,7 @@ answer sets are generated through it (--answer-tokens; "a" greedy, "b" at temper
 from --workdir when they are there. Timed: one `vicuna judge --mode pairwise-scores --pair a b`
 process (start-up included) with a fresh output directory and cache. Reported: wall time, judge
 calls, calls/s, readable reviews, and the run's own figures ("b reaches N % of a", win/tie/loss).
-The JSON record goes to --json (default benchmarks/results/judge-original-*.json).
+The JSON record goes to --json (default benchmarks/records/judge-original-*.json).
 
     VICUNA_HOME=/tmp/vh python benchmarks/bench_judge_original.py --workdir /tmp/bench_original
 """
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--swap", action="store_true", help="Judge both orders (twice the calls).")
     ap.add_argument("--workdir", default="/tmp/bench_judge_original")
-    ap.add_argument("--json", help="Write the results here (default benchmarks/results/judge-original-*.json).")
+    ap.add_argument("--json", help="Write the results here (default benchmarks/records/judge-original-*.json).")
     args = ap.parse_args()
     info = machine_info()
     print_machine(info)

@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--vicuna-arg", action="append", default=[], help="extra flag for `vicuna serve` (repeatable)")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp") / "bench-long-prompt")
-    parser.add_argument("--json", default=None, help="write results here (default benchmarks/results/)")
+    parser.add_argument("--json", default=None, help="write results here (default benchmarks/records/)")
     args = parser.parse_args()
 
     info = machine_info()

@@ -264,12 +264,12 @@ class DirectTarget:
     name = "direct"
     pids: list[int] = []
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, dtype: str):
         from vicuna_cli.core import models
         from vicuna_cli.core.generate import Engine
         from vicuna_cli.core.templates import get_template
 
-        self.loaded = models.load(model)
+        self.loaded = models.load(model, dtype=dtype)
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length)
         self.template = get_template(TEMPLATE, self.loaded.tokenizer)
 
@@ -295,8 +295,10 @@ class DirectTarget:
 class VicunaServer:
     """`vicuna serve` in single-machine mode on free loopback ports, as one process group."""
 
-    def __init__(self, model: str, log_dir: Path, extra: list[str], start_timeout: float, env: dict[str, str]):
+    def __init__(self, model: str, dtype: str, log_dir: Path, extra: list[str], start_timeout: float,
+                 env: dict[str, str]):
         self.port = free_port()
+        self.dtype = dtype
         self.model, self.log_dir, self.extra, self.start_timeout = model, log_dir, extra, start_timeout
         self.env = {**os.environ, **env}
         self.proc: subprocess.Popen | None = None
@@ -308,7 +310,7 @@ class VicunaServer:
         cmd = [
             str(Path(sys.executable).with_name("vicuna")), "serve", "-m", self.model, "--template", TEMPLATE,
             "--port", str(self.port), "--controller-port", str(free_port()), "--worker-port", str(free_port()),
-            *self.extra,
+            "--dtype", self.dtype, *self.extra,
         ]
         with open(self.log_dir / "vicuna-serve.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -504,11 +506,14 @@ def main() -> None:
     parser.add_argument("--vicuna-arg", action="append", default=[], help="extra flag for `vicuna serve` (repeatable)")
     parser.add_argument("--fastchat-url", help="use this running FastChat API server instead of starting one")
     parser.add_argument("--fastchat-venv", type=Path, default=ROOT / ".peers" / "fastchat-venv")
+    parser.add_argument("--dtype", default="auto",
+                        help="vicuna's and the direct engine's dtype (FastChat runs fp32 on CPU whatever this says): "
+                             "float32 for a same-precision comparison, auto for defaults vs defaults")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every target (OMP_NUM_THREADS for the servers); default: torch's own")
     parser.add_argument("--max-foreign", type=float, default=0.10, help="warn when others took more of the CPUs")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp") / f"bench-serve-{os.getpid()}")
-    parser.add_argument("--json", default=None, help="write results here (default benchmarks/results/)")
+    parser.add_argument("--json", default=None, help="write results here (default benchmarks/records/)")
     args = parser.parse_args()
 
     info = machine_info()
@@ -552,12 +557,12 @@ def main() -> None:
             if args.vicuna_url:
                 targets["vicuna"] = HttpTarget("vicuna", args.vicuna_url, args.model, [])
             else:
-                server = VicunaServer(args.model, args.log_dir, args.vicuna_arg, args.start_timeout, thread_env)
+                server = VicunaServer(args.model, args.dtype, args.log_dir, args.vicuna_arg, args.start_timeout, thread_env)
                 started.append(server)
                 targets["vicuna"] = server.start()
                 worker_memory = server.worker_memory()
         if "direct" in args.targets:
-            targets["direct"] = DirectTarget(args.model)
+            targets["direct"] = DirectTarget(args.model, args.dtype)
         print(f"prompt template {TEMPLATE}: FastChat vs vicuna render {prompt_check}; {len(pool)} prompts; "
               f"levels {sizes}", flush=True)
         for target in targets.values():

@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--neighbour-session", choices=["own", "same"], default="own",
                         help="own: the neighbour runs in a session of its own (another terminal, a browser); same: in "
                              "this one (`python -c ... &` from the same shell), where it splits this session's share")
-    parser.add_argument("--json", metavar="PATH", help="JSON output path (default: benchmarks/results/threads-<time>.json)")
+    parser.add_argument("--json", metavar="PATH", help="JSON output path (default: benchmarks/records/threads-<time>.json)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 

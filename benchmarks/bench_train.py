@@ -437,7 +437,7 @@ def main() -> None:
     parser.add_argument("--vicuna-extra", nargs=argparse.REMAINDER, default=[], help="extra `vicuna train sft` flags (last)")
     parser.add_argument("--prepare-only", action="store_true", help="build models and data, then stop")
     parser.add_argument("--report-only", metavar="JSON", help="print the report of a (partial) results file and stop")
-    parser.add_argument("--results", help="JSON path (default benchmarks/results/bench_train-<time>.json)")
+    parser.add_argument("--results", help="JSON path (default benchmarks/records/bench_train-<time>.json)")
     args = parser.parse_args()
 
     if args.report_only:

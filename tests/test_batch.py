@@ -10,7 +10,9 @@ import pytest
 import torch
 from batch_helpers import batch_one, collect, run_to_end
 
-from vicuna_cli.core.batch import BatchEngine, QueueFull, SequentialRunner
+from vicuna_cli.core.batch import BatchEngine
+from vicuna_cli.core.batch_request import QueueFull
+from vicuna_cli.core.runners import SequentialRunner
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.core.generate import ContextOverflow, InvalidParams, SamplingParams
 
@@ -30,7 +32,7 @@ def test_batched_greedy_equals_batch_one_with_staggered_arrivals(which, request)
     encode = lambda text: loaded.tokenizer(text)["input_ids"]  # noqa: E731
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (20, 7, 30, 12, 25)]
     expected = [batch_one(loaded, encode(p), sp) for p, sp in zip(PROMPTS, params)]
-    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=3, prefill_chunk=8)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=3, prefill_chunk=8, max_queue=256)
     assert engine.batched == (which != "sp_loaded")
     requests = [engine.submit(encode(PROMPTS[0]), params[0]), engine.submit(encode(PROMPTS[1]), params[1])]
     for _ in range(3):  # the first two are decoding when the others arrive
@@ -53,7 +55,7 @@ def test_running_sequences_stay_in_the_lowest_slots_and_answers_do_not_change(wh
     encode = lambda text: loaded.tokenizer(text)["input_ids"]  # noqa: E731
     params = [SamplingParams(temperature=0, max_new_tokens=n) for n in (3, 6, 40, 9, 30)]
     expected = [batch_one(loaded, encode(p), sp) for p, sp in zip(PROMPTS, params)]
-    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=5, prefill_chunk=8)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=5, prefill_chunk=8, max_queue=256)
     decoded_slots, moves = [], []
     decode, move = engine.runner.decode, engine.runner.move
     monkeypatch.setattr(engine.runner, "decode", lambda slots, tokens: decoded_slots.append(list(slots)) or decode(slots, tokens))
@@ -69,7 +71,7 @@ def test_chunked_prefill_gives_the_same_answer(sp_native):
     ids = sp_native.tokenizer(PROMPTS[1])["input_ids"]
     outputs = []
     for chunk in (3, 4096):
-        engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, prefill_chunk=chunk)
+        engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, prefill_chunk=chunk, max_batch_size=16, max_queue=256)
         request = engine.submit(ids, GREEDY)
         run_to_end(engine)
         outputs.append(collect(request))
@@ -81,7 +83,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(bpe_native):
     encode = lambda text: bpe_native.tokenizer(text)["input_ids"]  # noqa: E731
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=25, seed=1234)
     alone = batch_one(bpe_native, encode(PROMPTS[0]), params)
-    engine = BatchEngine(bpe_native.model, bpe_native.tokenizer, bpe_native.context_length, max_batch_size=4)
+    engine = BatchEngine(bpe_native.model, bpe_native.tokenizer, bpe_native.context_length, max_batch_size=4, max_queue=256)
     others = [engine.submit(encode(p), SamplingParams(temperature=1.0, max_new_tokens=25, seed=i)) for i, p in enumerate(PROMPTS[1:3])]
     engine.step()
     mine = engine.submit(encode(PROMPTS[0]), params)
@@ -95,7 +97,7 @@ def test_stop_strings_and_stop_token_ids_per_request(sp_native):
     free_ids, free_text, _ = batch_one(sp_native, ids, GREEDY)
     assert len(free_text) > 8
     stop = free_text[4:7]
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=16, max_queue=256)
     by_string = engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=20, stop=[stop]))
     by_token = engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=20, stop_token_ids=[free_ids[5]]))
     plain = engine.submit(ids, GREEDY)
@@ -110,7 +112,7 @@ def test_stop_strings_and_stop_token_ids_per_request(sp_native):
 
 def test_cancel_frees_the_slot_at_once(sp_native):
     ids = sp_native.tokenizer(PROMPTS[0])["input_ids"]
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=2)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=2, max_queue=256)
     long = SamplingParams(temperature=0, max_new_tokens=100)
     first, second, third = (engine.submit(ids, long) for _ in range(3))
     engine.step()
@@ -174,7 +176,7 @@ def test_bad_sampling_params_are_named(kwargs, param):
 
 def test_an_error_inside_a_step_fails_only_the_affected_requests(sp_native, monkeypatch):
     ids = sp_native.tokenizer(PROMPTS[0])["input_ids"]
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=16, max_queue=256)
     real_prefill = engine.runner.prefill
 
     def flaky_prefill(slot, chunk, start):  # the second request breaks the model
@@ -207,7 +209,7 @@ def test_an_error_inside_a_step_fails_only_the_affected_requests(sp_native, monk
 def test_logprobs_are_the_models_distribution(bpe_native):
     tok = bpe_native.tokenizer
     ids = tok(PROMPTS[3])["input_ids"]
-    engine = BatchEngine(bpe_native.model, tok, bpe_native.context_length)
+    engine = BatchEngine(bpe_native.model, tok, bpe_native.context_length, max_batch_size=16, max_queue=256)
     request = engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=8, logprobs=True, top_logprobs=5))
     bare = engine.submit(ids, SamplingParams(temperature=0, max_new_tokens=8))
     run_to_end(engine)
@@ -244,7 +246,7 @@ def test_token_pieces_bytes_for_sentencepiece(sp_native):
 
 def test_penalties_change_the_greedy_answer(sp_native):
     ids = sp_native.tokenizer(PROMPTS[1])["input_ids"]
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=16, max_queue=256)
     params = dict(temperature=0, max_new_tokens=30)
     plain = engine.submit(ids, SamplingParams(**params))
     frequency = engine.submit(ids, SamplingParams(**params, frequency_penalty=2.0))
@@ -260,7 +262,7 @@ def test_thread_and_blocking_events(bpe_native):
     tok = bpe_native.tokenizer
     encode = lambda text: tok(text)["input_ids"]  # noqa: E731
     expected = [batch_one(bpe_native, encode(p), GREEDY) for p in PROMPTS[:4]]
-    engine = BatchEngine(bpe_native.model, tok, bpe_native.context_length, max_batch_size=2)
+    engine = BatchEngine(bpe_native.model, tok, bpe_native.context_length, max_batch_size=2, max_queue=256)
     engine.start()
     engine.start()  # idempotent
     results: dict[int, tuple] = {}
@@ -284,7 +286,7 @@ def test_asyncio_events_and_stop_cancels(bpe_native):
     tok = bpe_native.tokenizer
     ids = tok(PROMPTS[0])["input_ids"]
     expected = batch_one(bpe_native, ids, GREEDY)
-    engine = BatchEngine(bpe_native.model, tok, bpe_native.context_length)
+    engine = BatchEngine(bpe_native.model, tok, bpe_native.context_length, max_batch_size=16, max_queue=256)
     engine.start()
 
     async def main():
@@ -307,7 +309,7 @@ def test_asyncio_events_and_stop_cancels(bpe_native):
 
 def test_stop_without_cancelling_lets_requests_finish(sp_native):
     ids = sp_native.tokenizer(PROMPTS[0])["input_ids"]
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=16, max_queue=256)
     engine.start()
     requests = [engine.submit(ids, GREEDY) for _ in range(3)]
     engine.stop(cancel_running=False)
@@ -315,7 +317,7 @@ def test_stop_without_cancelling_lets_requests_finish(sp_native):
 
 
 def test_transformers_models_run_one_request_per_step(sp_loaded):
-    engine = BatchEngine(sp_loaded.model, sp_loaded.tokenizer, sp_loaded.context_length)
+    engine = BatchEngine(sp_loaded.model, sp_loaded.tokenizer, sp_loaded.context_length, max_batch_size=16, max_queue=256)
     assert isinstance(engine.runner, SequentialRunner) and not engine.batched
 
 
@@ -334,7 +336,7 @@ def test_embedded_model_batched_equals_batch_one(embedded_model_home, monkeypatc
                for q in questions]
     params = SamplingParams(temperature=0, max_new_tokens=32)
     expected = [batch_one(lm, p, params) for p in prompts]
-    engine = BatchEngine(lm.model, lm.tokenizer, lm.context_length, max_batch_size=4)
+    engine = BatchEngine(lm.model, lm.tokenizer, lm.context_length, max_batch_size=4, max_queue=256)
     requests = [engine.submit(prompts[0], params)]
     for prompt in prompts[1:]:
         for _ in range(3):
@@ -349,7 +351,7 @@ def test_steps_build_no_autograd_graph(which, request):
     """A graph would chain every step's activations to the KV cache (in-place writes), and the
     worker grew by ~20 MB per decode step until the machine swapped."""
     loaded = request.getfixturevalue(which)
-    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=2)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, max_batch_size=2, max_queue=256)
     seen = []
     real_decode = engine.runner.decode
 

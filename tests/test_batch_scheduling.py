@@ -32,7 +32,7 @@ def test_a_short_prompt_behind_a_long_one_answers_within_two_steps_and_streams_k
     """FIFO prefill gave the long prompt the whole budget every step: a short prompt waited for
     all of it (long_length / 16 steps) and so did its first token. Now: at most 2 steps (one
     when the long prompt was not passed over in the step before), whatever the long length."""
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=4, prefill_chunk=16)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=4, prefill_chunk=16, max_queue=256)
     encode = lambda text: sp_native.tokenizer(text)["input_ids"]  # noqa: E731
     stream = engine.submit(encode("The capital"), SamplingParams(temperature=0, max_new_tokens=200))
     engine.step()
@@ -63,7 +63,7 @@ def test_a_short_prompt_behind_a_long_one_answers_within_two_steps_and_streams_k
 def test_decoding_rows_come_out_of_the_step_budget(sp_native, monkeypatch):
     """With 3 streams decoding and a budget of 16, the long prompt's 16-token chunk does not fit
     beside a 5-token prompt: that step prefills only the short one."""
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=6, prefill_chunk=16)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, sp_native.context_length, max_batch_size=6, prefill_chunk=16, max_queue=256)
     chunks: list[list[int]] = []
     prefill_many = engine.runner.prefill_many
     monkeypatch.setattr(engine.runner, "prefill_many", lambda batch: chunks.append([len(c) for _, c, _ in batch]) or prefill_many(batch))
@@ -84,7 +84,7 @@ def test_chunks_shorten_with_depth_so_attention_scores_stay_bounded(sp_native, m
     and layer (the worker grew from 1.87 to 4.3 GB): a chunk's query x key area stays within
     what a full chunk has at position PREFILL_DEPTH_SCALE."""
     chunk = 128
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, context_length=4096, max_batch_size=2, prefill_chunk=chunk)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, context_length=4096, max_batch_size=2, prefill_chunk=chunk, max_queue=256)
     areas: list[int] = []
     prefill_many = engine.runner.prefill_many
     monkeypatch.setattr(engine.runner, "prefill_many", lambda batch: areas.extend(len(c) * (start + len(c)) for _, c, start in batch) or prefill_many(batch))
@@ -98,7 +98,7 @@ def test_chunks_shorten_with_depth_so_attention_scores_stay_bounded(sp_native, m
 
 def test_the_kv_cache_shrinks_back_after_a_long_sequence_leaves(sp_native):
     """Every slot's buffers double up to the longest sequence; they used to stay at that size."""
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, context_length=4096, max_batch_size=3, prefill_chunk=256)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, context_length=4096, max_batch_size=3, prefill_chunk=256, max_queue=256)
     cache = engine.runner.cache
     stream = engine.submit(long_prompt(sp_native, 6), SamplingParams(temperature=0, max_new_tokens=400))
     long = engine.submit(long_prompt(sp_native, 2000), SamplingParams(temperature=0, max_new_tokens=1))

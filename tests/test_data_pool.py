@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from data_helpers import corpus, vicuna
+from processes import signal_group
 
 from vicuna_cli.data.pipeline import CleanConfig, clean
 
@@ -140,3 +141,37 @@ def test_the_cleaned_records_survive_the_new_pool(tmp_path):
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and len(outs[0].splitlines()) > 100
     assert all(json.loads(line)["id"] for line in outs[0].splitlines())
+
+
+def test_ctrl_c_while_the_workers_are_forked_leaves_no_orphan(tmp_path):
+    """The flaky `data clean -j 2` Ctrl-C hang: a SIGINT landing in the parent between a worker's
+    fork and the moment `Process.start` records the child left a worker nobody knew about. It
+    held the command's stdout/stderr open and waited on its task queue forever, so the process
+    that had printed its error never looked finished. Here the SIGINT is sent by the parent to
+    itself right after each fork returns, which makes that window certain."""
+    script = tmp_path / "fork_race.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys
+        from vicuna_cli.data.pipeline import OrderedPool
+        real_fork = os.fork
+        def fork_then_interrupt():
+            pid = real_fork()
+            if pid:
+                os.kill(os.getpid(), signal.SIGINT)
+            return pid
+        os.fork = fork_then_interrupt
+        try:
+            OrderedPool(2, {})
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(0)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)  # EOF on the pipes: no process holds them any more
+    except subprocess.TimeoutExpired:
+        signal_group(proc, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError("a forked worker outlived the interrupted pool and kept the pipes open")
+    assert proc.returncode == 130, err

@@ -117,8 +117,8 @@ def test_reused_prefix_gives_the_answer_of_an_uncached_run(which, request):
     encode = lambda text: loaded.tokenizer(text)["input_ids"]  # noqa: E731
     system = "A chat between a curious user and an assistant. The assistant answers politely. "
     prompts = [encode(system + q) for q in ("USER: hello ASSISTANT:", "USER: what is two plus two? ASSISTANT:")]
-    uncached = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, prefix_cache_bytes=0, prefill_chunk=8)
-    cached = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, prefill_chunk=8)
+    uncached = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, prefix_cache_bytes=0, prefill_chunk=8, max_batch_size=16, max_queue=256)
+    cached = BatchEngine(loaded.model, loaded.tokenizer, loaded.context_length, prefill_chunk=8, max_batch_size=16, max_queue=256)
     expected = [greedy_ids(uncached, p)[0] for p in prompts]
     first, stats0 = greedy_ids(cached, prompts[0])
     second, stats1 = greedy_ids(cached, prompts[1])

@@ -53,9 +53,13 @@ def _call(app, path: str, headers: dict[str, str], chunks: int, chunk_size: int)
 
 
 def _worker_app(**kwargs):
+    from vicuna_cli.serve.config import WorkerConfig
     from vicuna_cli.serve.worker import create_app
 
-    return create_app([], None, "http://127.0.0.1:21002", secret=SECRET, **kwargs)
+    cfg = WorkerConfig()
+    settings = {"heartbeat": cfg.heartbeat, "max_batch_size": cfg.max_batch_size, "max_queue": cfg.max_queue,
+                "max_body_bytes": cfg.max_body_bytes, **kwargs}
+    return create_app([], None, "http://127.0.0.1:21002", secret=SECRET, **settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_bad_response_format_is_a_400_naming_it(api, route, value, message):
 def test_openai_proxy_forwards_response_format_unchanged():
     from vicuna_cli.serve.backends import OpenAIProxyBackend
 
-    backend = OpenAIProxyBackend("hosted", "http://127.0.0.1:9/v1", upstream_model="up")
+    backend = OpenAIProxyBackend("hosted", "http://127.0.0.1:9/v1", upstream_model="up", api_key=None, max_queue=4)
     try:
         params = GenerateParams(response_format=VERDICT_FORMAT)
         path, body = backend.payload(GenerateRequest(model="hosted", request_id="r", messages=[{"role": "user", "content": "x"}], params=params))
@@ -71,7 +71,7 @@ def test_openai_proxy_forwards_response_format_unchanged():
 
 
 def test_vllm_structured_outputs_mapping():
-    from vicuna_cli.serve.backends import vllm_structured_kwargs, vllm_structured_outputs
+    from vicuna_cli.serve.backends.vllm_engine import vllm_structured_kwargs, vllm_structured_outputs
 
     assert vllm_structured_outputs(None) is None
     assert vllm_structured_outputs({"type": "text"}) is None
@@ -88,8 +88,10 @@ def test_vllm_structured_outputs_mapping():
 @pytest.fixture(scope="module")
 def hf_backend(sp_model_dir):
     from vicuna_cli.serve.backends import HFBackend
+    from vicuna_cli.serve.config import WorkerConfig
 
-    backend = HFBackend("tiny", str(sp_model_dir), device="cpu", dtype="float32", implementation="native", max_batch_size=4)
+    cfg = WorkerConfig()
+    backend = HFBackend("tiny", str(sp_model_dir), None, "cpu", "float32", "native", 4, cfg.max_queue, cfg.prefix_cache_mb)
     try:
         yield backend
     finally:

@@ -136,7 +136,7 @@ def test_serve_error_from_an_upstream_body():
 
 
 def test_vllm_request_mapping():
-    from vicuna_cli.serve.backends import vllm_sampling_kwargs
+    from vicuna_cli.serve.backends.vllm_engine import vllm_sampling_kwargs
 
     p = GenerateParams(temperature=0.3, top_p=0.0, max_tokens=50, presence_penalty=0.5, frequency_penalty=-0.2,
                        logprobs=True, top_logprobs=3, n=2)
@@ -149,17 +149,56 @@ def test_vllm_request_mapping():
 
 def test_vllm_backend_names_the_extra_when_vllm_is_missing(monkeypatch):
     from vicuna_cli.serve.backends import VLLMBackend
+    from vicuna_cli.serve.config import WorkerConfig
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # an import of vllm now fails, installed or not
+    cfg = WorkerConfig()
     with pytest.raises(VicunaError) as info:
-        VLLMBackend("m", "some/model")
+        VLLMBackend("m", "some/model", None, cfg.max_batch_size, cfg.max_queue, cfg.dtype)
     assert "the optional package 'vllm' is not installed (needed for the vllm worker backend)" in info.value.message
     assert info.value.hint == "pip install 'vicuna-cli[vllm]'"
 
 
+def test_vllm_backend_encodes_with_the_shared_rule(monkeypatch, sp_model_dir):
+    """The vllm backend feeds vLLM the ids and stops of core/encoding.py (template stops first) and
+    refuses an overflowing prompt with the hf backend's 400 (param included)."""
+    import asyncio
+    import types
+
+    from transformers import AutoTokenizer
+
+    from vicuna_cli.core.templates import get_template
+    from vicuna_cli.serve.backends import VLLMBackend
+
+    sampling_module = types.ModuleType("vllm.sampling_params")
+    sampling_module.RequestOutputKind = types.SimpleNamespace(DELTA="delta")
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.sampling_params = sampling_module
+    made = []
+    fake_vllm.SamplingParams = lambda **kwargs: made.append(kwargs) or kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling_module)
+
+    backend = object.__new__(VLLMBackend)  # no engine: open() only prepares the requests
+    backend.vllm, backend.tokenizer = fake_vllm, AutoTokenizer.from_pretrained(sp_model_dir)
+    backend.template, backend.context_length, backend.max_queue, backend.active = get_template("vicuna_v1.1"), 512, 8, 0
+    messages = [{"role": "user", "content": "hi"}]
+    stream = asyncio.run(backend.open(GenerateRequest(model="m", request_id="r", messages=messages,
+                                                      params=GenerateParams(stop=["\n", "</s>"], max_tokens=500))))
+    prompt_tokens = len(backend.tokenizer(get_template("vicuna_v1.1").prompt_text(messages))["input_ids"])
+    assert stream.prompt_tokens == prompt_tokens
+    assert made[0]["stop"] == ["</s>", "USER:", "\n"] and made[0]["max_tokens"] == 512 - prompt_tokens < 500
+    for source in stream.sources:
+        asyncio.run(source.aclose())
+    with pytest.raises(ServeError) as refused:
+        asyncio.run(backend.open(GenerateRequest(model="m", request_id="r", messages=[{"role": "user", "content": "hi " * 600}])))
+    assert (refused.value.status, refused.value.code, refused.value.param) == (400, "context_length_exceeded", "messages")
+
+
 def test_hf_engine_params_and_seeds_per_choice():
     from vicuna_cli.core.generate import SamplingParams
-    from vicuna_cli.serve.backends import choice_seed, engine_params
+    from vicuna_cli.serve.backends.base import choice_seed
+    from vicuna_cli.serve.backends.hf import engine_params
 
     p = GenerateParams(temperature=0.5, top_p=0, presence_penalty=1.0, logprobs=True, top_logprobs=2)
     params = SamplingParams(**engine_params(p, ("</s>",), 10, choice_seed(7, 2)))
@@ -171,7 +210,7 @@ def test_hf_engine_params_and_seeds_per_choice():
 def test_openai_proxy_payloads():
     from vicuna_cli.serve.backends import OpenAIProxyBackend
 
-    backend = OpenAIProxyBackend("hosted", "https://up.example/v1/", "gpt-x")
+    backend = OpenAIProxyBackend("hosted", "https://up.example/v1/", "gpt-x", None, max_queue=4)
     p = GenerateParams(temperature=0, top_p=1, max_tokens=8, seed=3, stop=["\n"], logprobs=True, top_logprobs=2, n=2)
     path, body = backend.payload(GenerateRequest(model="hosted", request_id="r", messages=[{"role": "user", "content": "hi"}], params=p))
     assert path == "/chat/completions"
@@ -448,9 +487,11 @@ def test_a_long_chat_request_is_rendered_in_one_template_pass(bpe_model_dir):
     import asyncio
 
     from vicuna_cli.serve.backends import HFBackend
+    from vicuna_cli.serve.config import WorkerConfig
     from vicuna_cli.serve.protocol import GenerateRequest
 
-    backend = HFBackend("tiny", str(bpe_model_dir), device="cpu", dtype="float32", implementation="auto", max_batch_size=2)
+    cfg = WorkerConfig()
+    backend = HFBackend("tiny", str(bpe_model_dir), None, "cpu", "float32", "auto", 2, cfg.max_queue, cfg.prefix_cache_mb)
     try:
         tokenizer = backend.template.tokenizer
         real, calls = tokenizer.apply_chat_template, []
@@ -461,7 +502,10 @@ def test_a_long_chat_request_is_rendered_in_one_template_pass(bpe_model_dir):
 
         tokenizer.apply_chat_template = counted
         messages = [{"role": role, "content": f"turn {i}"} for i in range(100) for role in ("user", "assistant")]
-        ids, _ = backend.prompt_ids(GenerateRequest(model="tiny", request_id="r", messages=messages + [{"role": "user", "content": "end"}]))
-        assert ids and len(calls) == 1
+        # 201 messages overflow the tiny model's context: the one encode step renders once, then refuses.
+        with pytest.raises(ServeError) as refused:
+            backend.prompt_ids(GenerateRequest(model="tiny", request_id="r", messages=messages + [{"role": "user", "content": "end"}]))
+        assert (refused.value.status, refused.value.code) == (400, "context_length_exceeded")
+        assert len(calls) == 1
     finally:
         asyncio.run(backend.close())

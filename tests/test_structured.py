@@ -46,7 +46,7 @@ def run(engine: BatchEngine, requests, limit: int = 3000):
 
 
 def generate(loaded, params, text="Write the verdict as JSON:"):
-    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=1)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=1, max_queue=256)
     (result,) = run(engine, [engine.submit(prompt_ids(loaded, text), params)])
     return result
 
@@ -188,7 +188,7 @@ def test_batched_with_an_unconstrained_request(which, request):
     sampled = SamplingParams(temperature=1.0, seed=3, max_new_tokens=24)
     constrained = SamplingParams(temperature=0.7, seed=5, max_new_tokens=200, grammar=grammar)
     alone = [generate(loaded, p) for p in (plain, sampled, constrained)]
-    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=4)
+    engine = BatchEngine(loaded.model, loaded.tokenizer, max_batch_size=4, max_queue=256)
     ids = prompt_ids(loaded)
     together = run(engine, [engine.submit(ids, p) for p in (plain, sampled, constrained)])
     assert together == alone

@@ -204,7 +204,7 @@ def test_the_engine_sets_the_count_in_its_computing_thread(sp_native):
     def recorder(n):
         seen.append((n, threading.current_thread().name))
 
-    engine = BatchEngine(sp_native.model, sp_native.tokenizer, 256, max_batch_size=2, threads=1)
+    engine = BatchEngine(sp_native.model, sp_native.tokenizer, 256, max_batch_size=2, threads=1, max_queue=256)
     engine.threads = ThreadPolicy(1, cpus=2, apply=recorder, env={})
     engine.start()
     try:

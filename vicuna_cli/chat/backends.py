@@ -1,7 +1,10 @@
 """Where chat answers come from: a local model (the core engine) or an OpenAI-compatible server.
 
-Both backends offer the same small surface: `start(messages, params)` returns a stream of text
-deltas with `.stats` (a GenerationStats) and `.cancel()`; `describe()` says what is answering.
+Both backends offer the same small surface (`ChatBackend`): `start(messages, params)` returns a
+stream of text deltas with `.stats` (a GenerationStats) and `.cancel()`; `describe()` says what is
+answering. A prompt's walk: messages -> core/encoding.py `encode_prompt` (template, BOS rule, stop
+strings, context check) -> core/generate.py `Engine.generate`; or -> the `openai` client, whose
+errors core/openai_client.py turns into VicunaErrors.
 """
 
 from __future__ import annotations
@@ -9,8 +12,10 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Protocol, Sequence
 
+from ..core.encoding import encode_prompt
 from ..core.errors import VicunaError
 from ..core.generate import Engine, GenerationStats, SamplingParams
+from ..core.openai_client import api_error, new_client
 from ..core.templates import Message, template_for_model
 
 
@@ -22,7 +27,7 @@ class ReplyStream(Protocol):
     def cancel(self) -> None: ...
 
 
-class Backend(Protocol):
+class ChatBackend(Protocol):
     name: str
     trims_history: bool  # True when the backend knows its context size and chat must fit it
 
@@ -56,14 +61,14 @@ class LocalBackend:
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length, threads=threads)
 
     def prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        text = self.template.prompt_text(messages, add_generation_prompt=True)
-        # A Jinja chat template writes its own BOS; the fixed templates rely on the tokenizer's.
-        return self.engine.encode(text, add_special_tokens=self.template.name != "auto")
+        """What the session measures when it trims history to fit (no context check here)."""
+        return encode_prompt(self.engine.tokenizer, self.template, messages).ids
 
     def start(self, messages: Sequence[Message], params: SamplingParams) -> ReplyStream:
-        stop = tuple(dict.fromkeys((*self.template.stop, *params.stop)))
-        params = SamplingParams(**{**params.__dict__, "stop": stop})
-        return self.engine.generate(self.prompt_ids(messages), params)
+        prompt = encode_prompt(self.engine.tokenizer, self.template, messages, stop=params.stop,
+                               context_length=self.engine.context_length)
+        params = SamplingParams(**{**params.__dict__, "stop": prompt.stop})
+        return self.engine.generate(prompt.ids, params)
 
     def describe(self) -> dict[str, Any]:
         lm = self.loaded
@@ -87,11 +92,8 @@ class OpenAIBackend:
     trims_history = False  # the server owns the template and the context limit
 
     def __init__(self, api_base: str, api_key: str | None, model: str | None, timeout: float = 60.0):
-        import openai
-
         self.api_base = api_base
-        # The client insists on a key; local servers usually accept any.
-        self.client = openai.OpenAI(base_url=api_base, api_key=api_key or "none", timeout=timeout, max_retries=1)
+        self.client = new_client(api_base, api_key, timeout, max_retries=1)
         self.name = model or self._first_model()
 
     def _call(self, fn, *args, **kwargs):
@@ -99,20 +101,9 @@ class OpenAIBackend:
 
         try:
             return fn(*args, **kwargs)
-        except openai.AuthenticationError as exc:
-            raise VicunaError(
-                f"{self.api_base} rejected the API key (401)",
-                hint="pass --api-key or set OPENAI_API_KEY",
-            ) from exc
-        except openai.APIConnectionError as exc:
-            raise VicunaError(
-                f"could not connect to {self.api_base}: {exc.__cause__ or exc}",
-                hint="is the server running, and is --api-base right (it usually ends in /v1)?",
-            ) from exc
-        except openai.APIStatusError as exc:
-            raise VicunaError(f"{self.api_base} answered {exc.status_code}: {_api_message(exc)}") from exc
-        except openai.APIError as exc:  # e.g. an error event in the middle of a stream
-            raise VicunaError(f"{self.api_base} reported an error: {_api_message(exc)}") from exc
+        except openai.APIError as exc:
+            raise api_error(exc, self.api_base, key_hint="pass --api-key or set OPENAI_API_KEY",
+                            model=getattr(self, "name", None), model_hint="pass the model id with -m") from exc
 
     def _first_model(self) -> str:
         listed = self._call(self.client.models.list)
@@ -143,15 +134,6 @@ def _wrap_errors(backend: OpenAIBackend, stream: Any) -> Iterator[Any]:
         if chunk is None:
             return
         yield chunk
-
-
-def _api_message(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-    return str(getattr(exc, "message", exc))
 
 
 class _OpenAIStream:

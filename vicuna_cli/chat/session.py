@@ -15,7 +15,7 @@ from ..core.errors import VicunaError
 from ..core.generate import ContextOverflow, GenerationStats, SamplingParams
 from ..core.store import atomic_write_text
 from ..core.templates import Message, validate_messages
-from .backends import Backend
+from .backends import ChatBackend
 
 # Room kept for the answer when deciding whether the history still fits.
 MIN_ANSWER_TOKENS = 64
@@ -23,7 +23,7 @@ MIN_ANSWER_TOKENS = 64
 
 @dataclass
 class ChatSession:
-    backend: Backend
+    backend: ChatBackend
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None  # None: the template's own default system message
     messages: list[Message] = field(default_factory=list)  # user/assistant turns only

@@ -1,6 +1,6 @@
 """Continuous batching: many requests share one model, joining and leaving between decode steps.
 
-    engine = BatchEngine(model, tokenizer, context_length, max_batch_size=16, max_queue=256)
+    engine = BatchEngine(model, tokenizer, context_length, max_batch_size=8, max_queue=64)
     engine.start()                                  # a daemon scheduler thread
     request = engine.submit(prompt_ids, SamplingParams(temperature=0, max_new_tokens=64))
     for event in request.events():                  # or `async for event in request.aevents()`
@@ -25,11 +25,9 @@ Each `step()` (the thread loops over it; tests call it directly):
 When the last sequence that needed a long KV cache leaves, the cache shrinks back and the freed
 heap is handed back to the OS (`SlotKVCache.shrink`, `trim_heap`).
 
-On the native Llama model (core/native_llama.py) a decode step is one forward over all rows,
-each at its own position in its own slot of a preallocated KV cache. Other models (transformers'
-implementations) run one forward per request per step with their own cache: interleaved, so
-requests still join and leave between steps, but without the batching speed-up (re-laying
-transformers' cache for joins and leaves on every step would cost more than it saves on CPU).
+How a model runs the prefills and decode steps (one batched forward on the native Llama model,
+one forward per request otherwise) is core/runners.py; a request's events and state are
+core/batch_request.py.
 
 Sampling, detokenizing, stop strings and stats are per request and shared with the batch-1
 `generate.Engine`, which runs this engine with one slot.
@@ -37,29 +35,18 @@ Sampling, detokenizing, stop strings and stats are per request and shared with t
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-import uuid
 from collections import deque
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, Sequence
 
 from . import console
+from .batch_request import BatchRequest, EngineStopped, QueueFull
 from .errors import VicunaError
-from .generate import (
-    GenerationStats,
-    IncrementalDetokenizer,
-    SamplingParams,
-    StopStringFilter,
-    TokenEvent,
-    TokenLogprob,
-    TokenPieces,
-    check_prompt,
-    eos_token_ids,
-)
+from .generate import SamplingParams, TokenEvent, TokenLogprob, TokenPieces, check_prompt, eos_token_ids
 from .prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
-from .prefix_cache import PrefixCache
-from .sampling import RequestSampler, top_logprobs
+from .runners import NativeRunner, make_runner, trim_heap  # noqa: F401  trim_heap: native_llama imports it from here
+from .sampling import top_logprobs
 
 __all__ = ["BatchEngine", "BatchRequest", "QueueFull", "EngineStopped", "TokenEvent", "TokenLogprob"]
 
@@ -84,246 +71,6 @@ def chunk_cost(length: int, position: int) -> float:
     return length * (PREFILL_DEPTH_SCALE + position + length / 2) / PREFILL_DEPTH_SCALE
 
 
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing): the
-    activations of a long prefill are freed into malloc's heap, which otherwise keeps them."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class QueueFull(VicunaError):
-    def __init__(self, max_queue: int):
-        super().__init__(
-            f"the request queue is full ({max_queue} waiting)",
-            hint="retry later, or raise --max-queue / add workers",
-        )
-        self.max_queue = max_queue
-
-
-class EngineStopped(VicunaError):
-    def __init__(self) -> None:
-        super().__init__("the generation engine is shutting down", hint="retry on another worker")
-
-
-class BatchRequest:
-    """One submitted prompt: its events (a thread-safe queue) and its scheduling state."""
-
-    def __init__(self, engine: "BatchEngine", prompt_ids: list[int], params: SamplingParams):
-        self.id = f"req-{uuid.uuid4().hex[:16]}"
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        self.output_ids: list[int] = []
-        self.stop_token_id: int | None = None  # the stop token that ended it, if one did (PPO rollouts)
-        self.exception: BaseException | None = None  # what failed it, when finish_reason is "error"
-        self.finished = False
-        self._arrival = time.perf_counter()
-        self._cancelled = False
-        self._engine = engine
-        self._events: deque[TokenEvent] = deque()
-        self._cond = threading.Condition()
-        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
-        # Scheduling state (touched by the stepping thread only).
-        self.slot: int | None = None
-        self.prefilled = 0  # prompt tokens in the KV cache
-        self.pending: int | None = None  # the last sampled token, fed at the next decode step
-        self.passed_over = False  # prefilling, and no chunk of it went in the last step
-        self.budget = min(params.max_new_tokens, engine.context_length - len(prompt_ids))
-        self.stop_ids = engine.stop_token_ids | set(params.stop_token_ids)
-        self.sampler = RequestSampler(params, prompt_ids, engine.device)
-        self.detok = IncrementalDetokenizer(engine.tokenizer, prompt_ids)
-        self.stops = StopStringFilter(params.stop)
-
-    def cancel(self) -> None:
-        """Stop generating: the request ends with finish_reason "cancelled" at the next step."""
-        self._cancelled = True
-        self._engine._wake.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    # -- delivery ------------------------------------------------------------------------------
-
-    def _push(self, event: TokenEvent) -> None:
-        with self._cond:
-            self._events.append(event)
-            waiters = list(self._waiters)
-            self._cond.notify_all()
-        for loop, flag in waiters:
-            try:
-                loop.call_soon_threadsafe(flag.set)
-            except RuntimeError:  # that event loop is closed: nobody listens there any more
-                pass
-
-    def drain(self) -> list[TokenEvent]:
-        """The events so far, without waiting."""
-        with self._cond:
-            events = list(self._events)
-            self._events.clear()
-        return events
-
-    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
-        """Events as they come, up to the one with a finish_reason. `timeout` bounds the wait
-        for each event (TimeoutError), None waits as long as it takes."""
-        while True:
-            with self._cond:
-                if not self._cond.wait_for(lambda: self._events, timeout):
-                    raise TimeoutError(f"no event from request {self.id} within {timeout} s")
-                event = self._events.popleft()
-            yield event
-            if event.finish_reason is not None:
-                return
-
-    async def aevents(self) -> AsyncIterator[TokenEvent]:
-        """The same for asyncio: the engine thread wakes the loop (call_soon_threadsafe)."""
-        loop = asyncio.get_running_loop()
-        flag = asyncio.Event()
-        waiter = (loop, flag)
-        with self._cond:
-            self._waiters.add(waiter)
-        try:
-            while True:
-                flag.clear()
-                for event in self.drain():
-                    yield event
-                    if event.finish_reason is not None:
-                        return
-                await flag.wait()
-        finally:
-            with self._cond:
-                self._waiters.discard(waiter)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model runners: how one model runs prefills and decode steps for slots
-
-
-class NativeRunner:
-    """The native Llama model: one slot of a SlotKVCache per sequence, one forward per step,
-    and a PrefixCache of finished sequences' keys/values for prompts that repeat a prefix."""
-
-    def __init__(self, model: Any, num_slots: int, context_length: int, prefix_cache_bytes: int):
-        self.model = model
-        # The time dimension doubles on demand up to the context (see SlotKVCache).
-        self.cache = model.new_cache(min(context_length, 512), num_slots, context_length)
-        self.prefix = PrefixCache(prefix_cache_bytes)
-
-    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
-        """Load the longest cached prefix of `ids` into `slot` (at least one prompt token is
-        left to prefill: its logits pick the first answer token). Returns its length."""
-        import torch
-
-        if not self.prefix.enabled:
-            return 0
-        blocks = self.prefix.match(ids, len(ids) - 1)
-        if not blocks:
-            return 0
-        self.cache.write_prefix(slot, torch.cat([block.kv for block in blocks], dim=3))
-        return self.cache.lengths[slot]
-
-    def remember(self, slot: int, ids: list[int]) -> None:
-        """Offer what `slot` holds (the first tokens of `ids`) to the prefix cache."""
-        held = min(self.cache.lengths[slot], len(ids))
-        self.prefix.insert(ids[:held], lambda start, end: self.cache.read(slot, start, end))
-
-    def prefill(self, slot: int, ids: list[int], start: int) -> Any:
-        import torch
-
-        assert self.cache.lengths[slot] == start, (self.cache.lengths[slot], start)
-        tokens = torch.tensor([ids], device=self.model.inv_freq.device)
-        return self.model(input_ids=tokens, past_key_values=self.cache, logits_to_keep=1, slot=slot).logits[:, -1]
-
-    def prefill_many(self, chunks: list[tuple[int, list[int], int]]) -> Any:
-        """Chunks (slot, ids, start) of several sequences in one ragged forward."""
-        if len(chunks) == 1:
-            return self.prefill(*chunks[0])
-        for slot, _, start in chunks:
-            assert self.cache.lengths[slot] == start, (self.cache.lengths[slot], start)
-        return self.model.prefill_segments([(slot, ids) for slot, ids, _ in chunks], self.cache)
-
-    def decode(self, slots: list[int], tokens: list[int]) -> Any:
-        return self.model.decode_rows(tokens, self.cache, slots)
-
-    def release(self, slot: int) -> None:
-        self.cache.lengths[slot] = 0
-        if self.cache.shrink():
-            trim_heap()
-
-    def move(self, src: int, dst: int) -> None:
-        self.cache.move(src, dst)
-
-    def swap(self, a: int, b: int) -> None:
-        self.cache.swap(a, b)
-
-
-class SequentialRunner:
-    """Any HF-style causal LM (transformers' implementations): a cache per sequence, and one
-    forward per sequence per decode step."""
-
-    def __init__(self, model: Any, num_slots: int, context_length: int):
-        import inspect
-
-        self.model = model
-        self.caches: dict[int, Any] = {}
-        # transformers >= 5.2x renamed `past_key_values` to `cache` (the old name warns).
-        parameters = inspect.signature(model.forward).parameters
-        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
-
-    def _cache(self, slot: int) -> Any:
-        if slot not in self.caches:
-            from transformers import DynamicCache
-
-            self.caches[slot] = DynamicCache(config=self.model.config)
-        return self.caches[slot]
-
-    def prefill(self, slot: int, ids: list[int], start: int) -> Any:
-        import torch
-
-        tokens = torch.tensor([ids], device=next(self.model.parameters()).device)
-        kwargs = {self.cache_arg: self._cache(slot)}
-        return self.model(input_ids=tokens, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
-
-    def prefill_many(self, chunks: list[tuple[int, list[int], int]]) -> Any:
-        import torch
-
-        return torch.cat([self.prefill(*chunk) for chunk in chunks])
-
-    def decode(self, slots: list[int], tokens: list[int]) -> Any:
-        import torch
-
-        device = next(self.model.parameters()).device
-        rows = [
-            self.model(input_ids=torch.tensor([[t]], device=device), use_cache=True, **{self.cache_arg: self.caches[s]}).logits[:, -1]
-            for s, t in zip(slots, tokens)
-        ]
-        return torch.cat(rows)
-
-    def release(self, slot: int) -> None:
-        self.caches.pop(slot, None)
-
-    # No prefix cache: transformers' cache classes would need copying in and out per layer
-    # type (sliding windows, hybrid caches); the native path covers the CPU serving case.
-    def reuse_prefix(self, slot: int, ids: list[int]) -> int:
-        return 0
-
-    def remember(self, slot: int, ids: list[int]) -> None:
-        pass
-
-
-def make_runner(model: Any, num_slots: int, context_length: int, prefix_cache_bytes: int) -> Any:
-    if hasattr(model, "decode_rows"):
-        return NativeRunner(model, num_slots, context_length, prefix_cache_bytes)
-    return SequentialRunner(model, num_slots, context_length)
-
-
 # ---------------------------------------------------------------------------------------------
 # The engine
 
@@ -334,14 +81,17 @@ class BatchEngine:
         model: Any,
         tokenizer: Any,
         context_length: int | None = None,
-        max_batch_size: int = 16,
-        max_queue: int = 256,
+        *,
+        max_batch_size: int,
+        max_queue: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
         threads: int | None = None,
     ):
-        """`threads`: a fixed torch thread count (--threads); None follows the free CPUs while
-        running (core/threads.py, also $VICUNA_THREADS)."""
+        """`max_batch_size`, `max_queue`: no defaults here, the caller's config owns them (serve's
+        WorkerConfig, PPO's rollout settings; chat's batch of one). `threads`: a fixed torch
+        thread count (--threads); None follows the free CPUs while running (core/threads.py,
+        also $VICUNA_THREADS)."""
         from .threads import ThreadPolicy
 
         if max_batch_size < 1:

@@ -158,9 +158,17 @@ class ContextOverflow(VicunaError):
         self.context_length = context_length
 
 
+class EmptyPrompt(VicunaError):
+    """Nothing to generate from (serve answers it with its own error code)."""
+
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty", hint="send at least one token of prompt")
+
+
 def check_prompt(prompt_ids: Sequence[int], context_length: int) -> None:
+    """The one context check: chat, serve and the engines raise these two errors and no others."""
     if len(prompt_ids) == 0:
-        raise VicunaError("the prompt is empty", hint="send at least one token of prompt")
+        raise EmptyPrompt()
     if len(prompt_ids) >= context_length:
         raise ContextOverflow(len(prompt_ids), context_length)
 
@@ -310,7 +318,9 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.context_length = context_length or int(getattr(model.config, "max_position_embeddings", 2048))
-        self.batch = BatchEngine(model, tokenizer, self.context_length, max_batch_size=1, threads=threads)
+        # One slot, stepped in the caller's thread; the queue is what it always was (256): a
+        # generation submits when its iteration starts, so only interleaved iterations wait there.
+        self.batch = BatchEngine(model, tokenizer, self.context_length, max_batch_size=1, max_queue=256, threads=threads)
 
     @property
     def stop_token_ids(self) -> set[int]:

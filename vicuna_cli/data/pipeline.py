@@ -118,6 +118,8 @@ JOIN_SECONDS = 10.0  # how long a worker told to stop may take before it is kill
 
 def _worker_main(tasks: Any, results: Any, state: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    if hasattr(signal, "pthread_sigmask"):  # forked with SIGINT held (OrderedPool): ignored now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _STATE.update(state)
     while (item := tasks.get()) is not None:
         fn, task = item
@@ -129,6 +131,19 @@ def _worker_main(tasks: Any, results: Any, state: dict[str, Any]) -> None:
             results.send(reply)
         except Exception as exc:  # an exception (or result) that does not pickle
             results.send((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Defer SIGINT in this thread (POSIX); a pending one is delivered on leaving."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _died(proc: Any) -> VicunaError:
@@ -161,16 +176,21 @@ class OrderedPool:
             return
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # Ctrl-C is held back while the workers start: a KeyboardInterrupt raised between a fork
+        # and `Process.start` recording the child would leave a worker nobody stops, holding the
+        # command's stdout/stderr open and waiting on its queue forever (a hang seen under load).
+        # It is delivered as soon as every started worker is known (and then stopped).
         try:
-            for _ in range(workers):
-                tasks, (reader, writer) = ctx.Queue(), ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(tasks, writer, state), daemon=True)
-                self._tasks.append(tasks)
-                self._results.append(reader)
-                self._procs.append(proc)
-                proc.start()
-                writer.close()  # only the worker writes: its death then reads as EOF here
-        except BaseException:
+            with _sigint_held():
+                for _ in range(workers):
+                    tasks, (reader, writer) = ctx.Queue(), ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_worker_main, args=(tasks, writer, state), daemon=True)
+                    self._tasks.append(tasks)
+                    self._results.append(reader)
+                    self._procs.append(proc)
+                    proc.start()
+                    writer.close()  # only the worker writes: its death then reads as EOF here
+        except BaseException:  # including the Ctrl-C delivered on leaving the block
             self._stop(graceful=False)
             raise
 

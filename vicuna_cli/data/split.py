@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections import Counter
 from typing import Any, Sequence
 
+from ..core.encoding import add_special_tokens
 from ..core.templates import ChatTemplate, Template
 
 ROLE_TO_OPENAI = {"system": "system", "human": "user", "gpt": "assistant"}
@@ -24,9 +25,8 @@ class TokenCounter:
         """`backend`: the `tokenizers.Tokenizer` behind `tokenizer`, if it does not expose one
         as `backend_tokenizer`; it gives batched encoding and token offsets."""
         self.tokenizer, self.template = tokenizer, template
-        # Fixed-string templates leave BOS to the tokenizer; chat templates write their own
-        # special tokens into the text (the same rule the chat engine follows).
-        self.add_special_tokens = not isinstance(template, ChatTemplate)
+        # The BOS rule of chat and serve, from its one place (core/encoding.py).
+        self.add_special_tokens = add_special_tokens(template)
         if backend is None and getattr(tokenizer, "is_fast", False):
             backend = tokenizer.backend_tokenizer
         if backend is not None:

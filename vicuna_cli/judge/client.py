@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..core.errors import VicunaError
+from ..core.openai_client import api_error, connection_error, describe_failure, new_client, retryable
 from ..core.store import ensure_writable
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 CACHE_FILE = "judge_cache.sqlite"
+KEY_HINT = "set the key in VICUNA_JUDGE_API_KEY or OPENAI_API_KEY (or pass --judge-api-key-env NAME)"
 
 
 class BudgetReached(Exception):
@@ -142,12 +144,6 @@ def retry_after(headers: Any) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
-def _api_message(exc: Any) -> str:
-    from ..chat.backends import _api_message as message
-
-    return message(exc)
-
-
 class ApiClient:
     """Chat completions from one model at one OpenAI-compatible endpoint."""
 
@@ -180,9 +176,7 @@ class ApiClient:
         second, which a run served entirely from the cache should not pay."""
         with self._lock:
             if self._client is None:
-                import openai
-
-                self._client = openai.OpenAI(base_url=self.api_base, api_key=self._api_key, timeout=self._timeout, max_retries=0)
+                self._client = new_client(self.api_base, self._api_key, self._timeout, max_retries=0)
             return self._client
 
     # -- structured output support, remembered per endpoint and model
@@ -244,35 +238,19 @@ class ApiClient:
             try:
                 response = self.client.chat.completions.create(model=self.model, messages=messages, **settings)
                 return self._reply(response)
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-                what = "rejected the API key" if exc.status_code == 401 else "refused the request"
-                raise VicunaError(
-                    f"the endpoint {self.api_base} {what} ({exc.status_code}): {_api_message(exc)}",
-                    hint="set the key in VICUNA_JUDGE_API_KEY or OPENAI_API_KEY (or pass --judge-api-key-env NAME)",
-                ) from exc
-            except openai.NotFoundError as exc:
-                raise VicunaError(
-                    f"{self.api_base} does not serve model {self.model!r} (404): {_api_message(exc)}",
-                    hint="check --judge-model (or -m) against the server's /v1/models",
-                ) from exc
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                if "response_format" in settings and self.schema_mode != "on":  # "off" if another thread saw it first
+            except openai.APIError as exc:
+                rejected = isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError))
+                if rejected and "response_format" in settings and self.schema_mode != "on":  # "off" if another thread saw it first
                     raise _SchemaRejected() from exc
-                raise VicunaError(f"{self.api_base} rejected the request ({exc.status_code}): {_api_message(exc)}") from exc
-            except (openai.RateLimitError, openai.InternalServerError, openai.APIStatusError) as exc:
-                if exc.status_code not in (408, 409, 429) and exc.status_code < 500:
-                    raise VicunaError(f"{self.api_base} answered {exc.status_code}: {_api_message(exc)}") from exc
-                wait = retry_after(exc.response.headers)
-                error = f"{exc.status_code} {_api_message(exc)}"
-            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                wait, error = None, f"{type(exc).__name__}: {exc.__cause__ or exc}"
-                refused = not isinstance(exc, openai.APITimeoutError)
+                if not retryable(exc):
+                    raise api_error(exc, self.api_base, key_hint=KEY_HINT, model=self.model,
+                                    model_hint="check --judge-model (or -m) against the server's /v1/models") from exc
+                wait = retry_after(exc.response.headers) if isinstance(exc, openai.APIStatusError) else None
+                error = describe_failure(exc)
+                refused = isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError)
             attempt += 1
             if attempt > self.max_retries and refused:
-                raise VicunaError(
-                    f"could not connect to {self.api_base} ({error})",
-                    hint="is the server running, and is the API base right (it usually ends in /v1)?",
-                )
+                raise connection_error(self.api_base, error)
             if attempt > self.max_retries:
                 raise VicunaError(
                     f"{self.api_base} kept failing after {self.max_retries} retries ({error})",

@@ -1,4 +1,4 @@
-"""A model worker: serves one or more models (backends.py) to the API and keeps itself known to
+"""A model worker: serves one or more models (backends/) to the API and keeps itself known to
 the controller.
 
 - Registers once it listens (retrying while the controller is down; with a shared secret, the
@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 
-from .backends import Backend
+from .backends import WorkerBackend
 from .common import AccessLogMiddleware, install_error_handlers, log_json, wait_for_exit, wait_for_start
 from .protocol import GenerateRequest, HeartbeatRequest, RegisterRequest, ServeError
 from .security import CHALLENGE_PATH, guard, secret_headers, worker_proof
@@ -32,7 +32,7 @@ from .security import CHALLENGE_PATH, guard, secret_headers, worker_proof
 class Membership:
     """Registration and heartbeats with the controller."""
 
-    def __init__(self, controller: str, address: str, backends: list[Backend], secret: str | None,
+    def __init__(self, controller: str, address: str, backends: list[WorkerBackend], secret: str | None,
                  heartbeat: float, max_batch_size: int, max_queue: int):
         import httpx
 
@@ -113,8 +113,9 @@ def _json_or_text(response: Any) -> Any:
         return response.text
 
 
-def create_app(backends: list[Backend], controller: str | None, address: str, secret: str | None = None,
-               heartbeat: float = 2.0, max_batch_size: int = 16, max_queue: int = 256, max_body_bytes: int = 4 << 20) -> Any:
+def create_app(backends: list[WorkerBackend], controller: str | None, address: str, secret: str | None,
+               heartbeat: float, max_batch_size: int, max_queue: int, max_body_bytes: int) -> Any:
+    """The worker's app; the numbers come from WorkerConfig (serve/config.py `run_worker`)."""
     from fastapi.responses import StreamingResponse
 
     by_name = {b.model.name: b for b in backends}

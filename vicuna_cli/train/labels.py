@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..core.encoding import template_writes_special_tokens
 from ..core.errors import VicunaError
 from ..core.templates import ChatTemplate, Template
 from ..data.split import TokenCounter
@@ -59,7 +60,7 @@ class LabelBuilder:
                 f"span(s) for {expected} assistant turn(s) with this tokenizer, so no loss could be placed",
                 hint="pick a fixed template with --template (see `vicuna templates`)",
             )
-        if isinstance(self.template, ChatTemplate):
+        if template_writes_special_tokens(self.template):
             spans = [self._end_at_marker(rendered.text, span) for span in spans]
         return rendered.text, spans
 

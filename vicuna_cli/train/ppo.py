@@ -163,6 +163,7 @@ def read_prompts(paths: Sequence[str], notes: Counter) -> list[tuple[str, list[d
 
 
 def build(config: PpoConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
+    from ..core.encoding import encode_prompt
     from ..core.templates import template_for_model
 
     if not config.prompts:
@@ -172,9 +173,7 @@ def build(config: PpoConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
     room = config.max_length - config.max_new_tokens
     samples = []
     for pid, messages in read_prompts(config.prompts, notes):
-        text = template.prompt_text(messages, add_generation_prompt=True)
-        # A Jinja chat template writes its own BOS; the fixed templates rely on the tokenizer's (as chat does).
-        ids = list(tokenizer(text, add_special_tokens=template.name != "auto")["input_ids"])
+        ids = encode_prompt(tokenizer, template, messages).ids  # as chat and serve encode it
         if len(ids) > room:
             notes["prompt longer than --max-length minus --max-new-tokens (skipped)"] += 1
         elif ids:
