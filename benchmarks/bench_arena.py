@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +34,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import machine_info, markdown_table, print_machine, write_results  # noqa: E402
+from serve_single import single_server  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 PAGE_HOOKS = """() => {
@@ -49,12 +48,6 @@ PAGE_HOOKS = """() => {
 HEALTH_RTT = "async () => { const t = performance.now(); await fetch('health'); return performance.now() - t; }"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def default_models(tmp: Path) -> list[str]:
     from vicuna_cli.core.models import DEFAULT_MODEL, resolve
 
@@ -62,27 +55,6 @@ def default_models(tmp: Path) -> list[str]:
     twin = tmp / f"{DEFAULT_MODEL}-twin"
     twin.symlink_to(path, target_is_directory=True)
     return [str(path), str(twin)]
-
-
-def wait_for(check, timeout: float, what: str, proc: subprocess.Popen | None = None, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"vicuna serve exited with {proc.returncode} while waiting for {what}")
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout:g} s waiting for {what}")
-
-
-def models_listed(url: str, count: int) -> bool:
-    import httpx
-
-    try:
-        return len(httpx.get(f"{url}/v1/models", timeout=2).json()["data"]) >= count
-    except (httpx.HTTPError, ValueError, KeyError):
-        return False
 
 
 def poll_vote(db: Path, battle_id: str, deadline: float, interval: float, seen: dict) -> None:
@@ -108,16 +80,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
 
     models = args.model or default_models(tmp)
     db = tmp / "arena.sqlite3"
-    port = free_port()
-    command = [sys.executable, "-m", "vicuna_cli", "serve", *(a for m in models for a in ("-m", m)), "--arena", "--arena-db", str(db),
-               "--arena-max-tokens", str(args.max_tokens), "--arena-temperature", "0", "--arena-rate-limit", "100000",
-               "--port", str(port), "--controller-port", str(free_port()), "--worker-port", str(free_port())]
-    log = (tmp / "serve.log").open("wb")
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    arena = ("--arena", "--arena-db", str(db), "--arena-max-tokens", str(args.max_tokens), "--arena-temperature", "0",
+             "--arena-rate-limit", "100000")
     rows: list[dict] = []
-    try:
-        wait_for(lambda: models_listed(url, 2), args.start_timeout, "two models to be served", proc, 0.5)
+    # The tests' one way to run `vicuna serve -m ...` (tests/serve_single.py): free ports, a bounded
+    # wait for both models, the process group stopped at the end.
+    with single_server(tmp, models, *arena, env=dict(os.environ), worker_args=(), timeout=args.start_timeout) as proc:
+        url = proc.url
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=args.chromium, headless=True, args=CHROMIUM_FLAGS)
             page = browser.new_page()
@@ -150,15 +119,6 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
                 print(f"battle {i + 1}/{args.battles}: click->row {rows[-1]['click_to_row_visible_ms']:.1f} ms, "
                       f"click->names {rows[-1]['click_to_names_shown_ms']:.1f} ms, /health {health_ms:.1f} ms", file=sys.stderr)
             browser.close()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
     keys = ["click_to_vote_time_ms", "click_to_row_visible_ms", "click_to_names_shown_ms", "health_rtt_ms"]
     return {"models": models, "rows": rows, "summary": {k: stats([r[k] for r in rows]) for k in keys}}
 

@@ -41,57 +41,36 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import DEFAULT_MODEL, loadavg, machine_info, markdown_table, print_machine, summary, write_results  # noqa: E402
 from bench_serve import metrics, run_requests  # noqa: E402
-from fastchat_serve import free_port  # noqa: E402
+from serve_cluster import Proc  # noqa: E402
+from serve_single import start_single  # noqa: E402
 
 GOAL_RATIO = 1.2  # judge wall time / raw replay wall time
 GOAL_CACHED_S = 3.0
 
 
-def start_server(model: str, dtype: str, log: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
-    port, cport, wport = free_port(), free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna_cli", "serve", "-m", model, "--port", str(port), "--controller-port", str(cport),
-         "--worker-port", str(wport), "--dtype", dtype,
-         # a worker starved of CPU by its own batch misses 2-s heartbeats on a loaded 2-core box
-         "--heartbeat", "5", "--expiry", "120", *extra],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"vicuna serve exited: see {log}")
-        try:
-            with urllib.request.urlopen(base + "/models", timeout=2) as r:
-                if r.status == 200:
-                    return proc, base
-        except OSError:
-            time.sleep(1)
-    stop_server(proc)
-    raise SystemExit("vicuna serve did not come up in 600 s")
+def start_server(model: str, dtype: str, log: Path, extra: tuple[str, ...] = ()) -> tuple[Proc, str]:
+    """`vicuna serve -m MODEL` through the tests' one starter (tests/serve_single.py), its log in
+    log.parent/serve.log; returns the process and its API base."""
+    # a worker starved of CPU by its own batch misses 2-s heartbeats on a loaded 2-core box
+    proc = start_single(log.parent, model, "--heartbeat", "5", "--expiry", "120", *extra, env=dict(os.environ),
+                        worker_args=("--dtype", dtype), timeout=600)
+    return proc, f"{proc.url}/v1"
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+def stop_server(proc: Proc) -> None:
+    proc.stop(timeout=30)
 
 
 def make_answers(base: str, model: str, workdir: Path, tokens: int, first_n: int) -> Path:

@@ -23,21 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from processes import free_port, stop_group  # noqa: E402  (the tests' one free_port and group stop; stdlib only)
+
 PEER_DIR = Path(os.environ.get("VICUNA_PEERS", Path(__file__).resolve().parents[2] / "shared" / "peers")) / "fastchat"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 5.0) -> dict:
@@ -47,18 +44,7 @@ def get_json(url: str, timeout: float = 5.0) -> dict:
 
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process group, then SIGKILL it if it is still there after `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_group(proc, grace)
 
 
 def wait_for_model(base_url: str, model: str, procs: list[subprocess.Popen], timeout: float, logs: Path) -> None:

@@ -153,3 +153,45 @@ def embedded_model_home(tmp_path_factory) -> Path:
         else:
             os.environ["VICUNA_HOME"] = previous
     return home
+
+
+@pytest.fixture
+def fake_openai():
+    """The one fake OpenAI-compatible server (fake_openai.py), echoing the last user message;
+    judge_double.py's `double` runs the same server with scripted verdicts."""
+    from fake_openai import FakeOpenAI, running
+
+    with running(FakeOpenAI()) as server:
+        yield server
+
+
+@pytest.fixture
+def double():
+    """The scripted judge (judge_double.py) on the shared fake OpenAI server."""
+    from fake_openai import running
+    from judge_double import JudgeDouble
+
+    with running(JudgeDouble()) as server:
+        yield server
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """The answer files and questions that `double` judges (judge_double.make_workdir)."""
+    from judge_double import make_workdir
+
+    return make_workdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def resume_reference(sp_model_dir, tmp_path_factory):
+    """The uninterrupted LoRA run the resume tests compare with: (model dir, data, run dir)."""
+    from train_helpers import STEPS, losses, resume_config, write_data
+    from vicuna_cli.train.sft import run_sft
+
+    root = tmp_path_factory.mktemp("resume")
+    data = write_data(root / "data.json", n=40, seed=1)
+    reference = root / "reference"
+    run_sft(resume_config(sp_model_dir, data, reference))
+    assert len(losses(reference)) == STEPS
+    return sp_model_dir, data, reference

@@ -14,11 +14,11 @@ from typing import Callable
 import pytest
 import torch
 import yaml
+from processes import free_port
+from train_helpers import flags, losses, start
 
 from vicuna_cli.train.rundir import read_metrics
 
-from test_train_distributed import flags, free_port
-from test_train_resume import losses, start
 
 WORDS = "hello there how are you I am fine thank you the capital of France is Paris".split()
 

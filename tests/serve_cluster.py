@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from processes import free_port, signal_group, stop_group
 
 STARTUP_TIMEOUT = 180.0  # seconds; a worker imports torch and loads a model (slow on a busy 2-core box)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -44,18 +38,12 @@ class Proc:
         return self.process.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.alive():
-            os.killpg(self.process.pid, sig)
+        signal_group(self.process, sig)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        self.signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
+        code = stop_group(self.process, timeout)
         self.handle.close()
-        return self.process.returncode
+        return code
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

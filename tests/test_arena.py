@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_judge_run import double  # noqa: F401 (the scripted judge's fixture)
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app

@@ -8,12 +8,13 @@ import threading
 
 import pytest
 import torch
+from batch_helpers import batch_one, collect, run_to_end
 
 from vicuna_cli.core.batch import BatchEngine
 from vicuna_cli.core.batch_request import QueueFull
 from vicuna_cli.core.runners import SequentialRunner
 from vicuna_cli.core.errors import VicunaError
-from vicuna_cli.core.generate import ContextOverflow, Engine, InvalidParams, SamplingParams
+from vicuna_cli.core.generate import ContextOverflow, InvalidParams, SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -23,27 +24,6 @@ PROMPTS = [
     "안녕하세요 반갑습니다.",
 ]
 GREEDY = SamplingParams(temperature=0, max_new_tokens=20)
-
-
-def batch_one(loaded, prompt_ids, params):
-    engine = Engine(loaded.model, loaded.tokenizer, loaded.context_length)
-    generation = engine.generate(prompt_ids, params)
-    text = "".join(generation)
-    return generation.output_ids, text, generation.stats.finish_reason
-
-
-def run_to_end(engine: BatchEngine, limit: int = 2000) -> None:
-    for _ in range(limit):
-        if not engine.step():
-            return
-    raise AssertionError("the engine did not go idle")
-
-
-def collect(request):
-    events = request.drain()
-    assert events and events[-1].finish_reason is not None
-    assert all(e.finish_reason is None for e in events[:-1])
-    return [t for e in events for t in e.token_ids], "".join(e.text for e in events), events[-1].finish_reason
 
 
 @pytest.mark.parametrize("which", ["sp_native", "bpe_native", "sp_loaded"])

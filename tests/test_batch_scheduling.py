@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from batch_helpers import batch_one, collect, run_to_end
 
 from vicuna_cli.core.batch import PREFILL_DEPTH_SCALE, BatchEngine, chunk_length
 from vicuna_cli.core.generate import SamplingParams
-
-from test_batch import batch_one, collect, run_to_end
 
 
 def long_prompt(loaded, length: int) -> list[int]:

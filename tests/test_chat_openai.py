@@ -1,6 +1,6 @@
 """`vicuna chat --api-base`: the OpenAI backend against a tiny stdlib OpenAI-compatible server.
 
-The server (`FakeOpenAI`) runs in a thread on 127.0.0.1, answers `"echo: " + last user message`
+The shared fake server (`fake_openai.FakeOpenAI`) runs in a thread on 127.0.0.1, answers `"echo: " + last user message`
 as an SSE stream, records every request, and can enforce an API key or fail on purpose.
 
 The CLI runs through `cli.main` in this process (fixture `vicuna`, ~50 ms a run) and, where the
@@ -19,177 +19,25 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
-from typing import Any
 
+import processes
 import pytest
-from local_http import serving
+from fake_openai import MODEL_ID
 
-MODEL_ID = "fake-echo-1"
 CLI_TIMEOUT = 60  # seconds; a CLI run here takes ~1 s, so a hang fails instead of blocking CI
 
 
-def _error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-class FakeOpenAI:
-    """The state of the fake server: what it was asked, and how it should behave."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []  # {"method", "path", "headers", "body"}
-        self.lock = threading.Lock()
-        self.api_key: str | None = None  # when set, requests must carry "Bearer <api_key>"
-        # ok | error_event (an error event after the first chunk) | drop (connection cut
-        # mid-stream) | http500 (500 before any chunk)
-        self.mode = "ok"
-        self.port = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def completions(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [r["body"] for r in self.requests if r["path"] == "/v1/chat/completions"]
-
-    def auth_headers(self) -> list[str | None]:
-        with self.lock:
-            return [r["headers"].get("authorization") for r in self.requests]
-
-
-def _make_handler(state: FakeOpenAI):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # chunked streaming, so a cut connection is detectable
-
-        def log_message(self, *args: Any) -> None:  # keep pytest output clean
-            pass
-
-        # -- helpers --------------------------------------------------------------------
-
-        def _record(self, body: Any) -> None:
-            with state.lock:
-                state.requests.append({
-                    "method": self.command,
-                    "path": self.path,
-                    "headers": {k.lower(): v for k, v in self.headers.items()},
-                    "body": body,
-                })
-
-        def _send_json(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _authorized(self) -> bool:
-            if state.api_key is None:
-                return True
-            if self.headers.get("Authorization") == f"Bearer {state.api_key}":
-                return True
-            self._send_json(401, _error_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
-            return False
-
-        def _chunk(self, text: str) -> None:
-            data = text.encode()
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-            self.wfile.flush()
-
-        def _event(self, payload: Any) -> None:
-            self._chunk("data: " + (payload if isinstance(payload, str) else json.dumps(payload)) + "\n\n")
-
-        # -- routes -----------------------------------------------------------------------
-
-        def do_GET(self) -> None:
-            self._record(None)
-            if not self._authorized():
-                return
-            if self.path.rstrip("/") == "/v1/models":
-                self._send_json(200, {"object": "list", "data": [
-                    {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "tests"},
-                ]})
-            else:
-                self._send_json(404, _error_body(f"no route {self.path}", "invalid_request_error", None))
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                body = json.loads(raw or b"null")
-            except json.JSONDecodeError:
-                body = None
-            self._record(body)
-            if not self._authorized():
-                return
-            if self.path != "/v1/chat/completions" or not isinstance(body, dict):
-                self._send_json(404, _error_body(f"no route {self.path}", "invalid_request_error", None))
-                return
-            if state.mode == "http500":
-                self._send_json(500, _error_body("the fake server broke", "server_error", None))
-                return
-            if not body.get("stream"):
-                self._send_json(400, _error_body("only stream: true is implemented", "invalid_request_error", "stream"))
-                return
-            self._stream(body)
-
-        def _stream(self, body: dict) -> None:
-            last_user = next((m["content"] for m in reversed(body["messages"]) if m["role"] == "user"), "")
-            answer = "echo: " + last_user
-            pieces = [answer[i : i + 4] for i in range(0, len(answer), 4)]
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": body.get("model")}
-
-            def chunk(delta: dict, finish: str | None = None) -> dict:
-                return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-            self._event(chunk({"role": "assistant", "content": ""}))
-            for i, piece in enumerate(pieces):
-                self._event(chunk({"content": piece}))
-                if i == 0 and state.mode == "error_event":
-                    self._event(_error_body("the model crashed mid-answer", "server_error", None))
-                    self._chunk("")  # end the chunked body cleanly: the error is in the data
-                    return
-                if i == 0 and state.mode == "drop":
-                    self.close_connection = True  # no terminating chunk: the body is cut short
-                    self.wfile.flush()
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                    return
-            self._event(chunk({}, "stop"))
-            if (body.get("stream_options") or {}).get("include_usage"):
-                self._event({**base, "choices": [], "usage": {
-                    "prompt_tokens": sum(len(m["content"].split()) for m in body["messages"]),
-                    "completion_tokens": len(pieces),
-                    "total_tokens": 0,
-                }})
-            self._event("[DONE]")
-            self._chunk("")  # the zero-length chunk that ends the body
-
-    return Handler
-
-
 @pytest.fixture
-def server():
-    state = FakeOpenAI()
-    with serving(_make_handler(state)) as port:
-        state.port = port
-        yield state
+def server(fake_openai):
+    """The shared fake OpenAI server (conftest.py, fake_openai.py): echoes the last user message."""
+    return fake_openai
 
 
 @pytest.fixture
 def closed_port():
     """A port on 127.0.0.1 that is bound but not listening: connecting to it is refused."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
+    with processes.closed_port() as port:
+        yield port
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -278,7 +126,7 @@ def test_multi_turn_history_is_sent(server, vicuna):
     assert result.stdout == "echo: first question\necho: second question\n"
     first, second = server.completions()
     assert first["model"] == second["model"] == "my-model"  # -m skips GET /v1/models
-    assert all(r["path"] != "/v1/models" for r in server.requests)
+    assert all(r["path"] != "/v1/models" for r in server.log)
     assert first["messages"] == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "first question"},
@@ -407,14 +255,14 @@ def test_a_dropped_connection_is_retried_once_not_backed_off():
 
 
 def test_http_500_before_the_stream(server, vicuna):
-    server.mode = "http500"
+    server.fault = "http500"
     result = vicuna("--api-base", server.base, "--prompt", "hi")
     _assert_one_error_line(result, "answered 500", "the fake server broke")
     assert result.stdout.strip() == ""
 
 
 def test_error_event_mid_stream(server):
-    server.mode = "error_event"
+    server.fault = "error_event"
     result = vicuna_process("--api-base", server.base, "--prompt", "hi")
     _assert_one_error_line(result, "reported an error", "the model crashed mid-answer")
     assert result.stdout.startswith("echo")  # what arrived before the error was shown
@@ -425,7 +273,7 @@ def test_connection_cut_mid_stream(server):
 
     (Not exit 2 with "RemoteProtocolError": a dropped connection is the user's environment,
     not a vicuna bug.)"""
-    server.mode = "drop"
+    server.fault = "drop"
     result = vicuna_process("--api-base", server.base, "--prompt", "hi")
     assert "Traceback" not in result.stderr
     _assert_one_error_line(result, server.base)
@@ -435,7 +283,7 @@ def test_template_with_api_base_is_rejected(server, vicuna):
     result = vicuna("--api-base", server.base, "--template", "vicuna_v1.1", "--prompt", "hi")
     assert result.returncode == 1, result.stderr
     assert "error: " in result.stderr and "--template" in result.stderr
-    assert server.requests == []
+    assert server.log == []
 
 
 def test_scripted_run_in_process(server, capsys):

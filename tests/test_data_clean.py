@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_data_steps import conv, write_json
+from data_helpers import conv, corpus, vicuna, write_json
 
 from vicuna_cli.data import steps
 from vicuna_cli.data.pipeline import CleanConfig, clean
@@ -21,14 +21,6 @@ from vicuna_cli.data.stats import StatsConfig, stats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from make_sharegpt_corpus import generate  # noqa: E402
-
-
-def corpus(path: Path, n: int, seed: int = 3) -> Path:
-    return write_json(path, list(generate(n, seed)))
-
-
-def vicuna(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vicuna_cli", "data", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_output_and_report_are_identical_for_any_worker_count(tmp_path, sp_model_dir):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_data_steps import conv, run_clean, turns, write_json, write_jsonl
+from data_helpers import conv, run_clean, turns, write_json, write_jsonl
 
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.data.formats import InputFile, locate_json_error

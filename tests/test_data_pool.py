@@ -15,7 +15,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from test_data_clean import corpus, vicuna
+
+from data_helpers import corpus, vicuna
+from processes import signal_group
 
 from vicuna_cli.data.pipeline import CleanConfig, clean
 
@@ -169,7 +171,7 @@ def test_ctrl_c_while_the_workers_are_forked_leaves_no_orphan(tmp_path):
     try:
         _, err = proc.communicate(timeout=60)  # EOF on the pipes: no process holds them any more
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
         proc.communicate()
         raise AssertionError("a forked worker outlived the interrupted pool and kept the pipes open")
     assert proc.returncode == 130, err

@@ -3,46 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from data_helpers import conv, run_clean, turns, write_jsonl
 
 from vicuna_cli.core.errors import VicunaError
-from vicuna_cli.data.pipeline import CleanConfig, clean
 
 HTML_ANSWER = '<div class="markdown prose w-full break-words dark:prose-invert light"><p>I am <strong>fine</strong>, thank you for asking.</p></div>'
 
 
-def conv(id, *turns, **extra):
-    return {"id": id, "conversations": [{"from": role, "value": value} for role, value in turns], **extra}
-
-
-def write_json(path: Path, records) -> Path:
-    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
-    return path
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def run_clean(tmp_path: Path, records, name="out.json", **options):
-    """Clean `records` (a list, written as JSON) or an input path; return (output, report dict)."""
-    source = records if isinstance(records, Path) else write_json(tmp_path / "in.json", records)
-    out = tmp_path / name
-    report = clean(CleanConfig(inputs=[str(source)], output=out, workers=1, overwrite=True, **options)).to_dict()
-    text = out.read_text(encoding="utf-8")
-    rows = json.loads(text) if out.suffix == ".json" else [json.loads(line) for line in text.splitlines()]
-    return rows, report
-
-
 def step(report, name):
     return next(s for s in report["steps"] if s["step"] == name)
-
-
-def turns(record):
-    return [(t["from"], t["value"]) for t in record["conversations"]]
 
 
 def test_html_step_converts_exported_turns_and_counts_them(tmp_path):

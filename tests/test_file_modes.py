@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from data_helpers import corpus
 
-from test_data_clean import corpus
 
 from vicuna_cli.core.store import atomic_dir, atomic_write_text
 from vicuna_cli.data.pipeline import CleanConfig, clean

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 
-from test_judge_run import QUESTIONS, _client, _rows, double, workdir  # noqa: F401 (fixtures)
+from judge_double import QUESTIONS, judge_client, read_rows  # fixtures `double`, `workdir`: conftest.py
 
 from vicuna_cli.judge import judging
 from vicuna_cli.judge.client import Sampling
@@ -20,7 +20,7 @@ def _judge(double, workdir, model: str, results: dict) -> None:
     settings = judging.JudgeSettings("single", [model], None, Sampling(), 2)
     answers = judging.load_model_answers(workdir / "answers", [model])
     games = judging.plan_games(QUESTIONS, answers, settings)
-    results[model] = judging.run(games, answers, _client(double, workdir / "out"), settings, workdir / "out")
+    results[model] = judging.run(games, answers, judge_client(double, workdir / "out"), settings, workdir / "out")
 
 
 def test_two_concurrent_runs_keep_every_judgment(double, workdir, monkeypatch):
@@ -52,7 +52,7 @@ def test_two_concurrent_runs_keep_every_judgment(double, workdir, monkeypatch):
     second.join(2 * WAIT)
     assert not first.is_alive() and not second.is_alive()
     assert results["good"].records == results["bad"].records == 6
-    rows = _rows(results["good"].path)
+    rows = read_rows(results["good"].path)
     assert sorted((r["model"], r["question_id"], r["turn"]) for r in rows) == sorted(
         (m, q.question_id, t + 1) for m in ("good", "bad") for q in QUESTIONS for t in range(len(q.turns)))
     assert messages == [f"another run (pid {os.getpid()}) is writing {results['good'].path}; waiting for it to finish"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import yaml
 import pytest
-from test_judge_run import double, workdir  # noqa: F401  (fixtures: the judge double and its answer files)
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app

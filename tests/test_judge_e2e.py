@@ -10,60 +10,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
+from serve_single import single_server
 
 MODEL = "smollm2-135m-instruct"
 SERVER_START_TIMEOUT = 300  # converting nothing (the home is shared), but loading on a busy CI box
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def served(embedded_model_home, tmp_path):
     env = {**os.environ, "VICUNA_HOME": str(embedded_model_home)}
     env = {k: v for k, v in env.items() if not k.startswith(("OPENAI_", "VICUNA_JUDGE"))}
-    port, cport, wport = _free_port(), _free_port(), _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vicuna_cli", "serve", "-m", MODEL, "--port", str(port),
-         "--controller-port", str(cport), "--worker-port", str(wport), "--dtype", "float32"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "vicuna serve did not come up"
-            try:
-                with urllib.request.urlopen(base + "/models", timeout=2) as r:
-                    if MODEL in r.read().decode():
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
-        yield base, env
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+    with single_server(tmp_path, MODEL, env=env, worker_args=("--dtype", "float32"), timeout=SERVER_START_TIMEOUT) as proc:
+        yield f"{proc.url}/v1", env
 
 
 def _vicuna(env, *args, timeout=1800):

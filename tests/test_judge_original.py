@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_judge_run import _answers, _rows, double, workdir  # noqa: F401 (fixtures)
+from judge_double import read_rows  # fixtures `double`, `workdir`: conftest.py
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app
@@ -134,7 +134,7 @@ def test_answer_format_2023_writes_and_reads_the_2023_answer_table(table, tmp_pa
     out = tmp_path / "answers"
     path, done, _ = answers_mod.generate_answers(qs, _Fixed(), out, answers_mod.AnswerSettings(format="2023"), model_id="fixed")
     assert path == out / "answer_fixed.jsonl" and done == 3
-    rows = _rows(path)
+    rows = read_rows(path)
     assert {k for k in rows[0] if k not in ("bench", "bench_hash")} == {"answer_id", "model_id", "question_id", "text", "metadata"}
     assert rows[1]["text"] == "fixed answer to: Write a C++ program that counts word occurrences in a file."
     # the 2023 files are judged as they are: answer_<model>.jsonl, `text`
@@ -155,7 +155,7 @@ def test_pairwise_scores_run_with_swap_then_show(double, workdir):  # noqa: F811
     assert res.exit_code == 0, res.output
     assert double.calls == 12  # 6 question turns, both orders, one call each
     assert all(r["temperature"] == 0.2 and r["response_format"]["json_schema"]["name"] == "pairwise_scores" for r in double.requests)
-    rows = _rows(workdir / "scores" / "judge-x_scores.jsonl")
+    rows = read_rows(workdir / "scores" / "judge-x_scores.jsonl")
     assert len(rows) == 12
     plain = next(r for r in rows if r["question_id"] == 1 and not r["swapped"])
     swapped = next(r for r in rows if r["question_id"] == 1 and r["swapped"])

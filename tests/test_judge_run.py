@@ -12,162 +12,28 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Callable
 
 import pytest
-from local_http import serving
+from judge_double import QUESTIONS, judge_client, read_rows  # fixtures `double`, `workdir`: conftest.py
+from processes import closed_port
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.judge import judging
-from vicuna_cli.judge.client import ApiClient, Cache, Sampling
-from vicuna_cli.judge.questions import Question
-
-QUESTIONS = [
-    Question(1, "writing", ["Write a poem."]),
-    Question(2, "roleplay", ["Be a pirate."]),
-    Question(3, "math", ["What is 2+2?"], reference=["4"]),
-    Question(4, "coding", ["Reverse a list in Python."], reference=["xs[::-1]"]),
-    Question(5, "writing", ["Write a limerick.", "Now make it sadder."]),
-]
-
-
-class JudgeDouble:
-    def __init__(self) -> None:
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        self.mode = "smart"  # smart | first | garbage | refuse
-        self.fail: list[tuple[int, dict, dict]] = []  # queued (status, headers, body) replies
-        self.reject_schema = False
-        self.delay = 0.0
-        self.hold: Callable[[dict], None] | None = None  # called before each reply (may block)
-        self.port = 0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    def verdict(self, body: dict) -> dict:
-        user = body["messages"][1]["content"]
-        if body["messages"][-1]["content"].startswith("Your reply did not"):
-            user = "repair"
-        if self.mode == "refuse":
-            return {"role": "assistant", "content": None, "refusal": "I can't help with grading that."}
-        if self.mode == "garbage" or user == "repair":
-            return {"role": "assistant", "content": "Both answers have merits."}
-        schema = "response_format" in body
-        if "[The Start of Assistant 1's Answer]" in user:  # the 2023 method: two scores, first line
-            one, two = (re.search(rf"\[The Start of Assistant {i}'s Answer\]\n(.*?)\n\[The End of", user, re.S).group(1) for i in (1, 2))
-            s1, s2 = (9 if "correct" in a else 4 for a in (one, two))
-            if self.mode == "first":
-                s1, s2 = 8, 6
-            text = json.dumps({"score_1": s1, "score_2": s2, "explanation": "reviewed"}) if schema else f"{s1} {s2}\nreviewed"
-        elif "Assistant A's" in user:
-            a = re.search(r"\[Start of Assistant A's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
-            b = re.search(r"\[Start of Assistant B's \w+\]\n(.*?)\n\[End of", user, re.S).group(1)
-            win = "A" if self.mode == "first" else ("A" if "correct" in a and "correct" not in b else "B" if "correct" in b and "correct" not in a else "tie")
-            text = json.dumps({"explanation": "compared", "verdict": win}) if schema else f"Compared. [[{'C' if win == 'tie' else win}]]"
-        else:
-            ans = re.search(r"\[Start of (?:Assistant's Answer|Conversation)\]\n(.*?)\n\[End of", user, re.S).group(1)
-            score = 9 if "correct" in ans.split("### Assistant:")[-1] else 3
-            text = json.dumps({"explanation": "graded", "rating": score}) if schema else f"Rating: [[{score}]]"
-        return {"role": "assistant", "content": text}
-
-
-def _handler(state: JudgeDouble):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.requests.append(body)
-                queued = state.fail.pop(0) if state.fail else None
-            if state.delay:
-                time.sleep(state.delay)
-            if state.hold:
-                state.hold(body)
-            if queued:
-                return self._send(queued[0], queued[2], queued[1])
-            if state.reject_schema and "response_format" in body:
-                return self._send(400, {"error": {"message": "response_format is not supported", "type": "invalid_request_error"}})
-            message = state.verdict(body)
-            self._send(200, {
-                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
-            })
-
-    return Handler
-
-
-@pytest.fixture
-def double():
-    state = JudgeDouble()
-    with serving(_handler(state)) as port:
-        state.port = port
-        yield state
-
-
-def _answers(folder: Path, model: str, good: bool, skip: tuple = ()) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    word = "correct" if good else "wrong"
-    rows = [
-        {"question_id": q.question_id, "answer_id": f"{model}-{q.question_id}", "model_id": model,
-         "choices": [{"index": 0, "turns": [f"{word} answer {i} by {model}" for i in range(len(q.turns))]}], "tstamp": 0}
-        for q in QUESTIONS if q.question_id not in skip
-    ]
-    (folder / f"{model}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-@pytest.fixture
-def workdir(tmp_path):
-    _answers(tmp_path / "answers", "good", True)
-    _answers(tmp_path / "answers", "bad", False)
-    _answers(tmp_path / "answers", "meh", False, skip=(2, 4))
-    bench = tmp_path / "question.jsonl"
-    bench.write_text("".join(json.dumps(q.as_dict()) + "\n" for q in QUESTIONS))
-    return tmp_path
-
-
-def _client(double, out: Path, **kw) -> ApiClient:
-    return ApiClient(double.base, "sk-test", "judge-x", Cache(out / "judge_cache.sqlite"), **kw)
-
+from vicuna_cli.judge.client import ApiClient, Sampling
 
 def _run(double, workdir, mode="pair", models=("good", "bad"), **kw):
     settings = judging.JudgeSettings(mode, list(models), kw.pop("baseline", None), Sampling(), kw.pop("concurrency", 4), kw.pop("allow_missing", False))
     answers = judging.load_model_answers(workdir / "answers", list(models))
     games = judging.plan_games(QUESTIONS, answers, settings)
-    client = _client(double, workdir / "out", **kw)
+    client = judge_client(double, workdir / "out", **kw)
     return judging.run(games, answers, client, settings, workdir / "out"), client
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 FASTCHAT_PAIR_FIELDS = {
@@ -182,7 +48,7 @@ def test_pairwise_both_orders_fastchat_records(double, workdir):
     assert double.calls == 12 and summary.calls == 12 and summary.records == 6 and summary.errors == 0
     assert all(r["response_format"]["type"] == "json_schema" for r in double.requests)
     assert all(r["temperature"] == 0.0 for r in double.requests)
-    rows = _rows(summary.path)
+    rows = read_rows(summary.path)
     assert summary.path.name == "judge-x_pair.jsonl"
     assert all(set(r) == FASTCHAT_PAIR_FIELDS | {"category"} | ({"reference_source"} if r["category"] in ("math", "coding") else set()) for r in rows)
     assert {(r["question_id"], r["turn"], r["g1_winner"], r["g2_winner"]) for r in rows} == {
@@ -200,7 +66,7 @@ def test_pairwise_both_orders_fastchat_records(double, workdir):
     # a repeated run is served from the cache: no call, same verdicts, the file not duplicated
     summary2, _ = _run(double, workdir)
     assert double.calls == 12 and summary2.calls == 0 and summary2.cache_hits == 12
-    assert [(r["question_id"], r["g1_winner"]) for r in _rows(summary2.path)] == [(r["question_id"], r["g1_winner"]) for r in rows]
+    assert [(r["question_id"], r["g1_winner"]) for r in read_rows(summary2.path)] == [(r["question_id"], r["g1_winner"]) for r in rows]
 
 
 def test_position_biased_judge_gives_ties_and_zero_consistency(double, workdir):
@@ -208,7 +74,7 @@ def test_position_biased_judge_gives_ties_and_zero_consistency(double, workdir):
     summary, _ = _run(double, workdir)
     from vicuna_cli.judge import results
 
-    table = results.pairwise_tables(_rows(summary.path), {})
+    table = results.pairwise_tables(read_rows(summary.path), {})
     (pair,) = table["pairs"]
     assert (pair["win"], pair["loss"], pair["tie"], pair["inconsistent"]) == (0, 0, 6, 6)
     assert pair["position_consistency"] == 0.0
@@ -216,7 +82,7 @@ def test_position_biased_judge_gives_ties_and_zero_consistency(double, workdir):
 
 def test_single_baseline_and_all_modes(double, workdir):
     summary, _ = _run(double, workdir, mode="single", models=("good", "bad"))
-    rows = _rows(summary.path)
+    rows = read_rows(summary.path)
     assert summary.path.name == "judge-x_single.jsonl" and double.calls == 12
     assert {(r["model"], r["question_id"], r["turn"]): r["score"] for r in rows if r["question_id"] == 5} == {
         ("good", 5, 1): 9.0, ("good", 5, 2): 9.0, ("bad", 5, 1): 3.0, ("bad", 5, 2): 3.0,
@@ -224,7 +90,7 @@ def test_single_baseline_and_all_modes(double, workdir):
     assert {r["judge"][1] for r in rows} == {"vicuna-single-v1", "vicuna-single-ref-v1", "vicuna-single-multi-v1"}
     double.requests.clear()
     summary, _ = _run(double, workdir, mode="pairwise-baseline", models=("good", "meh", "bad"), baseline="bad", allow_missing=True)
-    rows = _rows(summary.path)
+    rows = read_rows(summary.path)
     # good vs bad: 6 matches; meh vs bad: 4 (meh lacks questions 2 and 4)
     assert sorted({(r["model_1"], r["model_2"]) for r in rows}) == [("good", "bad"), ("meh", "bad")]
     assert len(rows) == 10 and double.calls == 20
@@ -251,7 +117,7 @@ def test_unreadable_verdicts_are_retried_then_counted(double, workdir):
     # each game: the first reply and one repair turn
     assert double.calls == 24 and summary.errors == 6
     assert double.requests[-1]["messages"][-1]["content"].startswith("Your reply did not contain a verdict")
-    rows = _rows(summary.path)
+    rows = read_rows(summary.path)
     assert all(r["g1_winner"] == "error" and r["g2_winner"] == "error" for r in rows)
     assert all("no readable verdict after 2 replies" in r["error"] for r in rows)
     runner = CliRunner()
@@ -263,7 +129,7 @@ def test_unreadable_verdicts_are_retried_then_counted(double, workdir):
     # a run with no readable verdict at all is a failure, not a result
     assert res.exit_code == 1 and isinstance(res.exception, VicunaError), res.output
     assert "all 6 judgments have no readable verdict" in res.exception.message and "use a stronger --judge-model" in res.exception.hint
-    assert len(_rows(workdir / "cli" / "judge-x_pair.jsonl")) == 6  # the error records are kept
+    assert len(read_rows(workdir / "cli" / "judge-x_pair.jsonl")) == 6  # the error records are kept
 
 
 def test_max_calls_stops_cleanly_and_resume_finishes(double, workdir):
@@ -277,32 +143,31 @@ def test_max_calls_stops_cleanly_and_resume_finishes(double, workdir):
 
 def test_429_retry_after_is_honoured(double, workdir):
     double.fail = [(429, {"Retry-After": "1"}, {"error": {"message": "slow down", "type": "rate_limit"}})]
-    client = _client(double, workdir / "out")
-    start = time.perf_counter()
+    waits: list[float] = []  # the client's injected sleep: the wait it chose, without spending it
+    client = judge_client(double, workdir / "out", sleep=waits.append)
     reply = client.complete([{"role": "system", "content": "s"}, {"role": "user", "content": "Rating please [Start of Assistant's Answer]\ncorrect\n[End of"}], Sampling())
-    assert time.perf_counter() - start >= 1.0
+    assert waits == [1.0]  # exactly the server's Retry-After, not the client's own backoff
     assert double.calls == 2 and client.retries == 1 and client.calls == 2
     assert reply.text == "Rating: [[9]]"  # no schema was asked for
 
 
 def test_5xx_and_timeouts_back_off_then_give_up(double, workdir):
     double.fail = [(503, {"retry-after-ms": "10"}, {"error": {"message": "overloaded"}})] * 2
-    client = _client(double, workdir / "out", timeout=0.5)
+    client = judge_client(double, workdir / "out", timeout=0.5)
     msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "[Start of Assistant's Answer]\nx\n[End of"}]
     assert client.complete(msgs, Sampling()).text
     assert double.calls == 3
     double.requests.clear()
     double.delay = 1.5  # longer than the client's timeout: every attempt times out
-    client = _client(double, workdir / "out2", timeout=0.3, max_retries=1, sleep=lambda s: None)
+    client = judge_client(double, workdir / "out2", timeout=0.3, max_retries=1, sleep=lambda s: None)
     with pytest.raises(VicunaError, match="kept failing after 1 retries .*APITimeoutError"):
         client.complete(msgs, Sampling())
     assert double.calls == 2
 
 
 def test_unreachable_endpoint(workdir):
-    with socket.socket() as sock:  # bound, not listening: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        client = ApiClient(f"http://127.0.0.1:{sock.getsockname()[1]}/v1", "k", "m", max_retries=1, sleep=lambda s: None)
+    with closed_port() as port:  # bound, not listening: connections are refused
+        client = ApiClient(f"http://127.0.0.1:{port}/v1", "k", "m", max_retries=1, sleep=lambda s: None)
         with pytest.raises(VicunaError, match=r"could not connect to http://127.0.0.1:\d+/v1 \(APIConnectionError") as exc:
             client.complete([{"role": "user", "content": "hi"}], Sampling())
     assert "is the server running" in exc.value.hint and client.calls == 2
@@ -433,7 +298,7 @@ def test_reference_source_in_dry_run_records_and_show(double, workdir):
     assert "reference answers: 2 calls from inline, 2 calls from reference_answer/gpt-4.jsonl" in res.stdout
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
-    rows = {r["question_id"]: r for r in _rows(workdir / "refs" / "judge-x_pair.jsonl")}
+    rows = {r["question_id"]: r for r in read_rows(workdir / "refs" / "judge-x_pair.jsonl")}
     assert rows[3]["reference_source"] == "reference_answer/gpt-4.jsonl" and "2+2 = 4, worked" in rows[3]["g1_user_prompt"]
     assert rows[4]["reference_source"] == "inline" and "xs[::-1]" in rows[4]["g1_user_prompt"]
     assert "reference_source" not in rows[1]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import free_ports
 
 pytest.importorskip("sky", reason="the `sky` extra (scripts/bootstrap.sh installs it)")
 
@@ -329,18 +330,6 @@ def _alive(psutil, pid: int) -> bool:
 
 
 # --- slow tier: the mini recipe for real, on the embedded model ------------------------------
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
 
 def mini_env(state: Path, **extra: str) -> list[str]:
     api, controller, worker = free_ports(3)

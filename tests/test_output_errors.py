@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_helpers import corpus
 
-from test_data_clean import corpus
 
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.data.pipeline import CleanConfig, clean

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import losses, resume_config
 
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.train.checkpoint import MARKER
 from vicuna_cli.train.sft import run_sft
-
-from test_train_resume import config, losses
-from test_train_resume import setup  # noqa: F401 (the fixture of the uninterrupted run)
 
 
 class Payload:
@@ -49,12 +47,12 @@ def copy_run(reference: Path, to: Path) -> Path:
     return to / "checkpoints"
 
 
-def test_a_planted_custom_state_pickle_is_never_unpickled(setup, tmp_path, capsys):
-    model_dir, data, ref = setup
+def test_a_planted_custom_state_pickle_is_never_unpickled(resume_reference, tmp_path, capsys):
+    model_dir, data, ref = resume_reference
     checkpoints = copy_run(ref, tmp_path / "run")
     marker = tmp_path / "pwned"
     plant(checkpoints / "step-000010", "custom_checkpoint_0.pkl", marker)
-    result = run_sft(config(model_dir, data, tmp_path / "run", resume="auto"))
+    result = run_sft(resume_config(model_dir, data, tmp_path / "run", resume="auto"))
     assert not marker.exists()
     err = " ".join(capsys.readouterr().err.split())
     assert "skipping checkpoint" in err and "holds custom_checkpoint_0.pkl, a pickle vicuna never writes" in err
@@ -63,17 +61,17 @@ def test_a_planted_custom_state_pickle_is_never_unpickled(setup, tmp_path, capsy
 
     plant(checkpoints / "step-000010", "custom_checkpoint_0.pkl", marker)  # the resumed run rewrote step 10
     with pytest.raises(VicunaError, match="custom_checkpoint_0.pkl"):  # named explicitly: refused
-        run_sft(config(model_dir, data, tmp_path / "run", resume=str(checkpoints / "step-000010")))
+        run_sft(resume_config(model_dir, data, tmp_path / "run", resume=str(checkpoints / "step-000010")))
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("part", ["optimizer.bin", "random_states_0.pkl"])
-def test_a_crafted_pickle_in_place_of_any_state_is_refused(setup, tmp_path, capsys, part):
-    model_dir, data, ref = setup
+def test_a_crafted_pickle_in_place_of_any_state_is_refused(resume_reference, tmp_path, capsys, part):
+    model_dir, data, ref = resume_reference
     checkpoints = copy_run(ref, tmp_path / "run")
     marker = tmp_path / "pwned"
     plant(checkpoints / "step-000010", part, marker)
-    result = run_sft(config(model_dir, data, tmp_path / "run", resume="auto"))
+    result = run_sft(resume_config(model_dir, data, tmp_path / "run", resume="auto"))
     assert not marker.exists()
     assert result.resumed_from == checkpoints / "step-000008"
     err = " ".join(capsys.readouterr().err.split())

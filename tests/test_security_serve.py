@@ -154,7 +154,8 @@ def test_registration_needs_the_address_to_prove_it_holds_the_secret():
 def test_a_real_worker_advertising_another_address_is_not_listed(tmp_path):
     """Attack: a worker process holding the secret advertises an address that is not its own
     (another service's port); the real controller challenges that address and refuses it."""
-    from serve_cluster import Cluster, free_port, wait_until
+    from processes import free_port
+    from serve_cluster import Cluster, wait_until
 
     cluster = Cluster(tmp_path)
     try:

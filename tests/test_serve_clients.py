@@ -11,7 +11,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -131,27 +130,28 @@ def _busy_worker(cluster):
     return wait_until(find, 10, "the worker that serves the stream")
 
 
-def _rest(lines) -> tuple[list, float]:
+def _rest(lines) -> list:
     events = []
     for line in lines:
         if line.startswith("data: "):
             events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
-    return events, time.monotonic()
+    return events
 
 
 def test_worker_killed_mid_stream_ends_with_an_error_event(cluster, client):
     ctx, lines = _open_story(cluster)
     try:
         victim = _busy_worker(cluster)
-        killed = time.monotonic()
         victim.kill()
-        events, ended = _rest(lines)
+        events = _rest(lines)
     finally:
         ctx.__exit__(None, None, None)
-    assert ended - killed < EXPIRY
     assert events[-1] == "[DONE]" and "error" in events[-2]
     error = events[-2]["error"]
-    assert error["code"] == "worker_lost" and victim.url in error["message"]
+    # Seen as the broken connection at once, not as the --worker-timeout silence (which would say
+    # "stopped answering for 3 s"): which path fired is in the message, no clock needed.
+    assert error["code"] == "worker_lost" and error["message"].startswith(f"worker {victim.url} ")
+    assert "went away in the middle of the answer" in error["message"] or "ended the answer early" in error["message"]
     # Later requests go to the survivor, at once.
     reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
     assert reply.usage.completion_tokens > 0
@@ -162,17 +162,17 @@ def test_silent_worker_times_out_then_registers_again(cluster, client):
     ctx, lines = _open_story(cluster)
     try:
         worker = _busy_worker(cluster)
-        stopped = time.monotonic()
         worker.signal(signal.SIGSTOP)
         try:
-            events, ended = _rest(lines)
+            events = _rest(lines)
         finally:
             worker.signal(signal.SIGCONT)
     finally:
         ctx.__exit__(None, None, None)
-    assert EXPIRY - 0.5 < ended - stopped < EXPIRY + 3
+    # Ended by the API's --worker-timeout (EXPIRY s of silence), named in the message; a timed
+    # window around it flaked on a loaded machine.
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "worker_lost"
-    assert "stopped answering" in events[-2]["error"]["message"]
+    assert f"worker {worker.url} stopped answering for {EXPIRY:g} s in the middle of the answer" in events[-2]["error"]["message"]
     # Dropped by the controller, it hears "unknown worker" on its next heartbeat and registers again.
     wait_until(lambda: [w for w in cluster.workers() if w["address"] == worker.url], 15, "the worker to register again", [worker])
     assert any(r.get("event") == "unknown_to_controller" for r in worker.log_records())
@@ -185,7 +185,7 @@ def test_sigterm_finishes_the_answer_and_deregisters_at_once(cluster):
         worker = _busy_worker(cluster)
         worker.signal(signal.SIGTERM)
         wait_until(lambda: not cluster.workers(), 3, "the worker to deregister")  # while it still streams
-        events, _ = _rest(lines)
+        events = _rest(lines)
     finally:
         ctx.__exit__(None, None, None)
     assert events[-1] == "[DONE]"

@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler
 import httpx
 import pytest
 
-from serve_cluster import Cluster, Proc, free_port, get_json, wait_until
+from processes import free_port
+from serve_cluster import Cluster, Proc, get_json, wait_until
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -52,8 +53,7 @@ def test_burst_above_max_queue_gets_429_and_the_rest_complete(cluster):
             calls = [client.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body()) for _ in range(200)]
             return await asyncio.wait_for(asyncio.gather(*calls), timeout=150)
 
-    started = time.monotonic()
-    responses = asyncio.run(burst())
+    responses = asyncio.run(burst())  # bounded by wait_for above, not by a timed window
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 429}, sorted(set(statuses))
     full = [r for r in responses if r.status_code == 429]
@@ -66,7 +66,6 @@ def test_burst_above_max_queue_gets_429_and_the_rest_complete(cluster):
         body = r.json()
         assert body["choices"][0]["finish_reason"] in ("length", "stop") and body["choices"][0]["message"]["content"]
         assert 0 < body["usage"]["completion_tokens"] <= 24
-    assert time.monotonic() - started < 150
     # The queue drains: the worker answers again.
     assert httpx.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body(4), timeout=60).status_code == 200
 
@@ -95,9 +94,9 @@ def test_controller_restart_workers_register_again(cluster):
     if not cluster.workers():  # (the worker may have beaten us to it)
         assert early.status_code == 503 and early.json()["error"]["code"] == "no_worker", early.text
         assert "retry" in early.json()["error"]["message"]
-    start = time.monotonic()
+    # Back by its own heartbeat (0.5 s), not by a restart: the bound only keeps a failure from
+    # hanging; the log events below say how it came back.
     workers = cluster.wait_workers(1, [cluster.worker], timeout=15)
-    assert time.monotonic() - start < 5  # within a few 0.5 s heartbeats
     assert workers[0]["address"] == cluster.worker.url
     events = [r.get("event") for r in cluster.worker.log_records()]
     assert "unknown_to_controller" in events or events.count("registered") >= 2
@@ -113,8 +112,11 @@ def test_killed_only_worker_is_a_clear_503(cluster):
         error = response.json()["error"]
         assert error["code"] == "no_worker" and error["type"] == "service_unavailable"
         assert error["message"].startswith("no live worker serves model 'tiny'") and cluster.worker.url in error["message"]
-    time.sleep(4.5)  # past the expiry: still a 503 (a known model), not a 404
-    assert httpx.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body(4), timeout=30).status_code == 503
+    # Past the expiry: still a 503 (a known model), not a 404. The property is "after at least
+    # 4 s", a lower bound that a loaded machine can only lengthen, so a sleep cannot flake here.
+    time.sleep(4.5)
+    late = httpx.post(f"{cluster.api.url}/v1/chat/completions", json=chat_body(4), timeout=30)
+    assert late.status_code == 503 and late.json()["error"]["message"].startswith("no live worker serves model 'tiny'"), late.text
     assert cluster.workers() == []
 
 

@@ -10,7 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from test_structured import VERDICT_FORMAT, VERDICT_SCHEMA  # the schema of the core tests
+from structured_formats import VERDICT_FORMAT, VERDICT_SCHEMA
 
 from vicuna_cli.serve.protocol import GenerateParams, GenerateRequest, ServeError
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -55,16 +54,19 @@ def test_dispatch_prefers_the_least_loaded_and_spreads_a_burst():
 def test_expiry_unknown_model_and_gone_model():
     from vicuna_cli.serve.controller import Registry
 
-    registry = Registry(expiry=0.2)
+    now = [0.0]  # an injected clock: the expiry is crossed by moving it, not by sleeping
+    registry = Registry(expiry=2.0, clock=lambda: now[0])
     registry.register(_worker("http://a", "m"))
     with pytest.raises(ServeError) as unknown:
         registry.dispatch("nope")
     assert unknown.value.status == 404 and unknown.value.code == "model_not_found" and "served: m" in unknown.value.message
-    time.sleep(0.3)
+    now[0] = 2.0  # at the expiry: still live
+    assert registry.dispatch("m") == ["http://a"]
+    now[0] = 3.0  # past it: dropped
     with pytest.raises(ServeError) as gone:
         registry.dispatch("m")
     assert gone.value.status == 503 and gone.value.code == "no_worker"
-    assert "its last worker (http://a) sent no heartbeat for" in gone.value.message
+    assert "its last worker (http://a) sent no heartbeat for 3.0 s" in gone.value.message
     assert registry.heartbeat(HeartbeatRequest(worker_id="http://a")) is False  # -> it registers again
     registry.register(_worker("http://a", "m"))
     assert registry.dispatch("m") == ["http://a"]

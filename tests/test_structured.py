@@ -10,6 +10,7 @@ import json
 import sys
 
 import pytest
+from structured_formats import VERDICT_FORMAT, VERDICT_SCHEMA
 
 from vicuna_cli.core import structured
 from vicuna_cli.core.batch import BatchEngine
@@ -20,16 +21,6 @@ from vicuna_cli.core.structured import ResponseFormatError, check_response_forma
 # xgrammar comes with the serve extra (scripts/bootstrap.sh installs it): these tests need it, and
 # fail rather than skip without it, so a broken install cannot pass unnoticed.
 
-VERDICT_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "verdict": {"type": "string", "enum": ["A", "B", "tie"]},
-        "score": {"type": "integer", "minimum": 1, "maximum": 10},
-    },
-    "required": ["verdict", "score"],
-    "additionalProperties": False,
-}
-VERDICT_FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA, "strict": True}}
 JSON_OBJECT = {"type": "json_object"}
 LOADED = ["sp_native", "bpe_loaded"]  # the native tokenizer (SentencePiece) and a transformers one (byte-level BPE)
 

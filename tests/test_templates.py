@@ -49,6 +49,26 @@ def test_assistant_spans_cover_content_and_end_marker(name):
     assert all(len(p) > len(c) for p, c in zip(pieces, ["Hello! How can I help?", "Why not?"]))  # end marker included
 
 
+# From the spec's stop rules: the EOS text "</s>" and the template's next user turn marker (the
+# user role as the render writes it, with the newline that precedes it where the render has one).
+EXPECTED_STOPS = {
+    "vicuna_v1.1": ("</s>", "USER:"),
+    "vicuna_v0": ("\n### Human:", "</s>"),
+    "stable-vicuna": ("\n### Human:", "</s>"),
+    "alpaca": ("</s>", "\n### Instruction:"),
+    "llama-2": ("</s>", "[INST]"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_stop_strings_are_exactly_eos_and_the_next_user_turn(name):
+    template = get_template(name)
+    assert template.stop == EXPECTED_STOPS[name]
+    user = template.roles[0]
+    assert all(stop == "</s>" or stop.lstrip("\n").startswith(user) for stop in template.stop)
+    assert sorted(EXPECTED_STOPS) == sorted(GOLDEN)  # every golden template has its expected stops
+
+
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_stop_strings_end_an_answer_that_runs_into_the_next_turn(name):
     """A model that keeps writing past its answer produces the template's own next-turn text; the

@@ -3,7 +3,6 @@ global batch: same per-step losses and the same final weights."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,28 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_helpers import flags, write_data
 
 from vicuna_cli.train.config import TrainConfig
 from vicuna_cli.train.launch import launch_command, strip_flags
 from vicuna_cli.train.rundir import read_metrics
 from vicuna_cli.train.sft import run_sft
 
-from test_train_sft import write_data
+from processes import free_port
 
 # One fixed torch thread count on both sides: the adaptive default (core/threads.py) may change it
 # mid-run, and with it the order of float sums, which these exact comparisons must not see.
 OPTIONS = {"max_length": 256, "global_batch_size": 8, "max_steps": 4, "learning_rate": 5e-3, "warmup_steps": 0,
            "save_every": 2, "log_every": 1, "eval_split": 0.1, "eval_every": 2, "threads": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def flags(options: dict) -> list[str]:
-    return [item for key, value in options.items() for item in ("--" + key.replace("_", "-"), str(value))]
 
 
 @pytest.mark.slow

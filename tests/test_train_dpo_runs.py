@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pair_runs import STEPS, interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
+from train_helpers import kill_then_resume, losses, terminate_then_resume
 
 from vicuna_cli.train.dpo import DpoConfig, run_dpo
 from vicuna_cli.train.rundir import read_metrics
-
-from pair_runs import STEPS, interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
-from test_train_resume import kill_then_resume, losses, terminate_then_resume
 
 
 def margins(run_dir) -> list[float]:
@@ -27,18 +26,13 @@ def setup(bpe_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_dpo_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
+@pytest.mark.parametrize("interrupt", [kill_then_resume, terminate_then_resume], ids=["sigkill", "sigterm-saves"])
+def test_dpo_interrupted_then_resume_auto_matches_an_uninterrupted_run(interrupt, setup, tmp_path):
+    """SIGKILL after 5 steps (resumes from the last checkpoint) or SIGTERM after 3 (saves the step it
+    finished, resumes there): either way the same per-step log as the uninterrupted run."""
     model_dir, data, reference = setup
-    out = tmp_path / "killed"
-    interrupt_then_resume(kill_then_resume, "dpo", DpoConfig, run_dpo, model_dir, data, out)
-    assert losses(out) == losses(reference) and margins(out) == margins(reference)
-
-
-@pytest.mark.slow
-def test_dpo_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
-    model_dir, data, reference = setup
-    out = tmp_path / "terminated"
-    interrupt_then_resume(terminate_then_resume, "dpo", DpoConfig, run_dpo, model_dir, data, out)
+    out = tmp_path / "interrupted"
+    interrupt_then_resume(interrupt, "dpo", DpoConfig, run_dpo, model_dir, data, out)
     assert losses(out) == losses(reference) and margins(out) == margins(reference)
 
 

@@ -10,13 +10,12 @@ import json
 import math
 
 import pytest
+from train_helpers import sft_config, write_data
 
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.train.checkpoint import MARKER, STATE
 from vicuna_cli.train.rundir import read_metrics
 from vicuna_cli.train.sft import _sft_method, run_training
-
-from test_train_sft import config, write_data
 
 
 def poisoned(bad_steps: set[int]):
@@ -41,7 +40,7 @@ def poisoned(bad_steps: set[int]):
 def run_config(sp_model_dir, tmp_path, **extra):
     data = write_data(tmp_path / "data.json", n=32, seed=2)
     # one packed row holds a whole step, so the loss is called once per step
-    return config(sp_model_dir, data, tmp_path / "run", max_steps=8, micro_batch_tokens=4096, learning_rate=1e-3, **extra)
+    return sft_config(sp_model_dir, data, tmp_path / "run", max_steps=8, micro_batch_tokens=4096, learning_rate=1e-3, **extra)
 
 
 def test_nonfinite_steps_are_skipped_and_counted(sp_model_dir, tmp_path):

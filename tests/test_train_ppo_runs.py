@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from train_helpers import flags, kill_then_resume
 
 from vicuna_cli.core.errors import VicunaError
 from vicuna_cli.train.ppo import PpoConfig, run_ppo
 from vicuna_cli.train.rundir import read_metrics
 
-from test_train_distributed import flags
-from test_train_resume import kill_then_resume
 
 PROMPTS = ["Hello there, how are you?", "The capital of France is Paris.", "I am fine, thank you.",
            "def add(a, b):", "café naïve", "你好世界。", "Hello, what is the capital?", "thank you, how are you?"]
@@ -263,7 +262,7 @@ def test_every_ppo_option_has_one_flag_and_no_default_of_its_own():
 
 @pytest.mark.slow
 def test_ppo_two_gloo_processes_match_one_process(bpe_model_dir, reward_model_dir, tmp_path):
-    from test_train_distributed import free_port
+    from processes import free_port
 
     prompts = write_prompts(tmp_path / "prompts.json", 8)
     options = {**TINY, "rollout_batch_size": 4, "max_steps": 3, "learning_rate": 1e-2, "ppo_epochs": 2,

@@ -5,11 +5,10 @@ the SFT tests)."""
 from __future__ import annotations
 
 import pytest
+from pair_runs import interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
+from train_helpers import kill_then_resume, losses, terminate_then_resume
 
 from vicuna_cli.train.rm import RewardConfig, run_rm
-
-from pair_runs import interrupt_then_resume, one_and_two_gloo_processes, uninterrupted
-from test_train_resume import kill_then_resume, losses, terminate_then_resume
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +18,13 @@ def setup(bpe_model_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_rm_sigkill_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
+@pytest.mark.parametrize("interrupt", [kill_then_resume, terminate_then_resume], ids=["sigkill", "sigterm-saves"])
+def test_rm_interrupted_then_resume_auto_matches_an_uninterrupted_run(interrupt, setup, tmp_path):
+    """SIGKILL after 5 steps (resumes from the last checkpoint) or SIGTERM after 3 (saves the step it
+    finished, resumes there): either way the same per-step log as the uninterrupted run."""
     model_dir, data, reference = setup
-    out = tmp_path / "killed"
-    interrupt_then_resume(kill_then_resume, "rm", RewardConfig, run_rm, model_dir, data, out)
-    assert losses(out) == losses(reference)
-
-
-@pytest.mark.slow
-def test_rm_sigterm_saves_then_resume_auto_matches_an_uninterrupted_run(setup, tmp_path):
-    model_dir, data, reference = setup
-    out = tmp_path / "terminated"
-    interrupt_then_resume(terminate_then_resume, "rm", RewardConfig, run_rm, model_dir, data, out)
+    out = tmp_path / "interrupted"
+    interrupt_then_resume(interrupt, "rm", RewardConfig, run_rm, model_dir, data, out)
     assert losses(out) == losses(reference)
 
 

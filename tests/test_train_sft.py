@@ -4,35 +4,19 @@ the trained model in `vicuna chat`, and every bad input of the issue."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from train_helpers import sft_config, write_data
 from typer.testing import CliRunner
 
 from vicuna_cli.cli import app
 from vicuna_cli.core.errors import VicunaError
-from vicuna_cli.train.config import TrainConfig
 from vicuna_cli.train.rundir import read_metrics
 from vicuna_cli.train.sft import run_sft
-
-WORDS = "hello there how are you I am fine thank you the capital of France is Paris".split()
-
-
-def write_data(path: Path, n: int = 24, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-
-    def text(k):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, k)))
-
-    records = [{"id": f"c{i}", "system": "Be brief.", "conversations": [
-        t for _ in range(rng.randint(1, 3)) for t in ({"from": "human", "value": text(6)}, {"from": "gpt", "value": text(10)})]}
-        for i in range(n)]
-    path.write_text(json.dumps(records))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +24,10 @@ def data(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("data") / "train.json")
 
 
-def config(model_dir, data, out, **overrides) -> TrainConfig:
-    values = dict(model=str(model_dir), data=[str(data)], output=out, max_length=256, global_batch_size=4,
-                  max_steps=4, learning_rate=1e-2, warmup_steps=0, lr_schedule="constant", log_every=2)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
 @pytest.fixture(scope="module")
 def finished_run(sp_model_dir, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    result = run_sft(config(sp_model_dir, data, out, max_steps=8, eval_split=0.2, eval_every=4))
+    result = run_sft(sft_config(sp_model_dir, data, out, max_steps=8, eval_split=0.2, eval_every=4))
     return out, result
 
 
@@ -123,7 +100,7 @@ def test_a_config_recipe_with_flags_overriding_it(sp_model_dir, data, tmp_path):
 def test_gradient_checkpointing_and_kernels_off_give_the_same_losses(sp_model_dir, data, tmp_path, finished_run):
     reference = [m["loss"] for m in read_metrics(finished_run[0]) if "loss" in m][:4]
     for name, extra in (("gc", {"gradient_checkpointing": True}), ("plain", {"kernels": "off"})):
-        run_sft(config(sp_model_dir, data, tmp_path / name, eval_split=0.2, **extra))
+        run_sft(sft_config(sp_model_dir, data, tmp_path / name, eval_split=0.2, **extra))
         losses = [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m]
         assert losses == pytest.approx(reference, rel=1e-5), name
 
@@ -133,7 +110,7 @@ def test_lora_writes_an_adapter_and_merges(sp_model_dir, data, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    run_sft(config(sp_model_dir, data, out, lora=True, merge=True, lora_r=4, lora_dropout=0.0, max_steps=3))
+    run_sft(sft_config(sp_model_dir, data, out, lora=True, merge=True, lora_r=4, lora_dropout=0.0, max_steps=3))
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -152,26 +129,26 @@ def test_lora_writes_an_adapter_and_merges(sp_model_dir, data, tmp_path):
 def test_an_output_dir_with_another_run_is_refused(sp_model_dir, data, finished_run, tmp_path):
     out, _ = finished_run
     with pytest.raises(VicunaError, match="holds another run") as info:
-        run_sft(config(sp_model_dir, data, out))
+        run_sft(sft_config(sp_model_dir, data, out))
     assert "--resume auto" in info.value.hint and "--overwrite" in info.value.hint
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(VicunaError, match="not empty and holds no vicuna run"):
-        run_sft(config(sp_model_dir, data, stranger, overwrite=True))
+        run_sft(sft_config(sp_model_dir, data, stranger, overwrite=True))
     assert (stranger / "notes.txt").read_text() == "mine"
     again = tmp_path / "again"
     shutil.copytree(out, again)
     (again / "checkpoints").mkdir(exist_ok=True)
     (again / "checkpoints" / "leftover").mkdir()
-    run_sft(config(sp_model_dir, data, again, max_steps=1, overwrite=True))
+    run_sft(sft_config(sp_model_dir, data, again, max_steps=1, overwrite=True))
     assert not (again / "checkpoints" / "leftover").exists()
     assert [m["step"] for m in read_metrics(again)] == [1]
 
 
 def test_max_length_beyond_the_models_positions(sp_model_dir, data, tmp_path):
     with pytest.raises(VicunaError, match=r"--max-length 4096 is beyond this model's 256 positions"):
-        run_sft(config(sp_model_dir, data, tmp_path / "r", max_length=4096))
+        run_sft(sft_config(sp_model_dir, data, tmp_path / "r", max_length=4096))
 
 
 def test_tokenizer_and_model_vocab_sizes_that_disagree(sp_model_dir, data, tmp_path):
@@ -183,17 +160,17 @@ def test_tokenizer_and_model_vocab_sizes_that_disagree(sp_model_dir, data, tmp_p
     cfg.vocab_size = 300
     AutoModelForCausalLM.from_config(cfg).save_pretrained(small)
     with pytest.raises(VicunaError, match=r"the tokenizer has 400 tokens but the model's embedding has 300 rows"):
-        run_sft(config(small, data, tmp_path / "r"))
+        run_sft(sft_config(small, data, tmp_path / "r"))
 
 
 def test_data_without_supervised_tokens(sp_model_dir, data, tmp_path):
     with pytest.raises(VicunaError, match=r"no training sample has a supervised token .*--max-length 20") as info:
-        run_sft(config(sp_model_dir, data, tmp_path / "r", max_length=20))
+        run_sft(sft_config(sp_model_dir, data, tmp_path / "r", max_length=20))
     assert "no assistant turn ends within --max-length: 24" in info.value.message
     only_users = tmp_path / "users.jsonl"
     only_users.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}) + "\n")
     with pytest.raises(VicunaError, match=r"no assistant turn: 1"):
-        run_sft(config(sp_model_dir, only_users, tmp_path / "r2"))
+        run_sft(sft_config(sp_model_dir, only_users, tmp_path / "r2"))
 
 
 def test_flag_errors_name_the_flag(sp_model_dir, data, tmp_path):
@@ -204,7 +181,7 @@ def test_flag_errors_name_the_flag(sp_model_dir, data, tmp_path):
     merge = runner.invoke(app, base + ["--merge"])
     assert "--merge merges a LoRA adapter" in str(merge.exception)
     with pytest.raises(VicunaError, match="unknown template 'nope'"):
-        run_sft(config(sp_model_dir, data, tmp_path / "t", template="nope"))
+        run_sft(sft_config(sp_model_dir, data, tmp_path / "t", template="nope"))
 
 
 def test_qlora_and_flash_attention_are_refused_clearly_without_their_hardware(sp_model_dir, data, tmp_path, monkeypatch):
@@ -213,15 +190,15 @@ def test_qlora_and_flash_attention_are_refused_clearly_without_their_hardware(sp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # an import of it now fails, as when not installed
     with pytest.raises(VicunaError, match=r"--qlora needs a CUDA GPU") as info:
-        run_sft(config(sp_model_dir, data, tmp_path / "q", qlora=True))
+        run_sft(sft_config(sp_model_dir, data, tmp_path / "q", qlora=True))
     assert "--lora" in info.value.hint
     with pytest.raises(VicunaError, match=r"'flash_attn' is not installed \(needed for --attention flash_attention_2\)"):
-        run_sft(config(sp_model_dir, data, tmp_path / "f", attention="flash_attention_2"))
+        run_sft(sft_config(sp_model_dir, data, tmp_path / "f", attention="flash_attention_2"))
 
 
 def test_timed_checkpoints_keep_the_last_k(sp_model_dir, data, tmp_path):
     out = tmp_path / "timed"
-    run_sft(config(sp_model_dir, data, out, max_steps=3, save_every_minutes=1e-6, keep_checkpoints=2))
+    run_sft(sft_config(sp_model_dir, data, out, max_steps=3, save_every_minutes=1e-6, keep_checkpoints=2))
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["step-000002", "step-000003"]
     manifest = json.loads((out / "checkpoints" / "step-000003" / "COMPLETE.json").read_text())
@@ -235,7 +212,7 @@ def test_a_fixed_template_is_recorded_so_chat_uses_it(sp_model_dir, data, tmp_pa
     from vicuna_cli.core import models
 
     out = tmp_path / "alpaca-run"
-    result = run_sft(config(sp_model_dir, data, out, max_steps=1, template="alpaca"))
+    result = run_sft(sft_config(sp_model_dir, data, out, max_steps=1, template="alpaca"))
     assert models.TEMPLATE_RECORD in result.files
     assert models.resolve(str(out)).template == "alpaca"
     assert models.resolve(str(sp_model_dir)).template is None  # a plain model dir carries no record
