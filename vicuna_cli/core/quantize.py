@@ -1,0 +1,234 @@
+"""Weight-only int8 for the native Llama path: made once per model, cached, checked on every load.
+
+Why int8 weights: a batch-1 decode step reads every weight once for one row of activations, so
+its matmuls are bound by how fast the weights stream. torch's CPU kernel `_weight_int8pack_mm`
+(int8 weights, bf16 activations, one scale per output channel) reads half the bytes of bf16;
+measured here 1.3-5x faster per projection than the oneDNN-prepacked bf16 weights for 1 row.
+From ~4 rows on it is slower (64 rows: 3x slower), so prefills and wide batched steps run the
+same int8 weights dequantized once into the prepacked bf16 layout (see native_llama.Linear):
+both kernels compute with the same int8 values, only the summation differs.
+
+Scheme: per output channel (row) symmetric, scale = max|w| / 127 rounded to bf16 first and the
+weights quantized against that rounded scale, so q * scale is the best the kernel can represent.
+Quantized: every decoder projection and the LM head (which, when tied, gets its own int8 copy:
+the embedding's lookups stay bf16). The quality gate is benchmarks/bench_quant_quality.py.
+
+Cache: `$VICUNA_HOME/models/.quantized/<model>-<key>/` holds `int8.safetensors` and a manifest
+with its size and sha256 and the source checkpoint's file sizes and mtimes. A copy whose size or
+hash does not match (truncated, corrupt) or whose source changed is rebuilt, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from . import console
+from .errors import VicunaError
+from .store import atomic_dir, dir_size, human_size, models_dir
+
+QUANTIZATIONS = ("auto", "int8", "none")
+Quantize = Literal["auto", "int8", "none"]
+MANIFEST = "manifest.json"
+WEIGHTS = "int8.safetensors"
+FORMAT = 1
+
+
+def quantized_names(state_keys: list[str]) -> list[str]:
+    """The weights that get int8 copies: decoder projections and the LM head."""
+    return [k for k in state_keys if k.startswith("model.layers.") and k.endswith("_proj.weight")] + ["lm_head.weight"]
+
+
+def quantize_int8(weight: Any) -> tuple[Any, Any]:
+    """Per-row symmetric int8 of a [out, in] weight: (q int8 [out, in], scale bf16 [out])."""
+    import torch
+
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)  # rounded first
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: Any, scale: Any, dtype: Any) -> Any:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing
+
+
+def unavailable_reason(implementation: str, device: str, dtype: str) -> str | None:
+    """Why int8 weights cannot run for this load, or None when they can."""
+    import torch
+
+    if implementation != "native":
+        return f"the {implementation} implementation runs the checkpoint's own weights (int8 runs on the native Llama path only)"
+    if device != "cpu":
+        return f"device {device} (the int8 weight kernel used here is the CPU one)"
+    if dtype != "bfloat16":
+        return (f"dtype {dtype}: the CPU int8 kernel computes with bfloat16 activations "
+                "(with float32 ones it measured ~20x slower than float32 weights)")
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return f"this torch ({torch.__version__}) has no _weight_int8pack_mm kernel"
+    return None
+
+
+def pick_quantization(requested: str, implementation: str, device: str, dtype: str) -> tuple[str, str]:
+    """(quantization, why). `auto`: int8 wherever it can run (it passed the KL/top-1 gate and
+    decodes faster: BENCHMARKS.md), else none. `int8` where it cannot run is an error, not a
+    silent fall-back: the user asked for it."""
+    if requested not in QUANTIZATIONS:
+        from .errors import unknown_choice
+
+        raise unknown_choice("quantization", requested, list(QUANTIZATIONS))
+    if requested == "none":
+        return "none", "requested"
+    reason = unavailable_reason(implementation, device, dtype)
+    if requested == "int8":
+        if reason:
+            raise VicunaError(f"--quantize int8 is not possible here: {reason}",
+                              hint="use --quantize none (or auto, which falls back to unquantized weights)")
+        return "int8", "requested"
+    return ("none", reason) if reason else ("int8", "auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_dir(model_dir: Path, quantization: str = "int8") -> Path:
+    model_dir = Path(model_dir).resolve()
+    key = hashlib.sha256(str(model_dir).encode()).hexdigest()[:10]
+    return models_dir() / ".quantized" / f"{model_dir.name}-{key}-{quantization}"
+
+
+def source_fingerprint(model_dir: Path) -> dict[str, list[int]]:
+    """Sizes and mtimes of the files the int8 copy is made from: a retrained model in the same
+    folder gets a new copy."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_problem(directory: Path, model_dir: Path) -> str | None:
+    """Why the cached copy in `directory` cannot be used (None: it can)."""
+    manifest_path, weights = directory / MANIFEST, directory / WEIGHTS
+    if not manifest_path.is_file() or not weights.is_file():
+        return "incomplete"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        size, digest = int(manifest["size"]), manifest["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    if manifest.get("format") != FORMAT:
+        return "older format"
+    if manifest.get("source") != source_fingerprint(model_dir):
+        return "the source model changed"
+    if weights.stat().st_size != size:
+        return f"truncated ({weights.stat().st_size} of {size} bytes)"
+    if file_sha256(weights) != digest:
+        return "checksum mismatch"
+    return None
+
+
+def build(model_dir: Path, state: dict[str, Any], directory: Path) -> None:
+    """Quantize `state`'s (fused) projections and write them with a manifest, atomically."""
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    tensors: dict[str, Any] = {}
+    for name in quantized_names(list(state)):
+        source = state.get(name)
+        if source is None and name == "lm_head.weight":
+            source = state["model.embed_tokens.weight"]  # tied
+        q, scale = quantize_int8(source)
+        tensors[name] = q
+        tensors[name.removesuffix(".weight") + ".scale"] = scale
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        manifest = {
+            "format": FORMAT,
+            "quantization": "int8",
+            "scheme": "per-output-channel symmetric, bf16 scales",
+            "source": source_fingerprint(model_dir),
+            "source_dir": str(Path(model_dir).resolve()),
+            "size": (tmp / WEIGHTS).stat().st_size,
+            "sha256": file_sha256(tmp / WEIGHTS),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    console.info(f"int8 weights made once in {time.perf_counter() - started:.1f} s, cached in {directory}")
+
+
+def load_int8(model_dir: Path, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{weight name: (q, scale)} for the projections in `state`, from the cache (made if needed)."""
+    from safetensors.torch import load_file
+
+    directory = cache_dir(model_dir)
+    problem = cache_problem(directory, model_dir) if directory.exists() else None
+    if problem is not None:
+        console.warn(f"the cached int8 copy in {directory} is not usable ({problem}); rebuilding it")
+    if problem is not None or not directory.exists():
+        try:
+            build(model_dir, state, directory)
+        except OSError as exc:
+            raise VicunaError(f"could not write the int8 copy to {directory}: {exc.strerror or exc}",
+                              hint="free space or fix permissions in $VICUNA_HOME, or use --quantize none") from None
+    tensors = load_file(str(directory / WEIGHTS))
+    out = {}
+    for name in quantized_names(list(state)):
+        base = name.removesuffix(".weight")
+        if name not in tensors or base + ".scale" not in tensors:
+            raise VicunaError(f"the cached int8 copy in {directory} lacks {name}",
+                              hint=f"delete {directory} (it is rebuilt on the next load)")
+        out[name] = (tensors[name], tensors[base + ".scale"])
+    return out
+
+
+def cached_copies() -> list[tuple[str, str, Path, str]]:
+    """(model dir name, quantization, cache dir, size) of every cached quantized copy."""
+    root = models_dir() / ".quantized"
+    rows = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        if not directory.is_dir() or directory.name.startswith("."):
+            continue
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            source = Path(manifest["source_dir"]).name
+            quantization = manifest["quantization"]
+        except (OSError, ValueError, KeyError):
+            source, quantization = directory.name, "incomplete (rebuilt on next use)"
+        rows.append((source, quantization, directory, human_size(dir_size(directory))))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality gate's measure (benchmarks/bench_quant_quality.py, tests/test_quantize.py)
+
+
+def next_token_divergence(reference: Any, candidate: Any, ids: list[int], stepwise: bool = True) -> tuple[list[float], list[bool]]:
+    """KL(reference || candidate) of the next-token distribution and whether the top-1 tokens
+    agree, at every position of `ids`. `stepwise`: one token per forward through the KV cache,
+    so every position runs the decode path (for int8: the one-row int8 kernel); else one
+    full forward (the prefill path: more rows than INT8_MAX_ROWS, the dequantized weights)."""
+    import torch
+
+    def logits(model: Any) -> Any:
+        with torch.inference_mode():
+            if not stepwise:
+                return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+            cache = model.new_cache(len(ids) + 1)
+            return torch.cat([model(input_ids=torch.tensor([[t]]), past_key_values=cache).logits[0].float() for t in ids])
+
+    ref, cand = logits(reference).log_softmax(-1), logits(candidate).log_softmax(-1)
+    kl = (ref.exp() * (ref - cand)).sum(-1).clamp(min=0)
+    return kl.tolist(), (ref.argmax(-1) == cand.argmax(-1)).tolist()
