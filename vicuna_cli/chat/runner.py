@@ -13,6 +13,7 @@ from ..core import console
 from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.generate import GenerationStats, SamplingParams
+from ..core.quantize import Quantize
 from ..core.threads import Threads
 from .session import ChatSession
 
@@ -32,6 +33,7 @@ class ChatConfig(CommandConfig):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: Literal["auto", "native", "transformers"] = "auto"
+    quantize: Quantize = "auto"
     trust_remote_code: bool = False  # a local model folder's own Python code runs only when True
     threads: Threads = None
     prompt: list[str] = Field(default_factory=list)
@@ -60,7 +62,7 @@ def make_backend(config: ChatConfig, model: Optional[str] = None):
     if config.api_base:
         return OpenAIBackend(config.api_base, config.api_key, model or config.model)
     return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation,
-                        trust_remote_code=config.trust_remote_code, threads=config.threads)
+                        trust_remote_code=config.trust_remote_code, threads=config.threads, quantize=config.quantize)
 
 
 def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import THREADS, TRUST_REMOTE_CODE
+from ._common import QUANTIZE, THREADS, TRUST_REMOTE_CODE
 
 
 def chat(
@@ -26,6 +26,7 @@ def chat(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, mps."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32)."),
     implementation: str = typer.Option("auto", "--implementation", help="auto (native Llama on CPU when it fits, else transformers), native, or transformers."),
+    quantize: str = QUANTIZE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     threads: Optional[int] = THREADS,
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Ask this and exit (repeat for several turns)."),

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from ._common import THREADS, TRUST_REMOTE_CODE
+from ._common import QUANTIZE, THREADS, TRUST_REMOTE_CODE
 
 app = typer.Typer(
     help="Serve models over an OpenAI-compatible API: `vicuna serve -m MODEL` runs everything here; "
@@ -82,6 +82,7 @@ def serve(
     device: str = DEVICE,
     dtype: str = DTYPE,
     implementation: str = IMPL,
+    quantize: str = QUANTIZE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     threads: Optional[int] = THREADS,
     api_key: Optional[List[str]] = API_KEY,
@@ -143,6 +144,7 @@ def worker(
     device: str = DEVICE,
     dtype: str = DTYPE,
     implementation: str = IMPL,
+    quantize: str = QUANTIZE,
     trust_remote_code: bool = TRUST_REMOTE_CODE,
     threads: Optional[int] = THREADS,
     max_batch_size: int = BATCH,

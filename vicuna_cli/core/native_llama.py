@@ -331,8 +331,7 @@ class Linear(nn.Module):
 
     def set_int8(self, q: torch.Tensor, scales: torch.Tensor) -> None:
         """Run on int8 weights: the int8 kernel for a few rows, and for more the same values
-        dequantized into `weight` (packed by pack_weights like any bf16 weight). Unties a tied
-        head: the embedding keeps its unquantized rows."""
+        dequantized into `weight` (packed by pack_weights like any bf16 weight)."""
         self.qweight, self.scales = q.contiguous(), scales.to(torch.bfloat16).contiguous()
         self.weight = nn.Parameter((q.float() * self.scales.float()[:, None]).to(torch.bfloat16), requires_grad=False)
 

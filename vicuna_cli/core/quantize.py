@@ -8,10 +8,9 @@ From ~4 rows on it is slower (64 rows: 3x slower), so prefills and wide batched 
 same int8 weights dequantized once into the prepacked bf16 layout (see native_llama.Linear):
 both kernels compute with the same int8 values, only the summation differs.
 
-Scheme: per output channel (row) symmetric, scale = max|w| / 127 rounded to bf16 first and the
-weights quantized against that rounded scale, so q * scale is the best the kernel can represent.
-Quantized: every decoder projection and the LM head (which, when tied, gets its own int8 copy:
-the embedding's lookups stay bf16). The quality gate is benchmarks/bench_quant_quality.py.
+Scheme: per output channel (row) symmetric, one bf16 scale per row (see quantize_int8).
+Quantized: every decoder projection (see quantized_names for why not the LM head). The quality
+gate is benchmarks/bench_quant_quality.py.
 
 Cache: `$VICUNA_HOME/models/.quantized/<model>-<key>/` holds `int8.safetensors` and a manifest
 with its size and sha256 and the source checkpoint's file sizes and mtimes. A copy whose size or
@@ -34,22 +33,44 @@ QUANTIZATIONS = ("auto", "int8", "none")
 Quantize = Literal["auto", "int8", "none"]
 MANIFEST = "manifest.json"
 WEIGHTS = "int8.safetensors"
-FORMAT = 1
+FORMAT = 2
 
 
 def quantized_names(state_keys: list[str]) -> list[str]:
-    """The weights that get int8 copies: decoder projections and the LM head."""
-    return [k for k in state_keys if k.startswith("model.layers.") and k.endswith("_proj.weight")] + ["lm_head.weight"]
+    """The weights that get int8 copies: the decoder projections. Not the LM head: int8 there
+    moved the gate's KL from 0.0097 to 0.0104 and top-1 down 1 point on the first 3 prompts
+    (its error lands straight in the logits), for ~0.15 ms of a ~17 ms step."""
+    return [k for k in state_keys if k.startswith("model.layers.") and k.endswith("_proj.weight")]
+
+
+CLIP_STEPS = 17  # candidate clipping ratios 0.6 .. 1.0 of max|w|
 
 
 def quantize_int8(weight: Any) -> tuple[Any, Any]:
-    """Per-row symmetric int8 of a [out, in] weight: (q int8 [out, in], scale bf16 [out])."""
+    """Per-row symmetric int8 of a [out, in] weight: (q int8 [out, in], scale bf16 [out]).
+
+    The scale of each row is the one, among max|w| x 0.6 .. 1.0 / 127, whose q x scale is
+    nearest the row (least squares): clipping the few largest weights shrinks every other
+    weight's rounding step. On the gate's first 3 prompts this took top-1 agreement from
+    94.4 to 99.2 % (stepwise) against plain max|w| scales. Scales are rounded to bf16 before
+    quantizing against them, since the kernel multiplies by the bf16 scale."""
     import torch
 
     w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(torch.bfloat16)  # rounded first
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    best_q = best_scale = best_err = None
+    for ratio in torch.linspace(0.6, 1.0, CLIP_STEPS).tolist():
+        scale = (amax * ratio / 127.0).to(torch.bfloat16)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
+        err = (q * scale.float()[:, None] - w).square().sum(dim=1)
+        if best_err is None:
+            best_q, best_scale, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_scale
 
 
 def dequantize(q: Any, scale: Any, dtype: Any) -> Any:
@@ -148,10 +169,7 @@ def build(model_dir: Path, state: dict[str, Any], directory: Path) -> None:
     started = time.perf_counter()
     tensors: dict[str, Any] = {}
     for name in quantized_names(list(state)):
-        source = state.get(name)
-        if source is None and name == "lm_head.weight":
-            source = state["model.embed_tokens.weight"]  # tied
-        q, scale = quantize_int8(source)
+        q, scale = quantize_int8(state[name])
         tensors[name] = q
         tensors[name.removesuffix(".weight") + ".scale"] = scale
     with atomic_dir(directory) as tmp:
@@ -159,7 +177,7 @@ def build(model_dir: Path, state: dict[str, Any], directory: Path) -> None:
         manifest = {
             "format": FORMAT,
             "quantization": "int8",
-            "scheme": "per-output-channel symmetric, bf16 scales",
+            "scheme": "per-output-channel symmetric, least-squares clipped bf16 scales",
             "source": source_fingerprint(model_dir),
             "source_dir": str(Path(model_dir).resolve()),
             "size": (tmp / WEIGHTS).stat().st_size,

@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from ..core.choices import Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
+from ..core.quantize import Quantize
 from ..core.threads import Threads
 
 
@@ -33,6 +34,13 @@ class _Timing(CommandConfig):
         return self
 
 
+def check_quantize(backend: str, quantize: str) -> None:
+    """int8 weights are vicuna's own engine (hf backend, native path); another backend cannot."""
+    if quantize == "int8" and backend != "hf":
+        raise ValueError(f"--quantize int8 runs in vicuna's own engine (--backend hf), not the {backend} backend; "
+                         "use --quantize auto or none with it")
+
+
 class ControllerConfig(_Common):
     port: int = Field(21001, ge=0, le=65535)
     expiry: float = Field(15.0, gt=0, le=86400)
@@ -49,6 +57,7 @@ class WorkerConfig(_Common):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: str = "auto"
+    quantize: Quantize = "auto"  # hf backend on the native path (core/quantize.py)
     trust_remote_code: bool = False  # a model folder's own Python code runs only when True
     threads: Threads = None
     max_batch_size: int = Field(16, ge=1, le=1024)
@@ -68,6 +77,7 @@ class WorkerConfig(_Common):
 
         if self.backend not in BACKENDS:
             raise ValueError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        check_quantize(self.backend, self.quantize)
         if self.backend == "openai" and not self.upstream:
             raise ValueError("--backend openai needs --upstream URL (an OpenAI-compatible base URL ending in /v1)")
         if self.backend == "openai" and not (self.model or self.name):
@@ -119,6 +129,7 @@ class ServeConfig(ApiConfig, _Timing):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: str = "auto"
+    quantize: Quantize = "auto"  # hf backend on the native path (core/quantize.py)
     trust_remote_code: bool = False  # passed to every worker it starts
     threads: Threads = None  # passed to every worker (None: each adapts to the CPUs the others leave)
     max_batch_size: int = Field(16, ge=1, le=1024)
@@ -127,6 +138,11 @@ class ServeConfig(ApiConfig, _Timing):
     controller_port: int = Field(21001, ge=0, le=65535)
     worker_port: int = Field(21002, ge=0, le=65535)
     workers_per_model: int = Field(1, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _quantize_fits_backend(self):
+        check_quantize(self.backend, self.quantize)
+        return self
 
 
 def require_serve() -> None:
@@ -205,7 +221,8 @@ def run_worker(config: WorkerConfig) -> None:
         else:
             backends.append(HFBackend(name, ref, config.template, config.device, config.dtype, config.implementation,
                                       config.max_batch_size, config.max_queue, config.prefix_cache_mb,
-                                      trust_remote_code=config.trust_remote_code, threads=config.threads))
+                                      trust_remote_code=config.trust_remote_code, threads=config.threads,
+                                      quantize=config.quantize))
     address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
     if config.port == 0 and not config.advertise:
         raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")

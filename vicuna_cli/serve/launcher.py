@@ -67,7 +67,7 @@ def plan(config: ServeConfig) -> list[tuple[str, list[str]]]:
             args = ["worker", "--port", str(port), "--controller", controller, "--backend", config.backend,
                     "--heartbeat", f"{config.heartbeat:g}", "--max-batch-size", str(config.max_batch_size),
                     "--max-queue", str(config.max_queue), "--prefix-cache-mb", str(config.prefix_cache_mb), "--device", config.device, "--dtype", config.dtype,
-                    "--implementation", config.implementation, "--max-body-bytes", str(4 * config.max_body_bytes), *_common(config)]
+                    "--implementation", config.implementation, "--quantize", config.quantize, "--max-body-bytes", str(4 * config.max_body_bytes), *_common(config)]
             if model:
                 args += ["-m", model]
             if config.template:
