@@ -33,7 +33,7 @@ class ChatConfig(CommandConfig):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: Literal["auto", "native", "transformers"] = "auto"
-    quantize: Quantize = "auto"
+    quantize: Quantize = "none"  # "auto" is int8 where it runs: not the default until the 100-prompt gate passes
     trust_remote_code: bool = False  # a local model folder's own Python code runs only when True
     threads: Threads = None
     prompt: list[str] = Field(default_factory=list)

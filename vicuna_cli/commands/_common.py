@@ -12,7 +12,7 @@ from ..core.threads import THREADS_HELP
 # Every command that loads a model takes this flag, with the same meaning (core/hf.py).
 TRUST_REMOTE_CODE = typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
 # ... and this one: torch threads (the default, None, is the config's: adapt to the free CPUs).
-QUANTIZE = typer.Option("auto", "--quantize", help="Weights: auto (int8 on the native CPU bf16 path, else none), int8, or none (lossless).")
+QUANTIZE = typer.Option("none", "--quantize", help="Weights: none (lossless), int8 (native Llama path, CPU, bf16), or auto (int8 where it can run, else none).")
 THREADS = typer.Option(None, "--threads", help=THREADS_HELP, show_default=False)
 
 

@@ -57,7 +57,7 @@ class WorkerConfig(_Common):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: str = "auto"
-    quantize: Quantize = "auto"  # hf backend on the native path (core/quantize.py)
+    quantize: Quantize = "none"  # auto/int8: hf backend on the native path (core/quantize.py)
     trust_remote_code: bool = False  # a model folder's own Python code runs only when True
     threads: Threads = None
     max_batch_size: int = Field(16, ge=1, le=1024)
@@ -129,7 +129,7 @@ class ServeConfig(ApiConfig, _Timing):
     device: str = "auto"
     dtype: Dtype = "auto"
     implementation: str = "auto"
-    quantize: Quantize = "auto"  # hf backend on the native path (core/quantize.py)
+    quantize: Quantize = "none"  # auto/int8: hf backend on the native path (core/quantize.py)
     trust_remote_code: bool = False  # passed to every worker it starts
     threads: Threads = None  # passed to every worker (None: each adapts to the CPUs the others leave)
     max_batch_size: int = Field(16, ge=1, le=1024)
