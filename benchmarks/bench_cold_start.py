@@ -98,8 +98,11 @@ mark("import vicuna chat modules (pydantic, templates, engine)")
 from vicuna_cli.core import console
 console.info = lambda message: None
 kwargs = {"implementation": sys.argv[4]} if sys.argv[4] != "default" else {}
+if "quantize" in ChatConfig.model_fields:  # the weights `vicuna chat` loads by default
+    kwargs["quantize"] = ChatConfig.model_fields["quantize"].default
 backend = LocalBackend(sys.argv[1], None, **kwargs)
 impl = getattr(backend.loaded, "implementation", "transformers")
+impl += f", {getattr(backend.loaded, 'quantization', 'none')} weights"
 mark(f"models.load, {impl}: tokenizer + model" + (" (+ transformers imports)" if "transformers" in sys.modules else ""))
 from vicuna_cli.core.generate import SamplingParams
 ids = backend.prompt_ids([{"role": "user", "content": sys.argv[2]}])

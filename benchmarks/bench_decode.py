@@ -11,6 +11,9 @@ transformers tokenizer's `apply_chat_template`), greedy, batch 1, exactly --toke
               native Llama module of core/native_llama.py, else transformers) — what `vicuna chat`
               runs. Consumed as a stream of text deltas (detokenizing is part of its work), with
               `stop_token_ids` emptied so that it does not stop at EOS.
+  engine-none the same Engine over the same native model with `--quantize none` (the lossless
+              bf16 weights), when `engine` runs int8 weights (`--quantize auto` picks them on a
+              CPU with native bf16; core/quantize.py). Only when the two differ.
   engine+hf   the same Engine loop over the transformers model (a control: engine loop overhead
               vs model implementation). Only when `engine` is not already the transformers model.
   generate    transformers' model.generate(..., do_sample=False, min_new_tokens=N,
@@ -28,8 +31,9 @@ Correctness: in greedy mode the engine's token ids must equal model.generate's. 
 stopping at EOS as they normally do (at most N tokens), and on the forced-length runs.
 
     VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --dtype auto float32 --wait-idle 300
+    VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --no-engine-hf   # int8 vs none vs generate
 
-Goal: engine / generate decode speed ratio >= 1.0.
+Goals (issue #16): engine / generate decode speed ratio >= 2.5, and >= 40 tok/s.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from _common import (  # noqa: E402
 )
 
 PROMPT = "Write a long story about a dragon."
-RATIO_GOAL = 1.0
+RATIO_GOAL = 2.5
+TPS_GOAL = 40.0
 
 
 class TimingStreamer:
@@ -82,16 +87,21 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def load(model: str, dtype: str, implementation: str | None):
+def load(model: str, dtype: str, implementation: str | None, quantize: str = "none"):
     from vicuna_cli.core import models
 
     kwargs = dict(device="cpu", dtype=dtype, progress=False)
+    if "quantize" in inspect.signature(models.load).parameters:
+        kwargs["quantize"] = quantize
+    elif quantize not in ("none", "auto"):
+        sys.exit("error: this vicuna has no --quantize choice")
     if "implementation" in inspect.signature(models.load).parameters:
         kwargs["implementation"] = implementation or "auto"
     elif implementation not in (None, "auto", "transformers"):
         sys.exit("error: this vicuna has no --implementation choice (only transformers)")
     lm = models.load(model, **kwargs)
     lm.implementation = getattr(lm, "implementation", "transformers")
+    lm.quantization = getattr(lm, "quantization", "none")
     return lm
 
 
@@ -166,14 +176,15 @@ def bench_dtype(args, dtype: str) -> dict:
 
     from vicuna_cli.core.generate import Engine
 
-    lm = load(args.model, dtype, args.implementation)
+    lm = load(args.model, dtype, args.implementation, args.quantize)
+    lossless = load(args.model, dtype, args.implementation, "none") if lm.quantization != "none" else None
     hf = lm if lm.implementation == "transformers" else load(args.model, dtype, "transformers")
     if hf.dtype != lm.dtype:
         sys.exit(f"error: the two loads picked different dtypes ({lm.dtype} vs {hf.dtype})")
     ids = prompt_ids(hf.tokenizer, args.prompt)
     own_ids = prompt_ids(lm.tokenizer, args.prompt) if lm is not hf else ids
     print(
-        f"\n## dtype {lm.dtype} (asked: {dtype}) · engine model: {lm.implementation} · torch threads "
+        f"\n## dtype {lm.dtype} (asked: {dtype}) · engine model: {lm.implementation}, weights {lm.quantization} · torch threads "
         f"{torch.get_num_threads()} · prompt {len(ids)} tokens · {args.tokens} new tokens",
         flush=True,
     )
@@ -187,7 +198,9 @@ def bench_dtype(args, dtype: str) -> dict:
         return e
 
     arms = {"engine": (lm, engine_for(lm, True))}
-    if lm is not hf:
+    if lossless is not None:
+        arms["engine-none"] = (lossless, engine_for(lossless, True))
+    if lm is not hf and not args.no_engine_hf:
         arms["engine+hf"] = (hf, engine_for(hf, True))
     eos = set(engine_for(lm, False).stop_token_ids)
 
@@ -259,6 +272,7 @@ def bench_dtype(args, dtype: str) -> dict:
         "dtype": lm.dtype,
         "asked_dtype": dtype,
         "engine_implementation": lm.implementation,
+        "engine_quantization": lm.quantization,
         "prompt_tokens": len(ids),
         "new_tokens": args.tokens,
         "token_counts": lengths,
@@ -285,7 +299,8 @@ def bench_dtype(args, dtype: str) -> dict:
             "paired_ratios": paired,
         }
     result["ratio"] = result["arms"]["engine"]["ratio_vs_generate"]
-    result["pass"] = result["ratio"] >= RATIO_GOAL
+    result["engine_decode_tps"] = result["arms"]["engine"]["decode_tps"]["median"]
+    result["pass"] = result["ratio"] >= RATIO_GOAL and result["engine_decode_tps"] >= TPS_GOAL
     return result
 
 
@@ -299,6 +314,9 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["auto"], help="one or more of auto, bfloat16, float16, float32")
     parser.add_argument("--implementation", default="auto", choices=["auto", "native", "transformers"],
                         help="the model the engine runs (as `vicuna chat --implementation`)")
+    parser.add_argument("--quantize", default="auto", choices=["auto", "int8", "none"],
+                        help="the engine's weights (as `vicuna chat --quantize`); when they are int8, a --quantize none arm is added")
+    parser.add_argument("--no-engine-hf", action="store_true", help="leave out the Engine-over-transformers control arm")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per run (forced: EOS ignored)")
     parser.add_argument("--prompt", default=PROMPT, help="user message; ask for a long answer")
     parser.add_argument("--warmup", type=int, default=1, help="untimed short runs of each contender first")
@@ -339,7 +357,8 @@ def main() -> None:
     for r in results:
         for arm, a in r["arms"].items():
             d = a["decode_tps"]
-            label = {"engine": f"Engine ({r['engine_implementation']} model)",
+            label = {"engine": f"Engine ({r['engine_implementation']} model, {r['engine_quantization']} weights)",
+                     "engine-none": f"Engine ({r['engine_implementation']} model, --quantize none)",
                      "engine+hf": "Engine (transformers model)",
                      "generate": "model.generate (transformers)"}[arm]
             paired = a["paired_ratios"]
@@ -360,7 +379,8 @@ def main() -> None:
     ))
     print()
     for r in results:
-        print(f"{r['dtype']}: engine / generate = {r['ratio']:.2f} -> goal >= {RATIO_GOAL:.1f}: "
+        print(f"{r['dtype']}: engine / generate = {r['ratio']:.2f}, engine {r['engine_decode_tps']:.1f} tok/s "
+              f"-> goals >= {RATIO_GOAL:.1f}x and >= {TPS_GOAL:.0f} tok/s: "
               f"{'PASS' if r['pass'] else 'FAIL'}")
     print("\nEnd to end (prompt in, all tokens out): median tok/s, and time to first token (s):\n")
     print(markdown_table(
@@ -381,6 +401,7 @@ def main() -> None:
             "machine": {**info, "loadavg_at_end": loadavg()},
             "settings": vars(args),
             "goal_ratio": RATIO_GOAL,
+            "goal_tps": TPS_GOAL,
             "results": results,
         }
         print(f"results: {write_results('decode', data, args.json)}")

@@ -51,11 +51,12 @@ class LocalBackend:
         *,
         trust_remote_code: bool = False,
         threads: int | None = None,
+        quantize: str = "none",
     ):
         from ..core import models
 
         self.loaded = models.load(model, device=device, dtype=dtype, implementation=implementation,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, quantize=quantize)
         self.name = self.loaded.name
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.engine = Engine(self.loaded.model, self.loaded.tokenizer, self.loaded.context_length, threads=threads)

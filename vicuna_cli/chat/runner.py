@@ -14,6 +14,7 @@ from ..core.choices import Device, Dtype
 from ..core.config import CommandConfig
 from ..core.hf import TRUST_REMOTE_CODE_HELP
 from ..core.generate import GenerationStats, SamplingParams
+from ..core.quantize import QUANTIZE_HELP, Quantize
 from ..core.threads import Threads
 from .session import ChatSession
 
@@ -34,6 +35,8 @@ class ChatConfig(CommandConfig):
     dtype: Dtype = Field("auto", description="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
     implementation: Literal["auto", "native", "transformers"] = Field(
         "auto", description="auto (native Llama on CPU when it fits, else transformers), native, or transformers.")
+    # "auto" is int8 where it runs: not the default until the 100-prompt gate passes (BENCHMARKS.md)
+    quantize: Quantize = Field("none", description=QUANTIZE_HELP)
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
     threads: Threads = None
     prompt: list[str] = Field(default_factory=list, description="Ask this and exit (repeat for several turns).")
@@ -61,7 +64,7 @@ def make_backend(config: ChatConfig, model: Optional[str] = None):
     if config.api_base:
         return OpenAIBackend(config.api_base, config.api_key, model or config.model)
     return LocalBackend(model or config.model, config.template, config.device, config.dtype, config.implementation,
-                        trust_remote_code=config.trust_remote_code, threads=config.threads)
+                        trust_remote_code=config.trust_remote_code, threads=config.threads, quantize=config.quantize)
 
 
 def run(config: ChatConfig, interactive: Optional[bool] = None) -> None:

@@ -79,6 +79,7 @@ class LoadedModel:
     context_length: int
     template_hint: str | None
     implementation: str = "transformers"  # or "native" (core/native_llama.py)
+    quantization: str = "none"  # or "int8" (core/quantize.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,7 +413,11 @@ def load(
     implementation: str = "auto",
     *,
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> LoadedModel:
+    """`quantize`: none, int8 (an error where it cannot run) or auto (int8 where it can run)."""
+    from .quantize import pick_quantization
+
     resolved = resolve(name, progress)
     check_not_reward_model(resolved.path, name or DEFAULT_MODEL)
     import torch
@@ -420,15 +425,17 @@ def load(
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     implementation, why = pick_implementation(resolved.path, device, implementation, trust_remote_code)
+    quantization, _ = pick_quantization(quantize, implementation, device, dtype)
     if implementation == "native":
-        model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device)
+        model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device, quantization)
         attention = "sdpa"
     else:
         attention = pick_attention(device)
         model, tokenizer = _load_transformers(resolved.path, getattr(torch, dtype), device, attention, trust_remote_code)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
     console.info(
-        f"model {name or DEFAULT_MODEL} · {device} · {dtype} · {implementation} ({why}) · "
+        f"model {name or DEFAULT_MODEL} · {device} · {dtype}{' · int8 weights' if quantization == 'int8' else ''} · "
+        f"{implementation} ({why}) · "
         f"attention {attention} · context {context}"
     )
     return LoadedModel(
@@ -442,10 +449,11 @@ def load(
         context_length=context,
         template_hint=resolved.template,
         implementation=implementation,
+        quantization=quantization,
     )
 
 
-def _load_native(path: Path, dtype: Any, device: str) -> tuple[Any, Any]:
+def _load_native(path: Path, dtype: Any, device: str, quantization: str = "none") -> tuple[Any, Any]:
     from .native_llama import load_native
     from .tokenizer import FastTokenizer
 
@@ -454,7 +462,9 @@ def _load_native(path: Path, dtype: Any, device: str) -> tuple[Any, Any]:
     except Exception as exc:
         raise VicunaError(f"could not load the tokenizer of {path}: {_first_line(exc)}") from exc
     try:
-        model = load_native(path, dtype, device)
+        model = load_native(path, dtype, device, quantization)
+    except VicunaError:
+        raise
     except Exception as exc:
         raise VicunaError(f"could not load model {path}: {_first_line(exc)}", hint=_COMPLETE_MODEL) from exc
     return model, tokenizer
@@ -511,6 +521,11 @@ def list_models() -> list[ModelEntry]:
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         if path.is_dir() and path.name not in ALIASES and not path.name.startswith("."):
             entries.append(ModelEntry(path.name, "cached", str(path), human_size(dir_size(path)), "converted GGUF"))
+    from .quantize import cached_copies
+
+    for source, quantization, directory, size in cached_copies():
+        entries.append(ModelEntry(source, "quantized", f"{quantization} ({directory})", size,
+                                  f"{quantization} weights of {source}, made on first use"))
     try:
         from huggingface_hub import scan_cache_dir
 

@@ -12,6 +12,7 @@ from ..core.choices import Device, Dtype
 from ..core.config import CommandConfig
 from ..core.errors import VicunaError
 from ..core.hf import TRUST_REMOTE_CODE_HELP
+from ..core.quantize import QUANTIZE_HELP, Quantize
 from ..core.threads import Threads
 
 
@@ -32,6 +33,13 @@ class _Expiry(CommandConfig):
     expiry: float = Field(WORKER_EXPIRY, gt=0, le=86400, description="Seconds of silence after which the controller drops a worker.")
 
 
+def check_quantize(backend: str, quantize: str) -> None:
+    """int8 weights are vicuna's own engine (hf backend, native path); another backend cannot."""
+    if quantize == "int8" and backend != "hf":
+        raise ValueError(f"--quantize int8 runs in vicuna's own engine (--backend hf), not the {backend} backend; "
+                         "use --quantize auto or none with it")
+
+
 class EngineOptions(CommandConfig):
     """How a worker runs its models: the ONE declaration, shared by `serve worker` and by `serve`,
     which hands them to every worker it starts."""
@@ -42,12 +50,18 @@ class EngineOptions(CommandConfig):
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:1, mps.")
     dtype: Dtype = Field("auto", description="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
     implementation: str = Field("auto", description="auto, native or transformers (hf backend).")
+    quantize: Quantize = Field("none", description=QUANTIZE_HELP)
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
     threads: Threads = None
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests decoded together per worker.")
     max_queue: int = Field(256, ge=1, le=100000, description="Most requests waiting per worker beyond its running batch; beyond it: 429.")
     prefix_cache_mb: int = Field(256, ge=0, le=1 << 20, description="Memory per model for reusing repeated prompt prefixes (hf backend, native models); 0: off.")
     heartbeat: float = Field(2.0, gt=0, le=3600, description="Seconds between worker heartbeats.")
+
+    @model_validator(mode="after")
+    def _quantize_fits_backend(self):
+        check_quantize(self.backend, self.quantize)
+        return self
 
 
 class ControllerConfig(_Common, _Expiry):
@@ -206,7 +220,8 @@ def run_worker(config: WorkerConfig) -> None:
         else:
             backends.append(HFBackend(name, ref, config.template, config.device, config.dtype, config.implementation,
                                       config.max_batch_size, config.max_queue, config.prefix_cache_mb,
-                                      trust_remote_code=config.trust_remote_code, threads=config.threads))
+                                      trust_remote_code=config.trust_remote_code, threads=config.threads,
+                                      quantize=config.quantize))
     address = config.advertise or f"http://{_connectable(config.host)}:{config.port}"
     if config.port == 0 and not config.advertise:
         raise VicunaError("--port 0 needs --advertise URL", hint="workers must tell the controller where to reach them")

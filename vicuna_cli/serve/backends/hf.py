@@ -28,13 +28,14 @@ class HFBackend:
         *,
         trust_remote_code: bool = False,
         threads: int | None = None,
+        quantize: str = "none",
     ):
         from ...core import models
         from ...core.batch import BatchEngine
         from ...core.templates import template_for_model
 
         self.loaded = models.load(model_ref, device=device, dtype=dtype, implementation=implementation,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, quantize=quantize)
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.tokenizer = self.loaded.tokenizer
         self.engine = BatchEngine(

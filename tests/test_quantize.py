@@ -1,0 +1,189 @@
+"""Weight-only int8 (core/quantize.py): the quality gate, the cache and the errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vicuna_cli.core import models, quantize
+from vicuna_cli.core.errors import VicunaError
+
+needs_kernel = pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="torch without the CPU int8 kernel")
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(bpe_model_dir, tmp_path_factory):
+    """The bpe fixture's tokenizer with a tiny Llama whose next-token distributions are peaked
+    (larger init): the shared fixture's are nearly flat, where top-1 is a coin toss between
+    near-equal tokens that any rounding flips, so agreement would test nothing."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path_factory.mktemp("peaked") / "model"
+    shutil.copytree(bpe_model_dir, target)
+    for weights in target.glob("*.safetensors"):
+        weights.unlink()
+    config = LlamaConfig.from_pretrained(bpe_model_dir)
+    config.hidden_size, config.intermediate_size, config.initializer_range = 64, 128, 0.15
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).eval().save_pretrained(target)
+    return target
+
+
+def _load(model_dir, q: str, dtype: str = "bfloat16", implementation: str = "native"):
+    return models.load(str(model_dir), device="cpu", dtype=dtype, implementation=implementation, quantize=q)
+
+
+def test_per_row_scales_reconstruct_each_row_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(64, 48) * torch.logspace(-3, 0, 64)[:, None]  # rows of very different ranges
+    w[3, 7] = 25.0  # an outlier row: its clipped scale must still represent it sensibly
+    q, scale = quantize.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (64,)
+    err = (quantize.dequantize(q, scale, torch.float32) - w).abs()
+    # Within half a step where not clipped; the clipped ones lose at most 40 % (ratio >= 0.6).
+    unclipped = q.abs() < 127
+    assert (err[unclipped] <= 0.5 * scale.float()[:, None].expand_as(w)[unclipped] * 1.01).all()
+    assert (err <= 0.4 * w.abs().amax(1, keepdim=True) + 1e-6).all()
+    # Least squares: no worse than plain max|w| scales.
+    plain = (w.abs().amax(1) / 127).to(torch.bfloat16).float()
+    plain_err = (torch.round(w / plain[:, None]).clamp(-127, 127) * plain[:, None] - w).square().sum()
+    assert (quantize.dequantize(q, scale, torch.float32) - w).square().sum() <= plain_err
+
+
+@needs_kernel
+def test_gate_on_a_tiny_model_and_the_int8_kernel_runs(peaked_model_dir):
+    """The bench's measure (next_token_divergence) on the tiny fixture: KL <= 0.01, top-1 >= 97 %
+    on the decode path (one row: the int8 kernel) and the prefill path (dequantized weights)."""
+    reference, candidate = _load(peaked_model_dir, "none"), _load(peaked_model_dir, "int8")
+    assert candidate.quantization == "int8" and reference.quantization == "none"
+    layer = candidate.model.model.layers[0]
+    assert layer.mlp.down_proj.qweight is not None and candidate.model.lm_head.qweight is None
+    assert reference.model.model.layers[0].mlp.down_proj.qweight is None
+    ids = candidate.tokenizer("Hello there, how are you? The capital of France is Paris.")["input_ids"]
+    for stepwise in (True, False):
+        kl, top1 = quantize.next_token_divergence(reference.model, candidate.model, ids, stepwise)
+        assert max(kl) > 0  # the int8 weights are in use
+        assert sum(kl) / len(kl) <= 0.01 and sum(top1) / len(top1) >= 0.97, (stepwise, kl, top1)
+    # The one-row kernel computes with the same int8 values as the dequantized multi-row path.
+    x = torch.randn(1, 1, layer.mlp.down_proj.qweight.shape[1], dtype=torch.bfloat16)
+    dense = torch.nn.functional.linear(x.float(), quantize.dequantize(layer.mlp.down_proj.qweight, layer.mlp.down_proj.scales, torch.float32))
+    assert torch.allclose(layer.mlp.down_proj(x).float(), dense, atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
+def test_batched_decode_on_int8_matches_one_sequence_at_a_time(bpe_model_dir):
+    model = _load(bpe_model_dir, "int8").model
+    with torch.inference_mode():
+        cache = model.new_cache(32, num_slots=2)
+        model(input_ids=torch.tensor([[5, 9, 11]]), past_key_values=cache, slot=0)
+        model(input_ids=torch.tensor([[7, 8]]), past_key_values=cache, slot=1)
+        both = model.decode_rows([3, 4], cache, [0, 1]).float()
+        alone = []
+        for ids, nxt in (([5, 9, 11], 3), ([7, 8], 4)):
+            c = model.new_cache(32)
+            model(input_ids=torch.tensor([ids]), past_key_values=c)
+            alone.append(model(input_ids=torch.tensor([[nxt]]), past_key_values=c).logits[0, -1].float())
+    assert torch.allclose(both, torch.stack(alone), atol=3e-2)
+
+
+@needs_kernel
+def test_the_int8_copy_is_made_once_and_rebuilt_when_truncated_corrupt_or_stale(bpe_model_dir, tmp_path, capsys):
+    import shutil
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(bpe_model_dir, model_dir)
+    _load(model_dir, "int8")
+    directory = quantize.cache_dir(model_dir)
+    weights = directory / quantize.WEIGHTS
+    assert quantize.cache_problem(directory, model_dir) is None
+    made = weights.stat().st_mtime_ns
+    _load(model_dir, "int8")
+    assert weights.stat().st_mtime_ns == made  # reused
+    assert "rebuilding" not in capsys.readouterr().err
+
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert quantize.cache_problem(directory, model_dir).startswith("truncated")
+    _load(model_dir, "int8")
+    assert "truncated" in capsys.readouterr().err and weights.read_bytes() == data
+
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF  # same size, one byte of a weight changed
+    weights.write_bytes(bytes(flipped))
+    assert quantize.cache_problem(directory, model_dir) == "checksum mismatch"
+    _load(model_dir, "int8")
+    assert "checksum mismatch" in capsys.readouterr().err and weights.read_bytes() == data
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config, indent=3))  # a new source file
+    assert quantize.cache_problem(directory, model_dir) == "the source model changed"
+
+
+@needs_kernel
+def test_models_list_shows_the_cached_copy_per_precision(bpe_model_dir):
+    assert not [e for e in models.list_models() if e.kind == "quantized"]
+    _load(bpe_model_dir, "int8")
+    (entry,) = [e for e in models.list_models() if e.kind == "quantized"]
+    assert entry.name == bpe_model_dir.name and entry.status.startswith("int8 (")
+
+
+def test_int8_where_it_cannot_run_is_a_one_line_error_and_auto_falls_back(bpe_model_dir):
+    with pytest.raises(VicunaError, match="transformers implementation") as info:
+        _load(bpe_model_dir, "int8", implementation="transformers")
+    assert "--quantize none" in info.value.hint
+    with pytest.raises(VicunaError, match="dtype float32: the CPU int8 kernel computes with bfloat16"):
+        _load(bpe_model_dir, "int8", dtype="float32")
+    assert quantize.pick_quantization("auto", "native", "cpu", "float32")[0] == "none"
+    assert quantize.pick_quantization("auto", "transformers", "cpu", "bfloat16")[0] == "none"
+    assert quantize.pick_quantization("auto", "native", "cuda", "bfloat16")[0] == "none"
+    assert quantize.pick_quantization("none", "native", "cpu", "bfloat16")[0] == "none"
+    with pytest.raises(VicunaError, match="unknown quantization 'int4'"):
+        quantize.pick_quantization("int4", "native", "cpu", "bfloat16")
+
+
+def test_serve_refuses_int8_for_a_backend_that_is_not_vicunas_engine():
+    from pydantic import ValidationError
+
+    from vicuna_cli.serve.config import ServeConfig, WorkerConfig
+
+    with pytest.raises(ValidationError, match="not the vllm backend"):
+        ServeConfig(model=["x"], backend="vllm", quantize="int8")
+    with pytest.raises(ValidationError, match="not the openai backend"):
+        WorkerConfig(backend="openai", upstream="http://127.0.0.1:1/v1", model=["m"], quantize="int8")
+    assert WorkerConfig(quantize="auto").quantize == "auto"
+
+
+GATE_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How do I make a cup of tea?",
+    "Explain what a CPU does in one paragraph.",
+    "Give me three tips for learning a language.",
+    "What's a good name for a cat?",
+]
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_embedded_model_int8_passes_the_gate(embedded_model_home, monkeypatch):
+    """The real SmolLM2 (bench_quant_quality.py's measure on a few fixed prompts): mean KL to
+    bf16 <= 0.01 and top-1 agreement >= 97 % over all prompt positions, decode path."""
+    from vicuna_cli.core.templates import template_for_model
+
+    monkeypatch.setenv("VICUNA_HOME", str(embedded_model_home))
+    reference = models.load(None, device="cpu", dtype="bfloat16", quantize="none")
+    candidate = models.load(None, device="cpu", dtype="bfloat16", quantize="int8")
+    template = template_for_model(reference.tokenizer, reference.template_hint)
+    kls, agree = [], []
+    for prompt in GATE_PROMPTS:
+        text = template.prompt_text([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids = list(reference.tokenizer(text, add_special_tokens=False)["input_ids"])
+        kl, top1 = quantize.next_token_divergence(reference.model, candidate.model, ids)
+        kls += kl
+        agree += top1
+    assert sum(kls) / len(kls) <= 0.01
+    assert sum(agree) / len(agree) >= 0.97

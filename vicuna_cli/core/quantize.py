@@ -1,0 +1,260 @@
+"""Weight-only int8 for the native Llama path: made once per model, cached, checked on every load.
+
+Why int8 weights: a batch-1 decode step reads every weight once for one row of activations, so
+its matmuls are bound by how fast the weights stream. torch's CPU kernel `_weight_int8pack_mm`
+(int8 weights, bf16 activations, one scale per output channel) reads half the bytes of bf16;
+measured here 1.3-5x faster per projection than the oneDNN-prepacked bf16 weights for 1 row.
+From ~4 rows on it is slower (64 rows: 3x slower), so prefills and wide batched steps run the
+same int8 weights dequantized once into the prepacked bf16 layout (see native_llama.Linear):
+both kernels compute with the same int8 values, only the summation differs.
+
+Scheme: per output channel (row) symmetric, one bf16 scale per row (see quantize_int8).
+Quantized: every decoder projection (see quantized_names for why not the LM head). The quality
+gate is benchmarks/bench_quant_quality.py.
+
+Cache: `$VICUNA_HOME/models/.quantized/<model>-<key>/` holds `int8.safetensors` and a manifest
+with its size and CRC-32 and the source checkpoint's file sizes and mtimes. A copy whose size or
+hash does not match (truncated, corrupt) or whose source changed is rebuilt, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+from . import console
+from .errors import VicunaError
+from .store import atomic_dir, dir_size, exclusive, human_size, models_dir
+
+QUANTIZATIONS = ("auto", "int8", "none")
+Quantize = Literal["auto", "int8", "none"]
+QUANTIZE_HELP = "Weights: none (lossless), int8 (native Llama path, CPU, bf16), or auto (int8 where it can run, else none)."
+MANIFEST = "manifest.json"
+WEIGHTS = "int8.safetensors"
+FORMAT = 3
+
+
+def quantized_names(state_keys: list[str]) -> list[str]:
+    """The weights that get int8 copies: the decoder projections. Not the LM head: int8 there
+    moved the gate's KL from 0.0097 to 0.0104 and top-1 down 1 point on the first 3 prompts
+    (its error lands straight in the logits), for ~0.15 ms of a ~17 ms step."""
+    return [k for k in state_keys if k.startswith("model.layers.") and k.endswith("_proj.weight")]
+
+
+CLIP_STEPS = 17  # candidate clipping ratios 0.6 .. 1.0 of max|w|
+
+
+def quantize_int8(weight: Any) -> tuple[Any, Any]:
+    """Per-row symmetric int8 of a [out, in] weight: (q int8 [out, in], scale bf16 [out]).
+
+    The scale of each row is the one, among max|w| x 0.6 .. 1.0 / 127, whose q x scale is
+    nearest the row (least squares): clipping the few largest weights shrinks every other
+    weight's rounding step. On the gate's first 3 prompts this took top-1 agreement from
+    94.4 to 99.2 % (stepwise) against plain max|w| scales. Scales are rounded to bf16 before
+    quantizing against them, since the kernel multiplies by the bf16 scale."""
+    import torch
+
+    w = weight.float()
+    amax = w.abs().amax(dim=1).clamp(min=1e-12)
+    best_q = best_scale = best_err = None
+    for ratio in torch.linspace(0.6, 1.0, CLIP_STEPS).tolist():
+        scale = (amax * ratio / 127.0).to(torch.bfloat16)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127)
+        err = (q * scale.float()[:, None] - w).square().sum(dim=1)
+        if best_err is None:
+            best_q, best_scale, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_scale
+
+
+def dequantize(q: Any, scale: Any, dtype: Any) -> Any:
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing
+
+
+def unavailable_reason(implementation: str, device: str, dtype: str) -> str | None:
+    """Why int8 weights cannot run for this load, or None when they can."""
+    import torch
+
+    if implementation != "native":
+        return f"the {implementation} implementation runs the checkpoint's own weights (int8 runs on the native Llama path only)"
+    if device != "cpu":
+        return f"device {device} (the int8 weight kernel used here is the CPU one)"
+    if dtype != "bfloat16":
+        return (f"dtype {dtype}: the CPU int8 kernel computes with bfloat16 activations "
+                "(with float32 ones it measured 5-15x slower per projection than bf16 weights here)")
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        return f"this torch ({torch.__version__}) has no _weight_int8pack_mm kernel"
+    return None
+
+
+def pick_quantization(requested: str, implementation: str, device: str, dtype: str) -> tuple[str, str]:
+    """(quantization, why). `auto`: int8 wherever it can run, else none (the commands' default
+    stays none until the 100-prompt gate of BENCHMARKS.md is met). `int8` where it cannot run
+    is an error, not a silent fall-back: the user asked for it."""
+    if requested not in QUANTIZATIONS:
+        from .errors import unknown_choice
+
+        raise unknown_choice("quantization", requested, list(QUANTIZATIONS))
+    if requested == "none":
+        return "none", "requested"
+    reason = unavailable_reason(implementation, device, dtype)
+    if requested == "int8":
+        if reason:
+            raise VicunaError(f"--quantize int8 is not possible here: {reason}",
+                              hint="use --quantize none (or auto, which falls back to unquantized weights)")
+        return "int8", "requested"
+    return ("none", reason) if reason else ("int8", "auto")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def cache_dir(model_dir: Path, quantization: str = "int8") -> Path:
+    model_dir = Path(model_dir).resolve()
+    key = hashlib.sha256(str(model_dir).encode()).hexdigest()[:10]
+    return models_dir() / ".quantized" / f"{model_dir.name}-{key}-{quantization}"
+
+
+def source_fingerprint(model_dir: Path) -> dict[str, list[int]]:
+    """Sizes and mtimes of the files the int8 copy is made from: a retrained model in the same
+    folder gets a new copy."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + [Path(model_dir) / "config.json"]
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files if p.is_file()}
+
+
+def checksum(data: bytes) -> str:
+    """CRC-32: it catches truncation and flipped bits (the cache is the user's own: no adversary),
+    and it is the load's cost on every start: 0.18 s for SmolLM2's 106 MB on this loaded box,
+    where sha256 took 0.70 s."""
+    return f"{zlib.crc32(data):08x}"
+
+
+def cache_problem(directory: Path, model_dir: Path, data: bytes | None = None) -> str | None:
+    """Why the cached copy in `directory` cannot be used (None: it can). `data`: the weights
+    file's bytes when the caller has read them already."""
+    manifest_path, weights = directory / MANIFEST, directory / WEIGHTS
+    if not manifest_path.is_file() or not weights.is_file():
+        return "incomplete"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT:
+            return "older format"
+        size, digest = int(manifest["size"]), manifest["crc32"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "unreadable manifest"
+    if manifest.get("source") != source_fingerprint(model_dir):
+        return "the source model changed"
+    if weights.stat().st_size != size:
+        return f"truncated ({weights.stat().st_size} of {size} bytes)"
+    if checksum(weights.read_bytes() if data is None else data) != digest:
+        return "checksum mismatch"
+    return None
+
+
+def build(model_dir: Path, state: dict[str, Any], directory: Path) -> None:
+    """Quantize `state`'s (fused) projections and write them with a manifest, atomically."""
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    tensors: dict[str, Any] = {}
+    for name in quantized_names(list(state)):
+        q, scale = quantize_int8(state[name])
+        tensors[name] = q
+        tensors[name.removesuffix(".weight") + ".scale"] = scale
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        manifest = {
+            "format": FORMAT,
+            "quantization": "int8",
+            "scheme": "per-output-channel symmetric, least-squares clipped bf16 scales",
+            "source": source_fingerprint(model_dir),
+            "source_dir": str(Path(model_dir).resolve()),
+            "size": (tmp / WEIGHTS).stat().st_size,
+            "crc32": checksum((tmp / WEIGHTS).read_bytes()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    console.info(f"int8 weights made once in {time.perf_counter() - started:.1f} s, cached in {directory}")
+
+
+def load_int8(model_dir: Path, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{weight name: (q, scale)} for the projections in `state`, from the cache (made if needed)."""
+    from safetensors.torch import load as load_bytes
+
+    directory = cache_dir(model_dir)
+    weights = directory / WEIGHTS
+    data = weights.read_bytes() if weights.is_file() else None  # read once: checked, then parsed
+    problem = cache_problem(directory, model_dir, data) if directory.exists() else None
+    if problem is not None:
+        console.warn(f"the cached int8 copy in {directory} is not usable ({problem}); rebuilding it")
+    if problem is not None or not directory.exists():
+        try:
+            # One process builds, the others wait and then use its copy (serve workers start together).
+            with exclusive(directory.parent / f".{directory.name}.lock", f"the int8 copy {directory}", console.warn):
+                if cache_problem(directory, model_dir) is not None:
+                    build(model_dir, state, directory)
+        except OSError as exc:
+            raise VicunaError(f"could not write the int8 copy to {directory}: {exc.strerror or exc}",
+                              hint="free space or fix permissions in $VICUNA_HOME, or use --quantize none") from None
+        data = weights.read_bytes()
+    tensors = load_bytes(data)
+    out = {}
+    for name in quantized_names(list(state)):
+        base = name.removesuffix(".weight")
+        if name not in tensors or base + ".scale" not in tensors:
+            raise VicunaError(f"the cached int8 copy in {directory} lacks {name}",
+                              hint=f"delete {directory} (it is rebuilt on the next load)")
+        out[name] = (tensors[name], tensors[base + ".scale"])
+    return out
+
+
+def cached_copies() -> list[tuple[str, str, Path, str]]:
+    """(model dir name, quantization, cache dir, size) of every cached quantized copy."""
+    root = models_dir() / ".quantized"
+    rows = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else []:
+        if not directory.is_dir() or directory.name.startswith("."):
+            continue
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            source = Path(manifest["source_dir"]).name
+            quantization = manifest["quantization"]
+        except (OSError, ValueError, KeyError):
+            source, quantization = directory.name, "incomplete (rebuilt on next use)"
+        rows.append((source, quantization, directory, human_size(dir_size(directory))))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The quality gate's measure (benchmarks/bench_quant_quality.py, tests/test_quantize.py)
+
+
+def next_token_divergence(reference: Any, candidate: Any, ids: list[int], stepwise: bool = True) -> tuple[list[float], list[bool]]:
+    """KL(reference || candidate) of the next-token distribution and whether the top-1 tokens
+    agree, at every position of `ids`. `stepwise`: one token per forward through the KV cache,
+    so every position runs the decode path (for int8: the one-row int8 kernel); else one
+    full forward (the prefill path: more rows than INT8_MAX_ROWS, the dequantized weights)."""
+    import torch
+
+    def logits(model: Any) -> Any:
+        with torch.inference_mode():
+            if not stepwise:
+                return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+            cache = model.new_cache(len(ids) + 1)
+            return torch.cat([model(input_ids=torch.tensor([[t]]), past_key_values=cache).logits[0].float() for t in ids])
+
+    ref, cand = logits(reference).log_softmax(-1), logits(candidate).log_softmax(-1)
+    kl = (ref.exp() * (ref - cand)).sum(-1).clamp(min=0)
+    return kl.tolist(), (ref.argmax(-1) == cand.argmax(-1)).tolist()
