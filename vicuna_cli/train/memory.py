@@ -22,7 +22,7 @@ import platform
 
 M_TRIM_THRESHOLD = -1  # from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 128 * 1024  # glibc's own starting value, made fixed
+THRESHOLD = 1024 * 1024  # see the docstring: 128 KiB cost 2.4x the sys time for 5 % less peak RSS
 _TUNING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
