@@ -20,14 +20,19 @@ run per setting, machine at load 8-13 so user time is good to ~10 %), CPU s per 
 
     setting                       user   sys    minor faults/step   peak RSS
     fixed 128 KiB (before)        12.4   4.58   2.29 M              3,248 MB
+      the same, a second run      13.5   5.14   2.25 M              3,249 MB
     fixed 1 MiB (now)             12.2   1.91   0.87 M              3,399 MB
     fixed 4 MiB                   13.4   1.07   0.32 M              3,588 MB
     fixed 32 MiB                  13.5   1.24   0.31 M              3,588 MB
     glibc's dynamic default       13.1   0.86   0.32 M              3,557 MB
 
-Losses were identical in every setting (0.6539, 0.7101, 0.7685). Settings are set through
-MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (both to the value) or GLIBC_TUNABLES (dynamic),
-which this module leaves alone.
+Losses were identical in every setting (0.6539, 0.7101, 0.7685), and a 6-step run at 1 MiB wrote
+the same weights, byte for byte, as one at 128 KiB. The probe is now `python
+benchmarks/bench_malloc.py --data TRAIN.jsonl` (bench_rm.py's work-dir/train.jsonl, 1,489 pairs;
+same child and flags). The sft case above keeps its win at 1 MiB: BENCHMARKS.md's sft command
+(--max-length 2048, 3 steps of 2, gradient checkpointing, --threads 1, 745 cleaned conversations)
+peaked at 2,786 MB with 128 KiB and 2,802 MB with 1 MiB (/usr/bin/time -v; user+sys 82 s vs 76 s),
+identical losses (5.4829, 3.1928, 4.0003).
 
 glibc only (`mallopt` with these options is glibc's; elsewhere this does nothing). Users who tune
 malloc themselves (MALLOC_*_ variables or glibc.malloc tunables) are left alone.
