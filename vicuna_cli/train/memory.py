@@ -29,7 +29,9 @@ run per setting, machine at load 8-13 so user time is good to ~10 %), CPU s per 
 Losses were identical in every setting (0.6539, 0.7101, 0.7685), and a 6-step run at 1 MiB wrote
 the same weights, byte for byte, as one at 128 KiB. The probe is now `python
 benchmarks/bench_malloc.py --data TRAIN.jsonl` (bench_rm.py's work-dir/train.jsonl, 1,489 pairs;
-same child and flags). The sft case above keeps its win at 1 MiB: BENCHMARKS.md's sft command
+same child and flags); re-run with it at 13:03 on a quieter machine (load 2.6-3.5), 3 steps:
+128 KiB user 11.50 + sys 3.82 s per step, 2.24 M faults, 3,251 MB; 1 MiB 11.00 + 1.52 s, 0.90 M,
+3,440 MB. The sft case above keeps its win at 1 MiB: BENCHMARKS.md's sft command
 (--max-length 2048, 3 steps of 2, gradient checkpointing, --threads 1, 745 cleaned conversations)
 peaked at 2,786 MB with 128 KiB and 2,802 MB with 1 MiB (/usr/bin/time -v; user+sys 82 s vs 76 s),
 identical losses (5.4829, 3.1928, 4.0003).
