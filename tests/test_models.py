@@ -144,7 +144,7 @@ def test_embedded_model_is_converted_once_and_reused(embedded_model_home, monkey
 def test_cpu_dtype_follows_native_bf16_flags(tmp_path, monkeypatch):
     """oneDNN calls bf16 'supported' on plain AVX-512 where it is emulated and slower than fp32;
     the default dtype must follow the CPU's own bf16 flags."""
-    from vicuna_cli.core import models as m
+    from vicuna_cli.core import placement as m
 
     emulated = tmp_path / "xeon"
     emulated.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512vl\n")

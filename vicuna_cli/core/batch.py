@@ -23,7 +23,7 @@ Each `step()` (the thread loops over it; tests call it directly):
   4. decodes one token for every running request in one batched forward.
 
 When the last sequence that needed a long KV cache leaves, the cache shrinks back and the freed
-heap is handed back to the OS (`SlotKVCache.shrink`, `trim_heap`).
+heap is handed back to the OS (`kv_cache.SlotKVCache.shrink`, `trim_heap`).
 
 How a model runs the prefills and decode steps (one batched forward on the native Llama model,
 one forward per request otherwise) is core/runners.py; a request's events and state are
@@ -45,7 +45,7 @@ from .batch_request import BatchRequest, EngineStopped, QueueFull
 from .errors import VicunaError
 from .generate import SamplingParams, TokenEvent, TokenLogprob, TokenPieces, check_prompt, eos_token_ids
 from .prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_CACHE_BYTES
-from .runners import NativeRunner, make_runner, trim_heap  # noqa: F401  trim_heap: native_llama imports it from here
+from .runners import NativeRunner, make_runner
 from .sampling import top_logprobs
 
 __all__ = ["BatchEngine", "BatchRequest", "QueueFull", "EngineStopped", "TokenEvent", "TokenLogprob"]
