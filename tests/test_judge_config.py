@@ -37,6 +37,8 @@ def test_precedence_and_flag_forms(tmp_path):
         ("pair: [a, b, c]\n", r"^--pair \(from .*judge.yaml\): Tuple should have at most 2 items"),
         ("price: 2;8\n", r"^--price \(from .*judge.yaml\): expected INPUT,OUTPUT in USD per million tokens, e.g. 2,8, not '2;8'$"),
         ("price: '1'\n", r"^--price \(from .*judge.yaml\): expected INPUT,OUTPUT in USD per million tokens, e.g. 2,8, not '1'$"),
+        ("explanation_chars: 4\n", r"^--explanation-chars \(from .*judge.yaml\): Input should be greater than or equal to 16$"),
+        ("explanation_chars: 200\nstructured: 'off'\n", r"^--explanation-chars bounds the JSON schema's explanation: it needs --structured auto or on$"),
         ("pair: [a, b]\nmode: single\n", r"^--pair judges one pair; it does not go with --mode single$"),
     ],
 )

@@ -71,6 +71,18 @@ def test_serve_answers_and_judges_itself(served, tmp_path):
     # a repeated run is served from the cache
     again = _vicuna(env, "judge", "--pair", "smol-served", "smol-local", *judge)
     assert again.returncode == (1 if failed else 0) and " 0 judge calls" in again.stderr, again.stderr
+    # a bounded explanation (the schema's maxLength, enforced by the server's grammar) makes the same
+    # judge close its explanation and write the verdict: at temperature 0 every verdict is readable
+    bounded = tmp_path / "bounded_judgment"
+    done = _vicuna(env, "judge", "--pair", "smol-served", "smol-local", "--answers", str(answers), "-o", str(bounded), *common,
+                   "--judge-model", MODEL, "--judge-api-base", base, "-j", "4", "--timeout", "900",
+                   "--max-tokens", "200", "--temperature", "0", "--explanation-chars", "60")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in (bounded / f"{MODEL}_pair.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and not any("error" in r for r in rows)
+    for r in rows:
+        for text in (r["g1_judgment"], r["g2_judgment"]):
+            assert len(json.loads(text)["explanation"]) <= 60
     png = tmp_path / "judge.png"
     done = _vicuna(env, "judge", "show", str(out), "--plot", str(png), "--bootstrap", "20", timeout=120)
     assert done.returncode == 0, done.stderr

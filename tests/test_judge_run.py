@@ -29,7 +29,8 @@ from vicuna_cli.judge import judging
 from vicuna_cli.judge.client import ApiClient, Sampling
 
 def _run(double, workdir, mode="pair", models=("good", "bad"), **kw):
-    settings = judging.JudgeSettings(mode, list(models), kw.pop("baseline", None), Sampling(), kw.pop("concurrency", 4), kw.pop("allow_missing", False))
+    settings = judging.JudgeSettings(mode, list(models), kw.pop("baseline", None), Sampling(), kw.pop("concurrency", 4), kw.pop("allow_missing", False),
+                                     explanation_chars=kw.pop("explanation_chars", None))
     answers = judging.load_model_answers(workdir / "answers", list(models))
     games = judging.plan_games(QUESTIONS, answers, settings)
     client = judge_client(double, workdir / "out", **kw)
@@ -67,6 +68,17 @@ def test_pairwise_both_orders_fastchat_records(double, workdir):
     summary2, _ = _run(double, workdir)
     assert double.calls == 12 and summary2.calls == 0 and summary2.cache_hits == 12
     assert [(r["question_id"], r["g1_winner"]) for r in read_rows(summary2.path)] == [(r["question_id"], r["g1_winner"]) for r in rows]
+
+
+@pytest.mark.parametrize("mode", ["pair", "single"])
+def test_explanation_bound_is_sent_as_the_schemas_max_length(double, workdir, mode):
+    summary, _ = _run(double, workdir, mode=mode, explanation_chars=200)
+    assert summary.errors == 0 and double.requests
+    for request in double.requests:
+        properties = request["response_format"]["json_schema"]["schema"]["properties"]
+        assert properties["explanation"] == {"type": "string", "maxLength": 200}
+    # the shared schema is not changed for the next run
+    assert "maxLength" not in judging.SCHEMAS[summary.path.stem.split("_")[-1]]["schema"]["properties"]["explanation"]
 
 
 def test_position_biased_judge_gives_ties_and_zero_consistency(double, workdir):

@@ -48,6 +48,7 @@ class JudgeConfig(CommandConfig):
     timeout: float = Field(120.0, gt=0, description="Seconds per judge call before it is retried.")
     retries: int = Field(6, ge=0, description="Retries of a failed call (429, 5xx, timeouts).")
     parse_retries: int = Field(1, ge=0, description="Ask again this many times for an unreadable verdict.")
+    explanation_chars: Optional[int] = Field(None, ge=16, description="Bound the verdict's explanation to N characters (the schema's maxLength; needs --structured, and an endpoint that enforces it: vicuna serve, vLLM): a small judge then finishes its verdict instead of looping.")
     structured: str = Field("auto", description="Send a JSON-schema response_format: auto (off once rejected), on, off.")
     battles: Optional[Path] = Field(None, description="Judge arena battles (FastChat's battle JSONL, `judge arena export`) and report the judge's agreement with the votes.")
 
@@ -88,6 +89,8 @@ class JudgeConfig(CommandConfig):
             raise ValueError("--battles judges the arena's battles, each its own pair: it does not go with --pair, --mode, --models, --baseline or --bench")
         if self.battles and "output" not in self.model_fields_set:
             self.output = ARENA_JUDGMENTS  # not into the bench's judgment files
+        if self.explanation_chars is not None and self.structured == "off":
+            raise ValueError("--explanation-chars bounds the JSON schema's explanation: it needs --structured auto or on")
         if self.swap and self.run_mode != "pairwise-scores":
             raise ValueError("--swap is for --mode pairwise-scores (the other pairwise modes always judge both orders)")
         return self

@@ -17,6 +17,7 @@ with the same fields (plus `category`, and `error` for a verdict that could not 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import time
@@ -40,6 +41,20 @@ from .verdicts import PAIR_SCHEMA, SINGLE_SCHEMA, parse
 SCHEMAS = {"pair": PAIR_SCHEMA, "single": SINGLE_SCHEMA, "scores": SCORES_SCHEMA}
 REPAIRS = {**REPAIR, "scores": SCORES_REPAIR}
 
+
+
+def schema_for(kind: str, explanation_chars: int | None = None) -> dict[str, Any]:
+    """The response_format schema of a judgment kind; with `explanation_chars`, its explanation
+    carries a maxLength, so a grammar-constrained endpoint closes the string and must then write
+    the verdict (a small judge otherwise loops inside its explanation until max_tokens cuts it)."""
+    schema = SCHEMAS[kind]
+    if explanation_chars is None:
+        return schema
+    bounded = copy.deepcopy(schema)
+    bounded["schema"]["properties"]["explanation"]["maxLength"] = explanation_chars
+    return bounded
+
+
 MODES = ("single", "pair", "pairwise-baseline", "pairwise-all", "pairwise-scores")
 CHARS_PER_TOKEN = 4  # for --dry-run estimates; tokenizers differ, English averages about 4
 
@@ -54,6 +69,7 @@ class JudgeSettings:
     allow_missing: bool = False
     parse_retries: int = 1  # repair turns asked after an unreadable verdict
     swap: bool = False  # pairwise-scores: also judge each pair in the other order
+    explanation_chars: int | None = None  # the schema's maxLength on "explanation" (None: unbounded)
 
     @property
     def kind(self) -> str:
@@ -183,8 +199,9 @@ def build_prompt(game: Game, answers: dict[str, dict[Any, list[str]]]) -> JudgeP
     return pair_prompt(q, answers[a][q.question_id], answers[b][q.question_id], game.turn)
 
 
-def judge_game(client: ApiClient, prompt: JudgePrompt, sampling: Sampling, parse_retries: int) -> Outcome:
-    schema = SCHEMAS[prompt.kind]
+def judge_game(client: ApiClient, prompt: JudgePrompt, sampling: Sampling, parse_retries: int,
+               explanation_chars: int | None = None) -> Outcome:
+    schema = schema_for(prompt.kind, explanation_chars)
     messages = prompt.as_messages()
     reply = client.complete(messages, sampling, schema)
     texts = [reply.text]
@@ -290,13 +307,13 @@ def scores_record(game: Game, judge_model: str, o: Outcome) -> dict[str, Any]:
     return {**row, "error": o.error} if o.error else row
 
 
-def estimate(games: list[Game], answers: dict[str, dict[Any, list[str]]], client: ApiClient, sampling: Sampling) -> dict[str, int]:
+def estimate(games: list[Game], answers: dict[str, dict[Any, list[str]]], client: ApiClient, settings: JudgeSettings) -> dict[str, int]:
     """Calls not yet in the cache and their prompt size (characters / CHARS_PER_TOKEN)."""
     calls = prompt_chars = 0
     for game in games:
         prompt = build_prompt(game, answers)
-        schema = SCHEMAS[prompt.kind]
-        if not client.cached(prompt.as_messages(), sampling, schema):
+        schema = schema_for(prompt.kind, settings.explanation_chars)
+        if not client.cached(prompt.as_messages(), settings.sampling, schema):
             calls += 1
             prompt_chars += sum(len(content) for _, content in prompt.messages)
     references: dict[str, int] = {}
@@ -324,7 +341,8 @@ def run(
     start = time.perf_counter()
 
     def work(game: Game) -> Outcome:
-        return judge_game(client, build_prompt(game, answers), settings.sampling, settings.parse_retries)
+        return judge_game(client, build_prompt(game, answers), settings.sampling, settings.parse_retries,
+                          settings.explanation_chars)
 
     def on_result(game: Game, outcome: Outcome) -> None:
         nonlocal done_games

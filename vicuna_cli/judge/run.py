@@ -77,7 +77,8 @@ def run(config: JudgeConfig, dry_run: bool = False) -> DryRun | JudgeRun:
     if not chosen:
         raise VicunaError(f"no model answers in {config.answers}", hint="generate them with `vicuna judge answer -m MODEL`")
     settings = judging.JudgeSettings(run_mode, chosen, config.baseline, config.sampling, config.concurrency,
-                                     config.allow_missing, config.parse_retries, config.swap)
+                                     config.allow_missing, config.parse_retries, config.swap,
+                                     config.explanation_chars)
     if not config.battles:
         questions = load_bench(config.bench, config.ref_model)
         model_answers = judging.load_model_answers(config.answers, chosen, questions[0].bench)
@@ -89,7 +90,7 @@ def run(config: JudgeConfig, dry_run: bool = False) -> DryRun | JudgeRun:
     client = ApiClient(config.judge_api_base, os.environ.get(env), config.judge_model, Cache(config.output / CACHE_FILE),
                        timeout=config.timeout, max_retries=config.retries, max_calls=config.max_calls, schema=config.structured)
     if dry_run:
-        return dry_run_plan(config, judging.estimate(games, model_answers, client, settings.sampling), settings.kind)
+        return dry_run_plan(config, judging.estimate(games, model_answers, client, settings), settings.kind)
     save_config(config, config.output / "config.yaml")
     with err.status(f"judging {len(games)} games with {config.judge_model} ...") as status:
         summary = judging.run(games, model_answers, client, settings, config.output,
