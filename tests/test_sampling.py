@@ -9,7 +9,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from vicuna_cli.core.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, make_picker
+from vicuna_cli.core.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, draw, make_picker
 
 
 @pytest.fixture
@@ -37,16 +37,36 @@ def test_top_p(scores, history, p):
     assert torch.equal(apply_top_p(scores, p), TopPLogitsWarper(p)(history, scores.clone()))
 
 
-def test_full_chain_draws_like_transformers(scores, history):
-    """Same filtered distribution -> the same draws from the same generator state."""
+def test_full_chain_draws_from_transformers_distribution(scores, history):
+    """The filtered distribution is transformers' (same processors, same order); each draw is its
+    inverse CDF at the request generator's next uniform (sampling.draw, not torch.multinomial)."""
     ours = make_picker(0.7, 0.9, 40, 1.2, seed=11, device="cpu")
     processors = [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9)]
     reference = scores.clone()
     for processor in processors:
         reference = processor(history, reference)
+    cdf = torch.softmax(reference, -1).double().cumsum(-1)
     generator = torch.Generator().manual_seed(11)
-    expected = [int(torch.multinomial(torch.softmax(reference, -1), 1, generator=generator)) for _ in range(20)]
-    assert [int(ours(history, scores)) for _ in range(20)] == expected
+    expected = []
+    for _ in range(20):
+        u = float(torch.rand(1, generator=generator, dtype=torch.float64)) * float(cdf[0, -1])
+        expected.append(int((cdf[0] <= u).sum()))  # the first token whose cumulative value exceeds u
+    picks = [int(ours(history, scores)) for _ in range(20)]
+    assert picks == expected
+    assert all(reference[0, t] > float("-inf") for t in picks)  # never a token the filters removed
+
+
+def test_draw_frequencies_follow_the_distribution():
+    """20,000 seeded draws (deterministic): every frequency within 5 standard errors of its
+    probability, and tokens of probability 0 (at both ends and inside) never drawn."""
+    probs = torch.tensor([[0.0, 0.05, 0.25, 0.0, 0.4, 0.3, 0.0]])
+    generator = torch.Generator().manual_seed(3)
+    n = 20_000
+    counts = torch.bincount(torch.cat([draw(probs, generator) for _ in range(n)]), minlength=7).double()
+    freq, p = counts / n, probs[0].double()
+    assert counts[p == 0].sum() == 0
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12).all(), freq
+    assert draw(probs.expand(4, -1), generator).shape == (4,)  # one token per row
 
 
 def test_greedy_ignores_sampling_options(scores, history):

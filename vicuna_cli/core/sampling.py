@@ -54,8 +54,25 @@ def choose(scores: Any, temperature: float, top_p: float, top_k: int, generator:
         scores = apply_top_k(scores, top_k)
     if top_p < 1.0:
         scores = apply_top_p(scores, top_p)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).view(-1)
+    return draw(torch.softmax(scores, dim=-1), generator)
+
+
+def draw(probs: Any, generator: Any) -> Any:
+    """One token per row of `probs` [rows, vocab], by inverse CDF: one uniform u per row from
+    `generator`, the first token whose cumulative probability exceeds u x the row's total.
+
+    The same distribution as `torch.multinomial(probs, 1)`, which on CPU costs 2.6 ms per row of
+    SmolLM2's 49,152 tokens here (it draws far more than one random number), against 0.13 ms for
+    this (a float64 cumsum + one binary search): a tenth of a 135M model's decode step per
+    sampled request. The draws differ from transformers' for the same seed (it calls multinomial);
+    the filtered distribution they come from is the same (tests/test_sampling.py). A token of
+    probability 0 (cut by top-k/top-p) is never chosen: its cumulative value equals its
+    predecessor's, so an earlier token is always the first to exceed u."""
+    import torch
+
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, dtype=torch.float64, device=cdf.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).view(-1)
 
 
 class RequestSampler:
