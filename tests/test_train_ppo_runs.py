@@ -245,6 +245,18 @@ def test_rollout_model_shares_the_policy_tensors_and_bf16_is_a_copy(bpe_model_di
         torch.testing.assert_close(copy(input_ids=x, use_cache=False).logits.float(), moved, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("requested, policy, want", [
+    ("auto", torch.float32, None),               # the policy's own tensors, shared
+    ("float32", torch.float32, None),            # its own dtype by name: shared too, no copy
+    ("bfloat16", torch.float32, torch.bfloat16),  # a bf16 copy per step
+    ("float32", torch.bfloat16, torch.float32),
+])
+def test_rollout_sampling_dtype(requested, policy, want):
+    from vicuna_cli.train.rollout import sampling_dtype
+
+    assert sampling_dtype(requested, policy) == want
+
+
 def test_every_ppo_option_has_one_flag_and_no_default_of_its_own():
     """`train ppo`'s flags are derived from PpoConfig (tests/test_options.py checks defaults and help
     for every command); here: the SFT-only fields of the shared config are not PPO flags."""

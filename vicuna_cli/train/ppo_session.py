@@ -17,7 +17,7 @@ from ..core.store import atomic_write_text
 from .loop import StepBatches
 from .ppo import SAMPLES, PpoConfig, PpoLoss, Rollout, RewardFn, collate, policy_outputs
 from .ppo_math import KLController, RunningMoments, gae, token_rewards, whiten
-from .rollout import generate
+from .rollout import generate, sampling_dtype
 
 SAMPLES_PER_LOG = 16  # rollouts written to samples.jsonl per logged step
 
@@ -92,6 +92,8 @@ class PpoSession:
         self.moments = RunningMoments()
         self.main = accelerator.is_main_process
         self.engine_told = False
+        weights = next(setup.model.parameters())
+        self.rollout_dtype = sampling_dtype(config.rollout_dtype, weights.dtype)
 
     # -- state in the checkpoints ------------------------------------------------------------
 
@@ -118,10 +120,11 @@ class PpoSession:
         # Each prompt's sampler has its own seed: a resumed run draws the same answers.
         seeds = [(config.seed * 1_000_003 + number * 10_007 + k) % (1 << 31) for k in range(len(prompts))]
         answers, seconds, engine = generate(self.setup.model, self.setup.tokenizer, [p.ids for p in prompts], seeds,
-                                            config.max_new_tokens, config.max_length, len(prompts),
-                                            dtype=None if config.rollout_dtype == "auto" else getattr(torch, config.rollout_dtype))
+                                            config.max_new_tokens, config.max_length, len(prompts), dtype=self.rollout_dtype)
         if self.main and not self.engine_told:
-            console.info(f"rollouts: the {engine} path of the batch engine, at the policy's current weights")
+            weights = "the policy's current weights" if self.rollout_dtype is None else \
+                f"a {str(self.rollout_dtype).removeprefix('torch.')} copy of the policy's current weights (--rollout-dtype)"
+            console.info(f"rollouts: the {engine} path of the batch engine, on {weights}")
             self.engine_told = True
         texts = [self.setup.tokenizer.decode(a.ids, skip_special_tokens=True) for a in answers]
         scores = torch.tensor([float(s) for s in self.reward([p.messages for p in prompts], texts, [a.ids for a in answers])],
