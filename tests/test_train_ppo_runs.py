@@ -53,6 +53,33 @@ def reward_model_dir(bpe_model_dir, tmp_path_factory) -> Path:
     return make_reward_model(bpe_model_dir, tmp_path_factory.mktemp("ppo_rm") / "rm")
 
 
+def test_prompts_that_cannot_be_used_are_skipped_and_counted(bpe_model_dir, tmp_path):
+    """HH-RLHF has dialogues whose turns do not alternate (two assistant turns in a row): such a
+    prompt is skipped and counted, not a crash of the whole run (found by bench_ppo_step.py)."""
+    from transformers import AutoTokenizer
+
+    from vicuna_cli.train.ppo import build
+
+    def pair(pid, prompt):
+        return {"id": pid, "prompt": prompt, "chosen": [{"role": "assistant", "content": "Sure."}],
+                "rejected": [{"role": "assistant", "content": "No."}]}
+
+    user = {"role": "user", "content": "Tell me a joke."}
+    rows = [pair("ok", [user]),
+            pair("odd", [user, {"role": "assistant", "content": "Hm."}, {"role": "assistant", "content": "Well."},
+                         {"role": "user", "content": "Go on."}]),
+            pair("again", [user]),
+            pair("long", [{"role": "user", "content": "word " * 200}])]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples, _, notes, _ = build(PpoConfig(model=str(bpe_model_dir), prompts=[str(path)], **TINY),
+                                 AutoTokenizer.from_pretrained(bpe_model_dir))
+    assert [s.id for s in samples] == ["ok"]
+    assert notes["turns do not alternate user/assistant (skipped)"] == 1
+    assert notes["repeated prompt (kept once)"] == 1
+    assert notes["prompt longer than --max-length minus --max-new-tokens (skipped)"] == 1
+
+
 def test_a_reward_model_with_another_tokenizer_rescores_the_text_and_says_so_once(bpe_model_dir, sp_model_dir,
                                                                                   tmp_path, capsys):
     rm = make_reward_model(sp_model_dir, tmp_path / "sp_rm")

@@ -330,8 +330,11 @@ def load(
     *,
     trust_remote_code: bool = False,
     quantize: str = "none",
+    batch_rows: int = 1,
 ) -> LoadedModel:
-    """`quantize`: none, int8 (an error where it cannot run) or auto (int8 where it can run)."""
+    """`quantize`: none, int8 (an error where it cannot run) or auto (int8 where it can run).
+    `batch_rows`: the most rows a step runs (a serve worker's batch size; chat: 1), which picks the
+    native path's fp32 weight layout (native_llama.load_native)."""
     from .quantize import pick_quantization
 
     resolved = resolve(name, progress)
@@ -343,7 +346,7 @@ def load(
     implementation, why = pick_implementation(resolved.path, device, implementation, trust_remote_code)
     quantization, _ = pick_quantization(quantize, implementation, device, dtype)
     if implementation == "native":
-        model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device, quantization)
+        model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device, quantization, batch_rows)
         attention = "sdpa"
     else:
         attention = pick_attention(device)
@@ -369,7 +372,7 @@ def load(
     )
 
 
-def _load_native(path: Path, dtype: Any, device: str, quantization: str = "none") -> tuple[Any, Any]:
+def _load_native(path: Path, dtype: Any, device: str, quantization: str = "none", batch_rows: int = 1) -> tuple[Any, Any]:
     from .native_llama import load_native
     from .tokenizer import FastTokenizer
 
@@ -378,7 +381,7 @@ def _load_native(path: Path, dtype: Any, device: str, quantization: str = "none"
     except Exception as exc:
         raise VicunaError(f"could not load the tokenizer of {path}: {_first_line(exc)}") from exc
     try:
-        model = load_native(path, dtype, device, quantization)
+        model = load_native(path, dtype, device, quantization, batch_rows)
     except VicunaError:
         raise
     except Exception as exc:

@@ -323,10 +323,13 @@ class NativeLlamaForCausalLM(nn.Module):
         return self._logits(x, 1)[:, -1]
 
 
-def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str = "none") -> NativeLlamaForCausalLM:
+def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str = "none",
+                batch_rows: int = 1) -> NativeLlamaForCausalLM:
     """Build the module with uninitialised weights and fill it from the safetensors shards.
     `quantize="int8"`: the projections and LM head run on int8 weights, made once and cached
-    (core/quantize.py; the caller checked that this load can run them: CPU, bf16)."""
+    (core/quantize.py; the caller checked that this load can run them: CPU, bf16). `batch_rows`:
+    the most rows a step will run (a serve worker's batch); above 1, fp32 weights on CPU are
+    oneDNN-packed for batched steps (pack_weights) instead of stored column-major."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
@@ -343,7 +346,8 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str 
         from .quantize import load_int8
 
         int8 = load_int8(model_dir, state)  # set_int8 below replaces those weights
-    column_major = device == "cpu" and dtype == torch.float32
+    pack_fp32 = device == "cpu" and dtype == torch.float32 and batch_rows > 1
+    column_major = device == "cpu" and dtype == torch.float32 and not pack_fp32
     state = {k: _weight(v, dtype, column_major and _is_decoder_linear(k)) for k, v in state.items()
              if not k.endswith("rotary_emb.inv_freq")}
     if model.shape.tie_word_embeddings:
@@ -358,35 +362,48 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str 
     for name, (q, scales) in (int8 or {}).items():
         model.get_submodule(name.removesuffix(".weight")).set_int8(q, scales)
     model = model.to(device).eval()
-    if device == "cpu" and dtype == torch.bfloat16:
+    if device == "cpu" and (dtype == torch.bfloat16 or pack_fp32):
         pack_weights(model)
     return model
 
 
-def pack_weights(model: NativeLlamaForCausalLM) -> bool:
-    """bf16 on CPU: every Linear runs on a oneDNN-prepacked (blocked) copy of its weight.
+PACK_ROWS_FP32 = 16  # oneDNN's batch hint for fp32 packing (see pack_weights)
 
-    F.linear on a plain bf16 weight streams it at ~11 GB/s here for a decode step's one row (and
-    no faster on 2 threads), while a sum over the same bytes reads at 21-35 GB/s: the kernel, not
-    the memory, was the limit. The prepacked weights stream at ~18 GB/s (80 x [3072, 576] weights,
-    one row: 25.8 -> 15.4 ms), with outputs bitwise equal to F.linear's (checked for 1-256 rows).
+
+def pack_weights(model: NativeLlamaForCausalLM) -> bool:
+    """bf16, or fp32 for batched steps, on CPU: every Linear runs on a oneDNN-prepacked (blocked)
+    copy of its weight.
+
+    bf16: F.linear on a plain bf16 weight streams it at ~11 GB/s here for a decode step's one row
+    (and no faster on 2 threads), while a sum over the same bytes reads at 21-35 GB/s: the kernel,
+    not the memory, was the limit. The prepacked weights stream at ~18 GB/s (80 x [3072, 576]
+    weights, one row: 25.8 -> 15.4 ms), with outputs bitwise equal to F.linear's (checked for 1-256
+    rows). The packing's batch hint makes no difference in bf16 (1 vs 16, 1-16 rows).
+    fp32 (load_native's `batch_rows` > 1: serve workers, PPO rollouts): packed with a hint of 16,
+    SmolLM2's projections ran 2-3.7x faster than F.linear (or the column-major layout) for 2-64
+    rows (one thread, 2026-12-03: [3072, 576] at 8 rows 0.43 -> 0.15 ms; the tied 49,152-row head
+    at 16 rows 31.7 -> 8.5 ms), but 10-20 % slower for one row, hence not for chat's batch of one.
+    Packed with a hint of 1, fp32 gained far less (2-8 rows: 1.0-1.5x). fp32 results differ from
+    F.linear's by summation order only (<= 2e-4 absolute on these shapes).
     The plain weights of the decoder layers are dropped once packed (the memory stays the same);
     the tied lm_head keeps the embedding's (its row lookups need them), so that copy costs
     vocab x hidden more. Returns False, changing nothing, where oneDNN cannot pack."""
     if not torch.backends.mkldnn.is_available():
         return False
     linears = [m for m in model.modules() if isinstance(m, Linear)]
+    dtype = linears[0].weight.dtype
+    rows_hint = PACK_ROWS_FP32 if dtype == torch.float32 else 1
     try:  # one weight first: a torch without these ops (or this CPU) changes nothing
-        first = torch.ops.mkldnn._reorder_linear_weight(linears[0].weight.detach(), 1)
-        probe = torch.ones(1, linears[0].weight.shape[1], dtype=torch.bfloat16)
+        first = torch.ops.mkldnn._reorder_linear_weight(linears[0].weight.detach(), rows_hint)
+        probe = torch.ones(1, linears[0].weight.shape[1], dtype=dtype)
         torch.ops.mkldnn._linear_pointwise(probe, first, None, "none", [], "")
     except (RuntimeError, AttributeError):
         return False
     embedding = model.model.embed_tokens.weight
     for module in linears:  # one at a time, each plain weight freed at once: a lower peak
-        module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 1)
+        module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
         if module.weight is not embedding:  # a tied head's rows are the embedding's: kept
-            module.weight = nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)
+            module.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
     # What is left (embedding, norms) may be views of the checkpoint file's mapping, which packing
     # paged in whole: own copies let the mapping go (measured: 361 MB of file pages -> 96).
     for param in model.parameters():

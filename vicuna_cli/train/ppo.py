@@ -125,7 +125,11 @@ def build(config: PpoConfig, tokenizer: Any) -> tuple[list, list, Counter, str]:
     room = config.max_length - config.max_new_tokens
     samples = []
     for pid, messages in read_prompts(config.prompts, notes):
-        ids = encode_prompt(tokenizer, template, messages).ids  # as chat and serve encode it
+        try:  # the template checks the turns; one odd prompt (HH-RLHF has a few) must not stop the run
+            ids = encode_prompt(tokenizer, template, messages).ids  # as chat and serve encode it
+        except VicunaError:
+            notes["turns do not alternate user/assistant (skipped)"] += 1
+            continue
         if len(ids) > room:
             notes["prompt longer than --max-length minus --max-new-tokens (skipped)"] += 1
         elif ids:

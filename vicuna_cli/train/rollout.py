@@ -5,7 +5,9 @@ Llama-family policies run on the native fast path (core/native_llama.py), rebuil
 rollout step from the policy's live tensors: embeddings, norms, o_proj, down_proj and lm_head are
 the policy's own storage (`load_state_dict(assign=True)` wraps it: the optimizer's in-place
 updates are what the next rollout samples from), while the engine's fused q/k/v and gate/up
-projections are stacked into fresh tensors once per step (one matmul each instead of five).
+projections are stacked into fresh tensors once per step (one matmul each instead of five). On
+CPU, a batch of prompts then runs every projection on a oneDNN-packed copy made in the same
+rebuild (fp32: 2-3.7x faster for 2-64 rows than the plain tensors; native_llama.pack_weights).
 With --lora the adapted layers are merged (W + B·A·s) into fresh tensors the same way.
 `--rollout-dtype bfloat16` samples from a bf16 copy of an fp32 policy instead (oneDNN-prepacked on
 CPU, the engine's fast path; PPO stays correct because the old log-probs are recomputed by the
@@ -41,9 +43,11 @@ def sampling_dtype(requested: str, policy_dtype: torch.dtype) -> torch.dtype | N
     return None if dtype == policy_dtype else dtype
 
 
-def native_policy(model: Any, dtype: torch.dtype | None = None) -> Any | None:
+def native_policy(model: Any, dtype: torch.dtype | None = None, batch_rows: int = 1) -> Any | None:
     """A native Llama model over the policy's current weights, or None when the architecture is
-    not one the native path computes."""
+    not one the native path computes. `batch_rows` > 1 on CPU: fp32 projections run on
+    oneDNN-packed copies made here (2-3.7x faster for batched steps, native_llama.pack_weights)
+    instead of the policy's own tensors."""
     from ..core.native_llama import NativeLlamaForCausalLM, fuse_projections, pack_weights, unsupported_reason
 
     lm = causal_lm(model)
@@ -67,8 +71,9 @@ def native_policy(model: Any, dtype: torch.dtype | None = None) -> Any | None:
         native.lm_head.weight = native.model.embed_tokens.weight
     device = next(lm.parameters()).device
     native = native.to(device).eval()
-    if device.type == "cpu" and native.lm_head.weight.dtype == torch.bfloat16:
-        pack_weights(native)  # the engine's bf16 CPU path (load_native does the same)
+    weights = native.lm_head.weight.dtype
+    if device.type == "cpu" and (weights == torch.bfloat16 or (weights == torch.float32 and batch_rows > 1)):
+        pack_weights(native)  # the engine's CPU fast path (load_native does the same)
     return native
 
 
@@ -122,7 +127,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], seeds: Se
     from ..core.generate import SamplingParams
 
     started = time.perf_counter()
-    native = native_policy(model, dtype)
+    native = native_policy(model, dtype, batch_rows=min(max_batch_size, len(prompts)))
     runner_model = native if native is not None else causal_lm(model)
     was_training = runner_model.training
     runner_model.eval()

@@ -35,7 +35,7 @@ class HFBackend:
         from ...core.templates import template_for_model
 
         self.loaded = models.load(model_ref, device=device, dtype=dtype, implementation=implementation,
-                                  trust_remote_code=trust_remote_code, quantize=quantize)
+                                  trust_remote_code=trust_remote_code, quantize=quantize, batch_rows=max_batch_size)
         self.template = template_for_model(self.loaded.tokenizer, template or self.loaded.template_hint)
         self.tokenizer = self.loaded.tokenizer
         self.engine = BatchEngine(
