@@ -7,7 +7,8 @@
 All arms sample at temperature 1 from the SAME in-memory policy (an AutoModelForCausalLM in
 fp32, as `train ppo` holds it): vicuna through `train/rollout.generate` (a native model built
 over the policy's own tensors at every call, as each PPO step does, then continuous batching;
-once on the shared fp32 tensors, once on a bf16 copy as `--rollout-dtype bfloat16` makes),
+once on the shared fp32 tensors as `--rollout-dtype fp32` does, once on a bf16 copy as the default
+`--rollout-dtype auto` makes on a CPU with native bf16),
 transformers through `model.generate(do_sample=True)` on the left-padded batch. Arms alternate
 A B A B ... (`--repeats` rounds, machine noise hits both); tokens/s counts the answer tokens each
 arm produced (up to and including EOS) over its wall time. Goal: vicuna >= 3x.
@@ -93,7 +94,8 @@ def main() -> None:
                     break
         return tokens, seconds
 
-    arms = {"vicuna engine (fp32, the policy dtype)": vicuna(None), "vicuna engine (--rollout-dtype bf16)": vicuna(torch.bfloat16),
+    arms = {"vicuna engine (fp32, the policy dtype: --rollout-dtype fp32)": vicuna(None),
+            "vicuna engine (bf16 copy: --rollout-dtype auto on a CPU with native bf16)": vicuna(torch.bfloat16),
             "model.generate": hf_generate}
     rates: dict[str, list[float]] = {name: [] for name in arms}
     for round_ in range(args.repeats):

@@ -93,7 +93,7 @@ class PpoSession:
         self.main = accelerator.is_main_process
         self.engine_told = False
         weights = next(setup.model.parameters())
-        self.rollout_dtype = sampling_dtype(config.rollout_dtype, weights.dtype)
+        self.rollout_dtype = sampling_dtype(config.rollout_dtype, weights.dtype, weights.device)
 
     # -- state in the checkpoints ------------------------------------------------------------
 
