@@ -241,6 +241,16 @@ def cached_copies() -> list[tuple[str, str, Path, str]]:
 # The quality gate's measure (benchmarks/bench_quant_quality.py, tests/test_quantize.py)
 
 
+def fresh_positions(ids: list[int], seen: set[tuple[int, ...]]) -> list[int]:
+    """The positions of `ids` whose context (the tokens up to and including them) is not in
+    `seen`, which then holds them: the quality gate counts each distinct context once, since
+    every rendered prompt repeats the template's prefix (a system prompt), and one near-tie there
+    would otherwise count once per prompt."""
+    fresh = [i for i in range(len(ids)) if tuple(ids[: i + 1]) not in seen]
+    seen.update(tuple(ids[: i + 1]) for i in fresh)
+    return fresh
+
+
 def next_token_divergence(reference: Any, candidate: Any, ids: list[int], stepwise: bool = True) -> tuple[list[float], list[bool]]:
     """KL(reference || candidate) of the next-token distribution and whether the top-1 tokens
     agree, at every position of `ids`. `stepwise`: one token per forward through the KV cache,
