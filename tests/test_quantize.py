@@ -91,17 +91,30 @@ def test_calibration_chats_render_with_the_models_template(bpe_model_dir):
 @needs_kernel
 def test_gate_on_a_tiny_model_and_the_int8_kernel_runs(peaked_model_dir):
     """The bench's measure (next_token_divergence) on the tiny fixture: KL <= 0.01, top-1 >= 97 %
-    on the decode path (one row: the int8 kernel) and the prefill path (dequantized weights)."""
+    on the decode path (one row: the int8 kernel) and the prefill path (dequantized weights).
+
+    Top-1 is counted where the bf16 reference's choice is more than one bf16 step of its logit
+    ahead of the runner-up: this random fixture has exact and one-step ties (on 7 short texts its
+    own lossless prefill and decode paths pick different top-1 tokens at 1.2 % of positions), and
+    one such tie (a one-step gap) among this sentence's 14 positions flipped with GPTQ rounding;
+    it held with round-to-nearest, whose mean KL on those 7 texts is 1.6x GPTQ's). KL counts
+    every position."""
     reference, candidate = _load(peaked_model_dir, "none"), _load(peaked_model_dir, "int8")
     assert candidate.quantization == "int8" and reference.quantization == "none"
     layer = candidate.model.model.layers[0]
     assert layer.mlp.down_proj.qweight is not None and candidate.model.lm_head.qweight is None
     assert reference.model.model.layers[0].mlp.down_proj.qweight is None
     ids = candidate.tokenizer("Hello there, how are you? The capital of France is Paris.")["input_ids"]
+    with torch.inference_mode():
+        best = reference.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().topk(2, -1).values
+    step = 2.0 ** (torch.floor(torch.log2(best[:, 0].abs())) - 7)  # bf16: 8 significant bits
+    clear = ((best[:, 0] - best[:, 1]) > step).tolist()
+    assert sum(clear) >= len(ids) - 2  # ties are the exception the docstring says
     for stepwise in (True, False):
         kl, top1 = quantize.next_token_divergence(reference.model, candidate.model, ids, stepwise)
         assert max(kl) > 0  # the int8 weights are in use
-        assert sum(kl) / len(kl) <= 0.01 and sum(top1) / len(top1) >= 0.97, (stepwise, kl, top1)
+        agree = [same for same, counted in zip(top1, clear) if counted]
+        assert sum(kl) / len(kl) <= 0.01 and sum(agree) / len(agree) >= 0.97, (stepwise, kl, top1, clear)
     # The one-row kernel computes with the same int8 values as the dequantized multi-row path.
     x = torch.randn(1, 1, layer.mlp.down_proj.qweight.shape[1], dtype=torch.bfloat16)
     dense = torch.nn.functional.linear(x.float(), quantize.dequantize(layer.mlp.down_proj.qweight, layer.mlp.down_proj.scales, torch.float32))

@@ -105,9 +105,9 @@ def unavailable_reason(implementation: str, device: str, dtype: str) -> str | No
 
 
 def pick_quantization(requested: str, implementation: str, device: str, dtype: str) -> tuple[str, str]:
-    """(quantization, why). `auto`: int8 wherever it can run, else none (the commands' default
-    stays none until the 100-prompt gate of BENCHMARKS.md is met). `int8` where it cannot run
-    is an error, not a silent fall-back: the user asked for it."""
+    """(quantization, why). `auto` (the commands' default since the int8 weights pass the
+    100-prompt gate of BENCHMARKS.md on both paths): int8 wherever it can run, else none. `int8`
+    where it cannot run is an error, not a silent fall-back: the user asked for it."""
     if requested not in QUANTIZATIONS:
         from .errors import unknown_choice
 
