@@ -18,25 +18,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import VicunaError
+
 BLOCK = 128  # columns rounded per lazy batch (the paper's); the result does not depend on it
 DAMP = 0.01  # of the mean of diag(H), added to it: H of a few thousand tokens is near singular
 MAX_TOKENS = 96  # per chat: all of each short chat, so the cost stays bounded for long ones
 
 
 def calibration_ids(model_dir: Path) -> list[list[int]]:
-    """The built-in chats as token ids, rendered with the model's template (as chat sends them)."""
+    """The built-in chats as token ids, rendered with the model's template (as chat sends them),
+    or with the built-in default where that template cannot render (a chat template the sandbox
+    blocks: the user then chats with --template, and the weights must still be made)."""
     from .calibration import CHATS
-    from .templates import template_for_model
+    from .templates import DEFAULT_TEMPLATE, template_for_model
     from .tokenizer import FastTokenizer
 
     tokenizer = FastTokenizer(Path(model_dir))
-    template = template_for_model(tokenizer)
-    out = []
-    for user, assistant in CHATS:
-        text = template.prompt_text([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
-                                    add_generation_prompt=False)
-        out.append(list(tokenizer(text, add_special_tokens=template.name != "auto")["input_ids"])[:MAX_TOKENS])
-    return out
+
+    def render(template: Any) -> list[list[int]]:
+        out = []
+        for user, assistant in CHATS:
+            text = template.prompt_text([{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+                                        add_generation_prompt=False)
+            out.append(list(tokenizer(text, add_special_tokens=template.name != "auto")["input_ids"])[:MAX_TOKENS])
+        return out
+
+    try:
+        return render(template_for_model(tokenizer))
+    except VicunaError:
+        return render(template_for_model(tokenizer, DEFAULT_TEMPLATE))
 
 
 def gptq_int8(weight: Any, hessian: Any, scale: Any) -> Any:
