@@ -15,9 +15,16 @@ last position is the answer's first token), in two ways, both gated:
   prefill   one forward over the whole prompt: the multi-row path (the int8 values dequantized
             into oneDNN-packed bf16)
 
-Reported: mean KL(bf16 || int8) over all positions of all prompts (position-weighted), the
-mean of the per-prompt means, the 99th percentile, and top-1 agreement (share of positions where
-both pick the same most likely token). Gate: mean KL <= 0.01 and top-1 >= 97 % in both.
+Each distinct context is counted once: every rendered prompt opens with the same template
+prefix (SmolLM2's system prompt, ~20 tokens), so counting every position of every prompt counts
+those ~20 positions once per prompt, and one near-tie there (a 0.06-logit gap at positions 8 and
+17 of the system prompt) weighed as 100 disagreements: 50 of the 62 top-1 disagreements on the
+first 25 prompts (2026-12-03). Positions whose whole context (the tokens up to and including it)
+was already measured are skipped; the all-positions figures are still printed and recorded.
+
+Reported: mean KL(bf16 || int8) over the measured positions (position-weighted), the mean of the
+per-prompt means, the 99th percentile, and top-1 agreement (share of positions where both pick
+the same most likely token). Gate (on distinct contexts): mean KL <= 0.01 and top-1 >= 97 % in both.
 
     VICUNA_HOME=/tmp/vh python benchmarks/bench_quant_quality.py --json benchmarks/records/quant-quality-DATE.json
 """
@@ -64,7 +71,7 @@ def main() -> None:
     import torch
 
     from vicuna_cli.core import models
-    from vicuna_cli.core.quantize import next_token_divergence
+    from vicuna_cli.core.quantize import fresh_positions, next_token_divergence
     from vicuna_cli.core.templates import template_for_model
 
     info = machine_info()
@@ -79,14 +86,21 @@ def main() -> None:
     for mode in ("stepwise", "prefill"):
         kls: list[float] = []
         agree: list[bool] = []
+        all_kls: list[float] = []
+        all_agree: list[bool] = []
         prompt_means = []
+        seen: set[tuple[int, ...]] = set()  # contexts already measured (the shared template prefix)
         for text in texts:
             rendered = template.prompt_text([{"role": "user", "content": text}], add_generation_prompt=True)
             ids = list(reference.tokenizer(rendered, add_special_tokens=template.name != "auto")["input_ids"])
             kl, top1 = next_token_divergence(reference.model, candidate.model, ids, stepwise=mode == "stepwise")
-            kls += kl
-            agree += top1
-            prompt_means.append(statistics.fmean(kl))
+            all_kls += kl
+            all_agree += top1
+            fresh = fresh_positions(ids, seen)
+            kls += [kl[i] for i in fresh]
+            agree += [top1[i] for i in fresh]
+            if fresh:
+                prompt_means.append(statistics.fmean(kl[i] for i in fresh))
         ordered = sorted(kls)
         per_mode[mode] = {
             "positions": len(kls),
@@ -95,12 +109,16 @@ def main() -> None:
             "p99_kl": ordered[int(0.99 * (len(ordered) - 1))],
             "max_kl": ordered[-1],
             "top1_agreement": sum(agree) / len(agree),
+            "all_positions": {"positions": len(all_kls), "mean_kl": statistics.fmean(all_kls),
+                              "top1_agreement": sum(all_agree) / len(all_agree)},
         }
         per_mode[mode]["pass"] = per_mode[mode]["mean_kl"] <= KL_GOAL and per_mode[mode]["top1_agreement"] >= TOP1_GOAL
         m = per_mode[mode]
-        print(f"{mode:9s} positions {m['positions']}  mean KL {m['mean_kl']:.5f}  (per-prompt mean {m['mean_of_prompt_means_kl']:.5f}, "
+        a = m["all_positions"]
+        print(f"{mode:9s} distinct contexts {m['positions']}  mean KL {m['mean_kl']:.5f}  (per-prompt mean {m['mean_of_prompt_means_kl']:.5f}, "
               f"p99 {m['p99_kl']:.4f}, max {m['max_kl']:.4f})  top-1 {100 * m['top1_agreement']:.2f} %  "
-              f"{'PASS' if m['pass'] else 'FAIL'}")
+              f"{'PASS' if m['pass'] else 'FAIL'}  | every position ({a['positions']}): KL {a['mean_kl']:.5f}, "
+              f"top-1 {100 * a['top1_agreement']:.2f} %")
     result = {
         "benchmark": "quant-quality",
         "machine": info,
@@ -112,7 +130,7 @@ def main() -> None:
         "reference": "bf16 (--quantize none)",
         "candidate": "int8 weights (--quantize int8), bf16 activations",
         "torch": torch.__version__,
-        "goals": {"mean_kl_max": KL_GOAL, "top1_min": TOP1_GOAL},
+        "goals": {"mean_kl_max": KL_GOAL, "top1_min": TOP1_GOAL, "over": "distinct contexts (the shared template prefix once)"},
         "results": per_mode,
         "pass": all(m["pass"] for m in per_mode.values()),
         "seconds": round(time.perf_counter() - started, 1),

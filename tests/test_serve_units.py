@@ -347,7 +347,7 @@ def test_launcher_plan(tmp_path):
     worker = roles[3][1]
     assert worker[worker.index("-m") + 1] == "b" and worker[worker.index("--controller") + 1] == "http://127.0.0.1:9001"
     assert worker[worker.index("--template") + 1] == "vicuna_v1.1" and worker[worker.index("--heartbeat") + 1] == "1"
-    assert worker[worker.index("--quantize") + 1] == "none"  # each worker loads as the serve command asked
+    assert worker[worker.index("--quantize") + 1] == "auto"  # each worker loads as the serve command asked (default)
     api = roles[-1][1]
     assert api[api.index("--worker-timeout") + 1] == "4"
     assert "k" not in [a for _, args in roles for a in args]  # keys go by environment (test_security_serve.py)

@@ -35,8 +35,8 @@ class ChatConfig(CommandConfig):
     dtype: Dtype = Field("auto", description="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
     implementation: Literal["auto", "native", "transformers"] = Field(
         "auto", description="auto (native Llama on CPU when it fits, else transformers), native, or transformers.")
-    # "auto" is int8 where it runs: not the default until the 100-prompt gate passes (BENCHMARKS.md)
-    quantize: Quantize = Field("none", description=QUANTIZE_HELP)
+    # "auto": int8 where it runs (the 100-prompt quality gate passes on both paths, BENCHMARKS.md)
+    quantize: Quantize = Field("auto", description=QUANTIZE_HELP)
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
     threads: Threads = None
     prompt: list[str] = Field(default_factory=list, description="Ask this and exit (repeat for several turns).")

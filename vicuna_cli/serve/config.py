@@ -50,7 +50,7 @@ class EngineOptions(CommandConfig):
     device: Device = Field("auto", description="auto, cpu, cuda, cuda:1, mps.")
     dtype: Dtype = Field("auto", description="auto, bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
     implementation: str = Field("auto", description="auto, native or transformers (hf backend).")
-    quantize: Quantize = Field("none", description=QUANTIZE_HELP)
+    quantize: Quantize = Field("auto", description=QUANTIZE_HELP)
     trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE_HELP)
     threads: Threads = None
     max_batch_size: int = Field(16, ge=1, le=1024, description="Most requests decoded together per worker.")
