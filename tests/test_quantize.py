@@ -199,6 +199,19 @@ def test_int8_where_it_cannot_run_is_a_one_line_error_and_auto_falls_back(bpe_mo
         quantize.pick_quantization("int4", "native", "cpu", "bfloat16")
 
 
+def test_auto_builds_int8_itself_only_for_a_small_checkpoint(bpe_model_dir, monkeypatch, tmp_path):
+    """A large checkpoint's first chat must not wait on a long GPTQ build: auto takes int8 for it
+    only once a copy is cached (made by --quantize int8); a small one gets int8 either way."""
+    monkeypatch.setenv("VICUNA_HOME", str(tmp_path / "home"))
+    assert quantize.pick_quantization("auto", "native", "cpu", "bfloat16", bpe_model_dir) == ("int8", "auto")
+    monkeypatch.setattr(quantize, "AUTO_BUILD_MAX_BYTES", 1)  # every checkpoint is "large" now
+    chosen, why = quantize.pick_quantization("auto", "native", "cpu", "bfloat16", bpe_model_dir)
+    assert chosen == "none" and "--quantize int8" in why
+    assert _load(bpe_model_dir, "auto").quantization == "none"
+    assert _load(bpe_model_dir, "int8").quantization == "int8"  # builds the copy ...
+    assert quantize.pick_quantization("auto", "native", "cpu", "bfloat16", bpe_model_dir) == ("int8", "auto")  # ... used from now on
+
+
 def test_serve_refuses_int8_for_a_backend_that_is_not_vicunas_engine():
     from pydantic import ValidationError
 

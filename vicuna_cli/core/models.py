@@ -344,7 +344,9 @@ def load(
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
     implementation, why = pick_implementation(resolved.path, device, implementation, trust_remote_code)
-    quantization, _ = pick_quantization(quantize, implementation, device, dtype)
+    quantization, why_not = pick_quantization(quantize, implementation, device, dtype, resolved.path)
+    if quantize == "auto" and quantization == "none" and why_not.startswith("no int8 copy cached"):
+        console.info(f"weights: bf16, not int8 ({why_not})")
     if implementation == "native":
         model, tokenizer = _load_native(resolved.path, getattr(torch, dtype), device, quantization, batch_rows)
         attention = "sdpa"

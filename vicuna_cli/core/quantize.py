@@ -104,10 +104,19 @@ def unavailable_reason(implementation: str, device: str, dtype: str) -> str | No
     return None
 
 
-def pick_quantization(requested: str, implementation: str, device: str, dtype: str) -> tuple[str, str]:
+# `auto` builds an int8 copy by itself only for checkpoints up to this size: GPTQ made SmolLM2-135M's
+# (270 MB in bf16) in 23-45 s on this 2-core CPU, and its cost grows with the parameters (the
+# calibration forwards) and faster (each projection's Hessian), so a 7B model would wait tens of
+# minutes on its first chat. A larger model uses an int8 copy once one is cached (`--quantize int8`).
+AUTO_BUILD_MAX_BYTES = 1_500_000_000
+
+
+def pick_quantization(requested: str, implementation: str, device: str, dtype: str,
+                      model_dir: Path | None = None) -> tuple[str, str]:
     """(quantization, why). `auto` (the commands' default since the int8 weights pass the
-    100-prompt gate of BENCHMARKS.md on both paths): int8 wherever it can run, else none. `int8`
-    where it cannot run is an error, not a silent fall-back: the user asked for it."""
+    100-prompt gate of BENCHMARKS.md on both paths): int8 wherever it can run and its copy is
+    cached or quick to make (AUTO_BUILD_MAX_BYTES), else none. `int8` where it cannot run is an
+    error, not a silent fall-back: the user asked for it."""
     if requested not in QUANTIZATIONS:
         from .errors import unknown_choice
 
@@ -120,7 +129,13 @@ def pick_quantization(requested: str, implementation: str, device: str, dtype: s
             raise VicunaError(f"--quantize int8 is not possible here: {reason}",
                               hint="use --quantize none (or auto, which falls back to unquantized weights)")
         return "int8", "requested"
-    return ("none", reason) if reason else ("int8", "auto")
+    if reason:
+        return "none", reason
+    size = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) if model_dir is not None else 0
+    if size > AUTO_BUILD_MAX_BYTES and cache_problem(cache_dir(model_dir), model_dir) is not None:
+        return "none", (f"no int8 copy cached, and making one for a {size / 1e9:.1f} GB checkpoint takes long: "
+                        "build it once with --quantize int8")
+    return "int8", "auto"
 
 
 # ---------------------------------------------------------------------------------------------
