@@ -63,7 +63,7 @@ from _common import (  # noqa: E402
     wait_for_idle,
     write_results,
 )
-from peers_decode import PeerWorker, parse_peers, peer_label  # noqa: E402
+from peers_decode import PeerError, PeerWorker, parse_peers, peer_label  # noqa: E402
 
 PROMPT = "Write a long story about a dragon."
 RATIO_GOAL = 2.5
@@ -383,7 +383,7 @@ def main() -> None:
             print(f"peer {worker.name}: {worker.meta['engine']} {worker.meta['version']}, {quant}, "
                   f"{worker.meta['threads']} threads ({worker.meta['model']})", flush=True)
         results = [bench_dtype(args, dtype, peers) for dtype in args.dtype]
-    except (ValueError, RuntimeError) as e:
+    except PeerError as e:
         sys.exit(f"error: {e}")
     finally:
         for worker in peers.values():

@@ -48,6 +48,10 @@ PEER_ARMS = {"llama.cpp": [("llama.cpp", "Q4_1")], "ct2": [("ct2", "float32"), (
 GGUF_FTYPES = {"Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
 
 
+class PeerError(Exception):
+    """A peer arm cannot run (not set up, or its worker failed): one line for the user."""
+
+
 def model_path(engine: str, quant: str) -> Path:
     if engine == "ct2":
         return MODELS / f"ct2-{quant}"
@@ -60,7 +64,7 @@ def parse_peers(specs: list[str]) -> list[tuple[str, str]]:
     for spec in specs:
         engine, _, quant = spec.partition(":")
         if engine not in PEER_ARMS:
-            raise ValueError(f"unknown peer {spec!r} (choose from {', '.join(PEER_ARMS)}, optionally :QUANT)")
+            raise PeerError(f"unknown peer {spec!r} (choose from {', '.join(PEER_ARMS)}, optionally :QUANT)")
         for arm in [(engine, quant)] if quant else PEER_ARMS[engine]:
             if arm not in arms:
                 arms.append(arm)
@@ -89,8 +93,8 @@ class PeerWorker:
         python = VENV / "bin" / "python"
         missing = [p for p in (python, model_path(engine, quant)) if not p.exists()]
         if missing:
-            raise RuntimeError(f"{self.name}: {missing[0]} is missing; run `python3 {Path(__file__).name} --setup` "
-                               f"(in benchmarks/) once to build the peer venv and models")
+            raise PeerError(f"{self.name}: {missing[0]} is missing; run `python3 benchmarks/peers_decode.py --setup` "
+                               "once (it builds the peer venv and models)")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
         self.proc = subprocess.Popen(
             [str(python), str(Path(__file__).resolve()), "--worker", f"{engine}:{quant}", "--threads", str(threads)],
@@ -103,10 +107,10 @@ class PeerWorker:
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
-            raise RuntimeError(f"{self.name} worker exited with code {code} (its error is above)")
+            raise PeerError(f"{self.name} worker exited with code {code} (its error is above)")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"{self.name} worker: {reply['error']}")
+            raise PeerError(f"{self.name} worker: {reply['error']}")
         return reply
 
     def run(self, ids: list[int], tokens: int, force: bool = True) -> dict:
