@@ -94,7 +94,7 @@ class PeerWorker:
         missing = [p for p in (python, model_path(engine, quant)) if not p.exists()]
         if missing:
             raise PeerError(f"{self.name}: {missing[0]} is missing; run `python3 benchmarks/peers_decode.py --setup` "
-                               "once (it builds the peer venv and models)")
+                            "once (it builds the peer venv and models)")
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "OMP_NUM_THREADS")}
         self.proc = subprocess.Popen(
             [str(python), str(Path(__file__).resolve()), "--worker", f"{engine}:{quant}", "--threads", str(threads)],
