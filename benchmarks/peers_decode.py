@@ -4,7 +4,7 @@
 They are NOT vicuna or CI dependencies: they live in a separate benchmark venv (default
 /work/benchvenv, env VICUNA_BENCH_VENV), with the embedded model converted once into a cache
 (default /tmp/peers-models, env VICUNA_PEERS_MODELS). One command makes both, idempotently
-(~10 min the first time on 2 cores: llama-cpp-python compiles llama.cpp from source, niced):
+(~15 min the first time on 2 shared cores: llama-cpp-python compiles llama.cpp from source, niced):
 
     VICUNA_HOME=/tmp/vh python3 benchmarks/peers_decode.py --setup
 
