@@ -18,6 +18,10 @@ transformers tokenizer's `apply_chat_template`), greedy, batch 1, exactly --toke
               vs model implementation). Only when `engine` is not already the transformers model.
   generate    transformers' model.generate(..., do_sample=False, min_new_tokens=N,
               max_new_tokens=N) on the transformers model, with a streamer that only timestamps.
+  llama.cpp   with --peers: the tools users compare vicuna with, on the same checkpoint converted
+  ct2-*       once (llama-cpp-python on a Q4_1 GGUF; CTranslate2 float32 and int8), each in a
+              worker process of a separate benchmark venv (peers_decode.py; `--setup` builds it),
+              fed the same prompt ids, --threads or 2 threads. Goal: vicuna >= 0.5x llama.cpp.
 
 Decode speed = (N - 1) tokens / time from the first new token to the last: prefill excluded, the
 same definition as the engine's own `stats.tokens_per_second`. End to end (prompt in, N tokens
@@ -32,6 +36,7 @@ stopping at EOS as they normally do (at most N tokens), and on the forced-length
 
     VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --dtype auto float32 --wait-idle 300
     VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --no-engine-hf   # int8 vs none vs generate
+    VICUNA_HOME=/tmp/vh python benchmarks/bench_decode.py --no-engine-hf --peers llama.cpp ct2
 
 Goals (issue #16): engine / generate decode speed ratio >= 2.5, and >= 40 tok/s.
 """
@@ -58,10 +63,12 @@ from _common import (  # noqa: E402
     wait_for_idle,
     write_results,
 )
+from peers_decode import PeerError, PeerWorker, parse_peers, peer_label  # noqa: E402
 
 PROMPT = "Write a long story about a dragon."
 RATIO_GOAL = 2.5
 TPS_GOAL = 40.0
+PEER_GOAL = 0.5  # vicuna / llama.cpp decode tok/s (issue #16)
 
 
 class TimingStreamer:
@@ -171,7 +178,7 @@ def verdict(a: list[int], b: list[int]) -> str:
     return "MATCH" if d is None else f"DIFFER from token {d}"
 
 
-def bench_dtype(args, dtype: str) -> dict:
+def bench_dtype(args, dtype: str, peers: dict[str, PeerWorker]) -> dict:
     import torch
 
     from vicuna_cli.core.generate import Engine
@@ -207,9 +214,12 @@ def bench_dtype(args, dtype: str) -> dict:
     def run(arm: str, tokens: int) -> dict:
         if arm == "generate":
             return run_generate(hf.model, hf.tokenizer, ids, tokens, force=True)
+        if arm in peers:
+            return peers[arm].run(ids, tokens)
         return run_engine(arms[arm][1], ids, tokens)
 
-    names = [*arms, "generate"]
+    names = [*arms, "generate", *peers]
+    checked = [*arms, *peers]  # compared with generate's greedy ids
 
     # Correctness, as each normally runs: stopping at EOS (the engine leaves EOS out of its ids).
     nat_g = run_generate(hf.model, hf.tokenizer, ids, args.tokens, force=False)
@@ -220,6 +230,11 @@ def bench_dtype(args, dtype: str) -> dict:
         natural[arm] = verdict(r["ids"], nat_g_ids)
         print(f"greedy ids with EOS stop, {arm} vs generate: {natural[arm]} "
               f"({len(r['ids'])} vs {len(nat_g_ids)} tokens, {r['finish']})")
+    for arm, worker in peers.items():  # the peers stop at EOS and include it in their ids
+        r_ids = worker.run(ids, args.tokens, force=False)["ids"]
+        r_ids = r_ids[:-1] if r_ids and r_ids[-1] in eos else r_ids
+        natural[arm] = verdict(r_ids, nat_g_ids)
+        print(f"greedy ids with EOS stop, {arm} vs generate: {natural[arm]} ({len(r_ids)} vs {len(nat_g_ids)} tokens)")
     print(f"  answer starts: {hf.tokenizer.decode(nat_g_ids[:24], skip_special_tokens=True)!r}")
 
     for _ in range(args.warmup):
@@ -234,7 +249,7 @@ def bench_dtype(args, dtype: str) -> dict:
                 status = wait_for_idle(args.wait_idle)
                 if not status.startswith("idle"):
                     print(f"warning: {status}", flush=True)
-            with ForeignCpu(count_iowait=True) as fc:
+            with ForeignCpu(count_iowait=True, pids=[w.pid for w in peers.values()]) as fc:
                 results = {arm: run(arm, args.tokens) for arm in order}
             if fc.fraction <= args.max_foreign or attempt == args.retries:
                 break
@@ -251,9 +266,9 @@ def bench_dtype(args, dtype: str) -> dict:
             flush=True,
         )
 
-    forced = {arm: verdict(rounds[arm][0]["ids"], rounds["generate"][0]["ids"]) for arm in arms}
+    forced = {arm: verdict(rounds[arm][0]["ids"], rounds["generate"][0]["ids"]) for arm in checked}
     eos_hits = [i for i, t in enumerate(rounds["generate"][0]["ids"]) if t in eos]
-    for arm in arms:
+    for arm in checked:
         print(f"greedy ids, forced {args.tokens} tokens, {arm} vs generate: {forced[arm]}")
     if eos_hits:
         print(f"  note: generate was kept from EOS by min_new_tokens; the engines ran past EOS at {eos_hits[:3]}")
@@ -301,6 +316,13 @@ def bench_dtype(args, dtype: str) -> dict:
     result["ratio"] = result["arms"]["engine"]["ratio_vs_generate"]
     result["engine_decode_tps"] = result["arms"]["engine"]["decode_tps"]["median"]
     result["pass"] = result["ratio"] >= RATIO_GOAL and result["engine_decode_tps"] >= TPS_GOAL
+    # vicuna (the default engine arm) / each peer: ratio of medians, and per round (same load).
+    eng_tps = [x["decode_tps"] for x in used["engine"]]
+    result["peers"] = {arm: w.meta for arm, w in peers.items()}
+    result["vicuna_vs_peers"] = {arm: {
+        "ratio": result["engine_decode_tps"] / result["arms"][arm]["decode_tps"]["median"],
+        "per_round": [a / b for a, b in zip(eng_tps, [x["decode_tps"] for x in used[arm]])],
+    } for arm in peers}
     return result
 
 
@@ -330,6 +352,9 @@ def main() -> None:
                         help="how often a noisy round may be repeated; still noisy after that: left out of the figures")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each round, wait up to this long for other processes to leave the CPUs idle")
+    parser.add_argument("--peers", nargs="*", default=[], metavar="ENGINE[:QUANT]",
+                        help="peer arms: llama.cpp (Q4_1), ct2 (float32 and int8), or e.g. ct2:int8; "
+                             "needs `python3 benchmarks/peers_decode.py --setup` once")
     parser.add_argument("--json", metavar="PATH", help="JSON output path (None: benchmarks/records/decode-<time>.json)")
     parser.add_argument("--no-json", action="store_true", help="do not write a JSON file")
     args = parser.parse_args()
@@ -350,7 +375,19 @@ def main() -> None:
     print_machine(info)
     print(f"model: {args.model} · prompt {args.prompt!r} (chat template) · greedy · batch 1 · rounds {args.rounds}")
 
-    results = [bench_dtype(args, dtype) for dtype in args.dtype]
+    peers: dict[str, PeerWorker] = {}
+    try:
+        for engine, quant in parse_peers(args.peers):
+            worker = PeerWorker(engine, quant, args.threads or 2)
+            peers[worker.name] = worker
+            print(f"peer {worker.name}: {worker.meta['engine']} {worker.meta['version']}, {quant}, "
+                  f"{worker.meta['threads']} threads ({worker.meta['model']})", flush=True)
+        results = [bench_dtype(args, dtype, peers) for dtype in args.dtype]
+    except PeerError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        for worker in peers.values():
+            worker.close()
 
     print("\nDecode tokens/s (prefill excluded; median of rounds, min-max in brackets):\n")
     rows = []
@@ -360,7 +397,7 @@ def main() -> None:
             label = {"engine": f"Engine ({r['engine_implementation']} model, {r['engine_quantization']} weights)",
                      "engine-none": f"Engine ({r['engine_implementation']} model, --quantize none)",
                      "engine+hf": "Engine (transformers model)",
-                     "generate": "model.generate (transformers)"}[arm]
+                     "generate": "model.generate (transformers)"}.get(arm) or peer_label(r["peers"][arm])
             paired = a["paired_ratios"]
             rows.append([
                 r["dtype"],
@@ -374,7 +411,7 @@ def main() -> None:
             ])
     print(markdown_table(
         ["dtype", "contender", "tok/s", "ms/token", "ratio vs generate", "greedy ids vs generate (EOS stop)",
-         f"greedy ids vs generate (forced)"],
+         "greedy ids vs generate (forced)"],
         rows,
     ))
     print()
@@ -382,6 +419,10 @@ def main() -> None:
         print(f"{r['dtype']}: engine / generate = {r['ratio']:.2f}, engine {r['engine_decode_tps']:.1f} tok/s "
               f"-> goals >= {RATIO_GOAL:.1f}x and >= {TPS_GOAL:.0f} tok/s: "
               f"{'PASS' if r['pass'] else 'FAIL'}")
+        for arm, v in r["vicuna_vs_peers"].items():
+            goal = f" -> goal >= {PEER_GOAL}x: {'PASS' if v['ratio'] >= PEER_GOAL else 'FAIL'}" if arm == "llama.cpp" else ""
+            print(f"{r['dtype']}: vicuna / {arm} = {v['ratio']:.2f} (per round "
+                  f"{', '.join(f'{x:.2f}' for x in v['per_round'])}){goal}")
     print("\nEnd to end (prompt in, all tokens out): median tok/s, and time to first token (s):\n")
     print(markdown_table(
         ["dtype", *[f"{arm} tok/s" for arm in results[0]["arms"]], *[f"{arm} first token" for arm in results[0]["arms"]]],
