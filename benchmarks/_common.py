@@ -267,3 +267,20 @@ class PeakRss:
         except OSError:
             pass
         return found
+
+
+def decode_timing(ids: list[int], times: list[float], start: float, wall: float) -> dict[str, Any]:
+    """One timed generation as bench_decode reports it (its arms and peers_decode.py's workers):
+    decode speed = (N - 1) tokens over the time from the first new token to the last (prefill
+    excluded); `times` holds when each new token arrived (perf_counter), `start` when the run began."""
+    n = len(times)
+    decode_time = times[-1] - times[0] if n >= 2 else 0.0
+    return {
+        "ids": ids,
+        "tokens": n,
+        "decode_tps": (n - 1) / decode_time if n >= 2 else 0.0,
+        "decode_time": decode_time,
+        "ttft": times[0] - start if times else None,
+        "wall": wall,
+        "e2e_tps": n / wall,
+    }

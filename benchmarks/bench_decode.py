@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DEFAULT_MODEL,
     ForeignCpu,
+    decode_timing,
     loadavg,
     machine_info,
     markdown_table,
@@ -150,20 +151,7 @@ def run_generate(model, tokenizer, ids: list[int], tokens: int, force: bool) -> 
             streamer=streamer,
             **kwargs,
         )
-    wall = time.perf_counter() - start
-    new = out[0, len(ids):].tolist()
-    t = streamer.times
-    n = len(t)
-    decode_time = t[-1] - t[0] if n >= 2 else 0.0
-    return {
-        "ids": new,
-        "tokens": n,
-        "decode_tps": (n - 1) / decode_time if n >= 2 else 0.0,
-        "decode_time": decode_time,
-        "ttft": t[0] - start if t else None,
-        "wall": wall,
-        "e2e_tps": n / wall,
-    }
+    return decode_timing(out[0, len(ids):].tolist(), streamer.times, start, time.perf_counter() - start)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:

@@ -37,6 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import decode_timing  # noqa: E402  (stdlib only: it runs in the bench venv too)
+
 VENV = Path(os.environ.get("VICUNA_BENCH_VENV", "/work/benchvenv"))
 MODELS = Path(os.environ.get("VICUNA_PEERS_MODELS", "/tmp/peers-models"))
 MODEL_NAME = "smollm2-135m-instruct"
@@ -138,18 +141,7 @@ def timed(stream, tokens: int, stop: set[int], start: float) -> dict:
         ids.append(int(tok))
         if len(ids) >= tokens or tok in stop:
             break
-    wall = time.perf_counter() - start
-    n = len(ids)
-    decode_time = times[-1] - times[0] if n >= 2 else 0.0
-    return {
-        "ids": ids,
-        "tokens": n,
-        "decode_tps": (n - 1) / decode_time if n >= 2 else 0.0,
-        "decode_time": decode_time,
-        "ttft": times[0] - start if times else None,
-        "wall": wall,
-        "e2e_tps": n / wall,
-    }
+    return decode_timing(ids, times, start, time.perf_counter() - start)
 
 
 def llama_cpp_runner(path: Path, threads: int):
