@@ -10,41 +10,60 @@
   ops into a Hugging Face Llama-family model (on CUDA, or on CPU under TRITON_INTERPRET=1).
 """
 
-from .apply import MODES, OPS, KernelPlan, apply_kernels, kernel_plan, remove_kernels
-from .cross_entropy import (
-    IGNORE_INDEX,
-    default_chunk_size,
-    linear_cross_entropy,
-    reference_linear_cross_entropy,
-)
+if __name__ == "kernels":
+    # Imported by the name `kernels`: a bare `import kernels` found this folder of a checkout first
+    # (`python -m ...` run from the repository's root puts it on sys.path), shadowing the Hugging Face
+    # package of that name, which transformers >= 5.25 requires and imports. Hand the name over to
+    # that package; vicuna itself always imports this folder as `vicuna_kernels`.
+    from importlib.machinery import PathFinder as _PathFinder
+    from importlib.util import module_from_spec as _module_from_spec
+    import os as _os
+    import sys as _sys
 
-_TRITON_EXPORTS = (
-    "rms_norm",
-    "swiglu",
-    "rope",
-    "rms_norm_reference",
-    "swiglu_reference",
-    "rope_reference",
-)
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _PathFinder.find_spec("kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout])
+    if _spec is None:
+        raise ImportError("`kernels` here is vicuna's folder (import it as `vicuna_kernels`), and the Hugging Face "
+                          "package `kernels` is not installed")
+    _module = _module_from_spec(_spec)
+    _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
+    _spec.loader.exec_module(_module)
+else:
+    from .apply import MODES, OPS, KernelPlan, apply_kernels, kernel_plan, remove_kernels
+    from .cross_entropy import (
+        IGNORE_INDEX,
+        default_chunk_size,
+        linear_cross_entropy,
+        reference_linear_cross_entropy,
+    )
 
-__all__ = [
-    "IGNORE_INDEX",
-    "MODES",
-    "OPS",
-    "KernelPlan",
-    "apply_kernels",
-    "default_chunk_size",
-    "kernel_plan",
-    "linear_cross_entropy",
-    "reference_linear_cross_entropy",
-    "remove_kernels",
-    *_TRITON_EXPORTS,
-]
+    _TRITON_EXPORTS = (
+        "rms_norm",
+        "swiglu",
+        "rope",
+        "rms_norm_reference",
+        "swiglu_reference",
+        "rope_reference",
+    )
+
+    __all__ = [
+        "IGNORE_INDEX",
+        "MODES",
+        "OPS",
+        "KernelPlan",
+        "apply_kernels",
+        "default_chunk_size",
+        "kernel_plan",
+        "linear_cross_entropy",
+        "reference_linear_cross_entropy",
+        "remove_kernels",
+        *_TRITON_EXPORTS,
+    ]
 
 
-def __getattr__(name: str):
-    if name in _TRITON_EXPORTS:
-        from . import triton_ops
+    def __getattr__(name: str):
+        if name in _TRITON_EXPORTS:
+            from . import triton_ops
 
-        return getattr(triton_ops, name)
-    raise AttributeError(f"module 'vicuna_kernels' has no attribute {name!r}")
+            return getattr(triton_ops, name)
+        raise AttributeError(f"module 'vicuna_kernels' has no attribute {name!r}")

@@ -205,3 +205,26 @@ def test_unknown_mode_is_refused_with_the_choices():
     with pytest.raises(VicunaError, match=r"unknown kernels mode 'fast'; known: auto, off") as err:
         kernel_plan(_tiny_llama(), "fast")
     assert "--kernels auto" in err.value.hint
+
+
+def test_the_folder_does_not_shadow_the_hugging_face_kernels_package(tmp_path):
+    """From a checkout's root (`python -m ...` puts it on sys.path) a bare `import kernels` must
+    reach the Hugging Face package of that name (transformers >= 5.25 requires and imports it; the
+    folder shadowed it and every model load failed), or say clearly that it is not installed."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import kernels, vicuna_kernels; print(kernels.__file__); print(vicuna_kernels.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    try:
+        importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        assert done.returncode == 1 and "the Hugging Face package `kernels` is not installed" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    hf, ours = done.stdout.split()
+    assert Path(ours) == root / "kernels" / "__init__.py"
+    assert root / "kernels" not in Path(hf).parents  # the installed package, not this folder
