@@ -10,11 +10,13 @@
   ops into a Hugging Face Llama-family model (on CUDA, or on CPU under TRITON_INTERPRET=1).
 """
 
+_handed_over = False
 if __name__ == "kernels":
     # Imported by the name `kernels`: a bare `import kernels` found this folder of a checkout first
     # (`python -m ...` run from the repository's root puts it on sys.path), shadowing the Hugging Face
     # package of that name, which transformers >= 5.25 requires and imports. Hand the name over to
-    # that package; vicuna itself always imports this folder as `vicuna_kernels`.
+    # that package when it is installed; vicuna itself always imports this folder as `vicuna_kernels`.
+    # Without it, this folder loads as before (transformers < 5.25 imports it to read a version).
     from importlib.machinery import PathFinder as _PathFinder
     from importlib.util import module_from_spec as _module_from_spec
     import os as _os
@@ -22,13 +24,12 @@ if __name__ == "kernels":
 
     _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     _spec = _PathFinder.find_spec("kernels", [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout])
-    if _spec is None:
-        raise ImportError("`kernels` here is vicuna's folder (import it as `vicuna_kernels`), and the Hugging Face "
-                          "package `kernels` is not installed")
-    _module = _module_from_spec(_spec)
-    _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
-    _spec.loader.exec_module(_module)
-else:
+    if _spec is not None:
+        _module = _module_from_spec(_spec)
+        _sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds at the end
+        _spec.loader.exec_module(_module)
+        _handed_over = True
+if not _handed_over:
     from .apply import MODES, OPS, KernelPlan, apply_kernels, kernel_plan, remove_kernels
     from .cross_entropy import (
         IGNORE_INDEX,

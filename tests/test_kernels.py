@@ -210,7 +210,8 @@ def test_unknown_mode_is_refused_with_the_choices():
 def test_the_folder_does_not_shadow_the_hugging_face_kernels_package(tmp_path):
     """From a checkout's root (`python -m ...` puts it on sys.path) a bare `import kernels` must
     reach the Hugging Face package of that name (transformers >= 5.25 requires and imports it; the
-    folder shadowed it and every model load failed), or say clearly that it is not installed."""
+    folder shadowed it and every model load failed); without that package, the folder itself (what
+    transformers < 5.25 imports to read a version)."""
     import importlib.metadata
     import subprocess
     import sys
@@ -222,7 +223,8 @@ def test_the_folder_does_not_shadow_the_hugging_face_kernels_package(tmp_path):
     try:
         importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
-        assert done.returncode == 1 and "the Hugging Face package `kernels` is not installed" in done.stderr
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [str(root / "kernels" / "__init__.py")] * 2
         return
     assert done.returncode == 0, done.stderr
     hf, ours = done.stdout.split()
