@@ -201,16 +201,28 @@ def test_bf16_prepacked_weights_compute_exactly_what_plain_weights_do(sp_model_d
     monkeypatch.setattr(native_llama, "pack_weights", lambda model: False)
     plain = native_llama.load_native(sp_model_dir, torch.bfloat16, "cpu")
     assert plain.lm_head.packed is None
-    ids = torch.tensor([[1, 17, 23, 5, 9, 31, 2, 44]])
+    (prefill, (step,)), (plain_prefill, (plain_step,)) = (_prefill_then_decode(m, [8, 5], 1) for m in (packed, plain))
+    assert torch.equal(prefill, plain_prefill) and torch.equal(step, plain_step)
+
+
+PROMPT_IDS = [1, 17, 23, 5, 9, 31, 2, 44]
+
+
+def _prefill_then_decode(model, lengths: list[int], steps: int):
+    """Prefill one slot per length (prefixes of PROMPT_IDS), then `steps` batched greedy decode
+    steps over all slots: (the first slot's prefill logits, each step's logits)."""
     with torch.inference_mode():
-        outputs = []
-        for model in (packed, plain):
-            cache = model.new_cache(32, num_slots=2)
-            prefill = model(input_ids=ids, past_key_values=cache, slot=0).logits
-            model(input_ids=ids[:, :5], past_key_values=cache, slot=1)
-            step = model.decode_rows([7, 8], cache, [0, 1])
-            outputs.append((prefill, step))
-    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+        cache = model.new_cache(32, num_slots=len(lengths))
+        prefill = None
+        for slot, n in enumerate(lengths):
+            logits = model(input_ids=torch.tensor([PROMPT_IDS[:n]]), past_key_values=cache, slot=slot).logits
+            prefill = logits if prefill is None else prefill
+        tokens, out = [7 + k for k in range(len(lengths))], []
+        for _ in range(steps):
+            logits = model.decode_rows(tokens, cache, list(range(len(lengths))))
+            out.append(logits)
+            tokens = logits.argmax(-1).tolist()
+    return prefill, out
 
 
 def test_fp32_weights_are_packed_for_batched_steps_and_compute_what_plain_weights_do(sp_model_dir):
@@ -226,21 +238,8 @@ def test_fp32_weights_are_packed_for_batched_steps_and_compute_what_plain_weight
     batched = load_native(sp_model_dir, torch.float32, "cpu", batch_rows=16)
     assert single.lm_head.packed is None and single.model.layers[0].self_attn.qkv_proj.weight.stride()[0] == 1
     assert batched.lm_head.packed is not None and batched.model.layers[0].mlp.down_proj.weight.numel() == 0
-    ids = torch.tensor([[1, 17, 23, 5, 9, 31, 2, 44]])
-    with torch.inference_mode():
-        outputs = []
-        for model in (batched, single):
-            cache = model.new_cache(32, num_slots=3)
-            prefill = model(input_ids=ids, past_key_values=cache, slot=0).logits
-            model(input_ids=ids[:, :5], past_key_values=cache, slot=1)
-            model(input_ids=ids[:, :3], past_key_values=cache, slot=2)
-            steps, tokens = [], [7, 8, 9]
-            for _ in range(6):
-                logits = model.decode_rows(tokens, cache, [0, 1, 2])
-                steps.append(logits)
-                tokens = logits.argmax(-1).tolist()
-            outputs.append((prefill, steps))
-    torch.testing.assert_close(outputs[0][0], outputs[1][0], atol=2e-4, rtol=1e-4)
-    for a, b in zip(outputs[0][1], outputs[1][1]):
+    (prefill, steps), (single_prefill, single_steps) = (_prefill_then_decode(m, [8, 5, 3], 6) for m in (batched, single))
+    torch.testing.assert_close(prefill, single_prefill, atol=2e-4, rtol=1e-4)
+    for a, b in zip(steps, single_steps):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
