@@ -103,13 +103,21 @@ def _inverse_cholesky(h: Any) -> Any:
 
 
 def _inputs_of(module: Any, run: Callable[[], Any]) -> list[Any]:
-    """What `module` is called with while `run()` runs (its first argument, one per call)."""
+    """What `module` is called with while `run()` runs (its first argument, one per call).
+    Caught by wrapping the instance's `forward`, not with a forward pre-hook: the native model
+    calls its modules' `forward()` directly (native_llama: no hook machinery in the hot path)."""
     seen: list[Any] = []
-    handle = module.register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
+    original = module.forward
+
+    def capture(x: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(x)
+        return original(x, *args, **kwargs)
+
+    module.forward = capture  # an instance attribute: found before the class's method
     try:
         run()
     finally:
-        handle.remove()
+        del module.forward
     return seen
 
 
