@@ -51,8 +51,22 @@ class KernelPlan:
         return f"kernels {self.mode}: no Triton ops ({self.reason}); {loss}"
 
 
+def _function(fn):
+    """The plain function behind `fn`: through functools wrappers and, with the Hugging Face
+    `kernels` package installed (transformers >= 5.25 requires it), through the `Func` module it
+    wraps hub-kernelizable functions such as `apply_rotary_pos_emb` in, whose forward calls the
+    original from its closure."""
+    fn = inspect.unwrap(fn)
+    if not hasattr(fn, "__code__") and isinstance(fn, torch.nn.Module):
+        inner = [c.cell_contents for c in (getattr(type(fn).forward, "__closure__", None) or ())
+                 if inspect.isfunction(c.cell_contents)]
+        if len(inner) == 1:
+            return inspect.unwrap(inner[0])
+    return fn
+
+
 def _signature(fn) -> tuple[bytes, tuple[str, ...]]:
-    code = inspect.unwrap(fn).__code__
+    code = _function(fn).__code__
     return code.co_code, code.co_names
 
 
