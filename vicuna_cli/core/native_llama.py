@@ -349,8 +349,8 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str 
         from .quantize import load_int8
 
         int8 = load_int8(model_dir, state)  # set_int8 below replaces those weights
-    pack_fp32 = device == "cpu" and dtype == torch.float32 and batch_rows > 1
-    column_major = device == "cpu" and dtype == torch.float32 and not pack_fp32
+    packed = packs(device, dtype, batch_rows)
+    column_major = device == "cpu" and dtype == torch.float32 and not packed
     state = {k: _weight(v, dtype, column_major and _is_decoder_linear(k)) for k, v in state.items()
              if not k.endswith("rotary_emb.inv_freq")}
     if model.shape.tie_word_embeddings:
@@ -365,12 +365,18 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str 
     for name, (q, scales) in (int8 or {}).items():
         model.get_submodule(name.removesuffix(".weight")).set_int8(q, scales)
     model = model.to(device).eval()
-    if device == "cpu" and (dtype == torch.bfloat16 or pack_fp32):
+    if packed:
         pack_weights(model)
     return model
 
 
 PACK_ROWS_FP32 = 16  # oneDNN's batch hint for fp32 packing (see pack_weights)
+
+
+def packs(device: str, dtype: torch.dtype, batch_rows: int) -> bool:
+    """Whether the projections run on oneDNN-packed weights (pack_weights says why): bf16 on
+    CPU always, fp32 on CPU for batched steps (`batch_rows` > 1), never elsewhere."""
+    return device == "cpu" and (dtype == torch.bfloat16 or (dtype == torch.float32 and batch_rows > 1))
 
 
 def pack_weights(model: NativeLlamaForCausalLM) -> bool:

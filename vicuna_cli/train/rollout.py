@@ -56,7 +56,7 @@ def native_policy(model: Any, dtype: torch.dtype | None = None, batch_rows: int 
     not one the native path computes. `batch_rows` > 1 on CPU: fp32 projections run on
     oneDNN-packed copies made here (2-3.7x faster for batched steps, native_llama.pack_weights)
     instead of the policy's own tensors."""
-    from ..core.native_llama import NativeLlamaForCausalLM, fuse_projections, pack_weights, unsupported_reason
+    from ..core.native_llama import NativeLlamaForCausalLM, fuse_projections, pack_weights, packs, unsupported_reason
 
     lm = causal_lm(model)
     config = lm.config.to_dict()
@@ -79,9 +79,8 @@ def native_policy(model: Any, dtype: torch.dtype | None = None, batch_rows: int 
         native.lm_head.weight = native.model.embed_tokens.weight
     device = next(lm.parameters()).device
     native = native.to(device).eval()
-    weights = native.lm_head.weight.dtype
-    if device.type == "cpu" and (weights == torch.bfloat16 or (weights == torch.float32 and batch_rows > 1)):
-        pack_weights(native)  # the engine's CPU fast path (load_native does the same)
+    if packs(device.type, native.lm_head.weight.dtype, batch_rows):
+        pack_weights(native)  # the engine's CPU fast path, by load_native's rule
     return native
 
 
