@@ -15,7 +15,12 @@ padded batch; per-token rewards = -kl_coef * (logp - ref_logp), plus the score o
 token; GAE (gamma 1, lam 0.95) and whitened advantages; --ppo-epochs passes, each one padded
 forward + clipped policy and value losses + backward + AdamW step (the whole batch as one
 mini-batch, as vicuna's default). vicuna: `vicuna train ppo` with the same settings (its
-metrics.jsonl step_s). Both fp32, one thread each (OMP_NUM_THREADS), arms interleaved A B B A.
+metrics.jsonl step_s). One thread each (OMP_NUM_THREADS), arms rotated round by round.
+
+Precision: the reference runs fp32 (TRL v0's default: accelerate without mixed precision) and, as a
+third arm, bf16 autocast around every forward, generate and loss (what `mixed_precision="bf16"`
+would do), so both "defaults vs defaults" and "same precision" ratios come out of one run. vicuna
+runs its --precision (default auto: bf16 mixed precision on a CPU with native bf16).
 Time per step: median over every round's steps after the first.
 """
 
@@ -45,6 +50,7 @@ def reference_child(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     torch.manual_seed(spec["seed"])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     config = PpoConfig(model=spec["model"], prompts=[spec["prompts"]], max_length=spec["max_length"],
                        max_new_tokens=spec["new_tokens"])
@@ -70,7 +76,7 @@ def reference_child(spec_path: str) -> None:
         query = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         qmask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             out = policy.generate(input_ids=query, attention_mask=qmask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                                   max_new_tokens=spec["new_tokens"], pad_token_id=pad)
         response = out[:, width:]
@@ -82,10 +88,11 @@ def reference_child(spec_path: str) -> None:
                     break
         ids, mask = out, torch.cat([qmask, rmask], 1)
         act = mask[:, width:].float()  # the answer tokens: positions width.. predicted from width-1..
-        with torch.no_grad():
-            scores = rm(input_ids=ids, attention_mask=mask).logits[:, 0]
+        with torch.no_grad(), autocast:
+            scores = rm(input_ids=ids, attention_mask=mask).logits[:, 0].float()
             logp, values = forward(policy, ids, mask, True)
             ref_logp, _ = forward(ref, ids, mask, False)
+            values = values.float()
             logp, values, ref_logp = logp[:, width - 1:], values[:, width - 1:], ref_logp[:, width - 1:]
             rewards = -kl_coef * (logp - ref_logp) * act
             rewards[torch.arange(len(batch)), act.sum(1).long() - 1] += scores
@@ -102,8 +109,9 @@ def reference_child(spec_path: str) -> None:
             advantages = (advantages - mean) * torch.rsqrt(var + 1e-8) * act
         policy.train()
         for _ in range(spec["ppo_epochs"]):
-            new_logp, new_values = forward(policy, ids, mask, True)
-            new_logp, new_values = new_logp[:, width - 1:], new_values[:, width - 1:]
+            with autocast:
+                new_logp, new_values = forward(policy, ids, mask, True)
+            new_logp, new_values = new_logp[:, width - 1:], new_values[:, width - 1:].float()
             ratio = torch.exp(new_logp - logp)
             pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
             vclip = values + (new_values - values).clamp(-cliprange_value, cliprange_value)
@@ -140,6 +148,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rollout-dtype", default="auto", help="vicuna's --rollout-dtype")
+    parser.add_argument("--precision", default="auto", help="vicuna's --precision")
+    parser.add_argument("--reference-precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="one reference arm per precision")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/bench_ppo_step"))
     parser.add_argument("--record", type=Path, default=None)
     args = parser.parse_args()
@@ -167,15 +178,16 @@ def main() -> None:
         cmd = [VICUNA, "train", "ppo", "-m", model, "--reward-model", args.reward_model, "--prompts", prompts, "-o", out,
                "--overwrite", "--max-steps", args.steps, "--rollout-batch-size", args.batch, "--max-new-tokens", args.new_tokens,
                "--ppo-epochs", args.ppo_epochs, "--max-length", args.max_length, "--learning-rate", args.lr, "--seed", args.seed,
-               "--log-every", 1, "--log-samples", 0, "--device", "cpu", "--precision", "fp32", "--rollout-dtype", args.rollout_dtype]
+               "--log-every", 1, "--log-samples", 0, "--device", "cpu", "--precision", args.precision, "--rollout-dtype", args.rollout_dtype]
         run = measured(cmd, work / f"vicuna{tag}.log", env)
         if run["returncode"]:
             sys.exit(f"vicuna arm failed; see {run['log']}")
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return {**run, "steps": [m for m in metrics if "step_s" in m]}
 
-    def reference(tag: str) -> dict:
-        spec = {"model": str(model), "reward_model": args.reward_model, "prompts": str(prompts), "max_length": args.max_length,
+    def reference(tag: str, precision: str) -> dict:
+        tag = f"-{precision}{tag}"
+        spec = {"precision": precision, "model": str(model), "reward_model": args.reward_model, "prompts": str(prompts), "max_length": args.max_length,
                 "new_tokens": args.new_tokens, "batch": args.batch, "steps": args.steps, "ppo_epochs": args.ppo_epochs,
                 "lr": args.lr, "seed": args.seed, "result": str(work / f"reference{tag}.json")}
         (work / f"spec{tag}.json").write_text(json.dumps(spec))
@@ -184,10 +196,11 @@ def main() -> None:
             sys.exit(f"reference arm failed; see {run['log']}")
         return {**run, "steps": json.loads(Path(spec["result"]).read_text())}
 
-    runs: dict[str, list[dict]] = {"vicuna": [], "reference": []}
+    arms = ["vicuna", *(f"reference-{p}" for p in args.reference_precisions)]
+    runs: dict[str, list[dict]] = {name: [] for name in arms}
     for r in range(args.rounds):
-        for name in (("vicuna", "reference") if r % 2 == 0 else ("reference", "vicuna")):
-            runs[name].append((vicuna if name == "vicuna" else reference)(f"-{r}"))
+        for name in arms[r % len(arms):] + arms[:r % len(arms)]:  # rotated: each arm meets each load
+            runs[name].append(vicuna(f"-{r}") if name == "vicuna" else reference(f"-{r}", name.split("-")[1]))
             print(f"round {r + 1} {name}: " + ", ".join(f"{s['step_s']:.1f}" for s in runs[name][-1]["steps"]) + " s/step",
                   flush=True)
     timing = {name: {"step_s_median": statistics.median(s["step_s"] for run in done for s in run["steps"][1:]),
@@ -196,13 +209,14 @@ def main() -> None:
                      "foreign_cpu": max(run["foreign_cpu"] for run in done),
                      "answer_tokens": [s.get("answer_tokens") for run in done for s in run["steps"]]}
               for name, done in runs.items()}
-    ratio = timing["vicuna"]["step_s_median"] / timing["reference"]["step_s_median"]
+    ratios = {name: timing["vicuna"]["step_s_median"] / timing[name]["step_s_median"] for name in arms[1:]}
     print(markdown_table(("arm", "time per step (median, steps 2+)", "per round", "peak RSS", "foreign CPU"), [
         (name, f"{t['step_s_median']:.1f} s", " / ".join(", ".join(f"{x:.1f}" for x in r) for r in t["rounds"]),
          f"{t['peak_rss_mb']:.0f} MB", f"{t['foreign_cpu']:.0%}") for name, t in timing.items()]))
-    print(f"vicuna / reference: {ratio:.2f}x (goal <= 0.5x: {'met' if ratio <= 0.5 else 'not met'})")
+    for name, ratio in ratios.items():
+        print(f"vicuna / {name}: {ratio:.2f}x (goal <= 0.5x: {'met' if ratio <= 0.5 else 'not met'})")
     record = {"command": " ".join(sys.argv), "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-              "timing": timing, "ratio": ratio}
+              "timing": timing, "ratios": ratios}
     path = args.record or Path(__file__).resolve().parent / "records" / f"bench_ppo_step-{time.strftime('%Y%m%d-%H%M')}.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"record: {path}")

@@ -22,7 +22,8 @@ from processes import free_port
 # One fixed torch thread count on both sides: the adaptive default (core/threads.py) may change it
 # mid-run, and with it the order of float sums, which these exact comparisons must not see.
 OPTIONS = {"max_length": 256, "global_batch_size": 8, "max_steps": 4, "learning_rate": 5e-3, "warmup_steps": 0,
-           "save_every": 2, "log_every": 1, "eval_split": 0.1, "eval_every": 2, "threads": 1}
+           "save_every": 2, "log_every": 1, "eval_split": 0.1, "eval_every": 2, "threads": 1,
+           "precision": "float32"}  # exact sums across process counts
 
 
 @pytest.mark.slow

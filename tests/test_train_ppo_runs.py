@@ -81,15 +81,17 @@ def test_prompts_that_cannot_be_used_are_skipped_and_counted(bpe_model_dir, tmp_
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_bf16_rollouts_raise_the_programmatic_reward_too(bpe_model_dir, tmp_path, seed):
-    """Sampling from a bf16 copy (`--rollout-dtype auto` on a CPU with native bf16) while the old
-    log-probs come from the fp32 policy still learns. Measured over seeds 0-10 and 42 (2026-12-03,
-    20 steps): reward x7.4 median with bf16 rollouts (2 of 12 seeds under x3: 8 and 42) and x7.0
-    with fp32 ones (1 of 12: seed 9), so single seeds are a coin either way; these are seeds 0-2."""
+def test_bf16_rollouts_and_training_raise_the_programmatic_reward_too(bpe_model_dir, tmp_path, seed):
+    """The defaults on a CPU with native bf16 (asked for explicitly, so every CI machine runs this
+    path): rollouts sampled from a bf16 copy, updates under bf16 autocast over the fp32 master
+    weights. Measured over seeds 0-10 and 42 (2026-12-03, 20 steps, fp32 updates): reward x7.4
+    median with bf16 rollouts (2 of 12 seeds under x3: 8 and 42) and x7.0 with fp32 ones (1 of 12:
+    seed 9), so single seeds are a coin either way; these are seeds 0-2, which also pass with bf16
+    updates."""
     prompts = write_prompts(tmp_path / "prompts.json")
     run = tmp_path / "run"
     run_ppo(PpoConfig(model=str(bpe_model_dir), prompts=[str(prompts)], output=run, max_steps=20, seed=seed,
-                      learning_rate=2e-2, rollout_dtype="bfloat16", **TINY), reward=low_ids)
+                      learning_rate=2e-2, rollout_dtype="bfloat16", precision="bfloat16", **TINY), reward=low_ids)
     steps = [m for m in read_metrics(run) if "reward" in m]
     first = sum(m["reward"] for m in steps[:3]) / 3
     last = sum(m["reward"] for m in steps[-3:]) / 3
@@ -113,10 +115,11 @@ def test_a_reward_model_with_another_tokenizer_rescores_the_text_and_says_so_onc
 def test_ppo_raises_a_programmatic_reward_with_bounded_kl_and_the_run_dir_chats(bpe_model_dir, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.json")
     run = tmp_path / "run"
-    # fp32 rollouts: the path this test was written on (bf16 rollouts, the default on a CPU with
-    # native bf16, have their own test below; one seed's outcome is a coin with a few % bias)
+    # fp32 training and rollouts: the path this test was written on (bf16, the default on a CPU with
+    # native bf16, has its own test above; one seed's outcome is a coin with a few % bias)
     result = run_ppo(PpoConfig(model=str(bpe_model_dir), prompts=[str(prompts)], output=run, max_steps=20,
-                               learning_rate=2e-2, log_samples=5, rollout_dtype="float32", **TINY), reward=low_ids)
+                               learning_rate=2e-2, log_samples=5, rollout_dtype="float32", precision="float32", **TINY),
+                     reward=low_ids)
     steps = [m for m in read_metrics(run) if "reward" in m]
     assert [m["step"] for m in steps] == list(range(1, 21)) and result.steps == 20
     first = sum(m["reward"] for m in steps[:3]) / 3

@@ -219,3 +219,32 @@ def test_a_fixed_template_is_recorded_so_chat_uses_it(sp_model_dir, data, tmp_pa
     (out / models.TEMPLATE_RECORD).write_text("{not json")
     with pytest.raises(VicunaError, match="not valid JSON"):
         models.resolve(str(out))
+
+
+@pytest.mark.parametrize("native_bf16, device, want", [
+    (True, "cpu", "bf16"),    # AVX512-BF16/AMX: bf16 mixed precision (matmuls ~2x faster, BENCHMARKS.md)
+    (False, "cpu", "no"),     # emulated bf16 would be slower than fp32: plain fp32
+])
+def test_auto_precision_follows_the_devices_native_bf16(monkeypatch, native_bf16, device, want):
+    from vicuna_cli.core import placement
+    from vicuna_cli.train.modeling import resolve_precision
+
+    monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_precision("auto", device) == want
+    assert resolve_precision("float32", device) == "no" and resolve_precision("bfloat16", device) == "bf16"
+
+
+def test_bf16_then_fp32_runs_in_one_process_and_bf16_learns(sp_model_dir, data, tmp_path):
+    """accelerate keeps one process-wide precision; a second run asking for another one must not
+    fail (sft._forget_other_precision). The bf16 run (autocast over fp32 master weights, what
+    `auto` picks on a CPU with native bf16) lowers the loss and saves fp32 weights."""
+    from safetensors.torch import load_file
+
+    bf16 = tmp_path / "bf16"
+    run_sft(sft_config(sp_model_dir, data, bf16, precision="bfloat16", max_steps=8))
+    losses = [m["loss"] for m in read_metrics(bf16) if "loss" in m]
+    assert yaml.safe_load((bf16 / "config.yaml").read_text())["resolved"]["mixed_precision"] == "bf16"
+    assert losses[-1] < losses[0], losses
+    assert {t.dtype for t in load_file(bf16 / "model.safetensors").values()} == {torch.float32}
+    run_sft(sft_config(sp_model_dir, data, tmp_path / "fp32"))
+    assert yaml.safe_load((tmp_path / "fp32" / "config.yaml").read_text())["resolved"]["mixed_precision"] == "no"

@@ -34,8 +34,10 @@ def write_data(path: Path, n: int = 24, seed: int = 0) -> Path:
 
 
 def sft_config(model_dir, data, out, **overrides) -> TrainConfig:
+    # fp32: the SFT tests compare losses exactly; `auto` picks bf16 on a CPU with native bf16
     values = dict(model=str(model_dir), data=[str(data)], output=out, max_length=256, global_batch_size=4,
-                  max_steps=4, learning_rate=1e-2, warmup_steps=0, lr_schedule="constant", log_every=2)
+                  max_steps=4, learning_rate=1e-2, warmup_steps=0, lr_schedule="constant", log_every=2,
+                  precision="float32")
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -53,7 +53,7 @@ class TrainConfig(CommandConfig):
 
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     # bfloat16/float16 are mixed precision, float32 none
-    precision: Dtype = Field("auto", description="auto (bf16 where the GPU has it, else fp32), bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
+    precision: Dtype = Field("auto", description="auto (bf16 mixed precision where the device computes bf16 natively: GPUs with bf16, CPUs with AVX512-BF16/AMX; else fp32), bfloat16 (bf16), float16 (fp16) or float32 (fp32).")
     attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="auto (flash-attn 2 on CUDA when installed, else sdpa), sdpa, eager, flash_attention_2.")
     kernels: Literal["auto", "off"] = Field("auto", description="auto: fused chunked loss and kernels/ patches; off: plain PyTorch.")

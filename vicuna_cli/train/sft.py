@@ -144,8 +144,11 @@ def _accelerator(config: TrainConfig, run_dir: Path) -> Any:
         raise VicunaError("--device cuda: no CUDA GPU is visible", hint="use --device cpu")
     launched = "ACCELERATE_MIXED_PRECISION" in os.environ and config.precision == "auto"
     device = training_device(config)
+    mixed = None if launched else resolve_precision(config.precision, device)
+    if mixed is not None:
+        _forget_other_precision(mixed)
     accelerator = Accelerator(
-        cpu=device == "cpu", mixed_precision=None if launched else resolve_precision(config.precision, device),
+        cpu=device == "cpu", mixed_precision=mixed,
         log_with=config.report_to or None, project_dir=str(run_dir),
     )
     rundir.prepare(run_dir, config, delete=accelerator.is_main_process)
@@ -154,6 +157,17 @@ def _accelerator(config: TrainConfig, run_dir: Path) -> Any:
     accelerator.wait_for_everyone()
     set_seed(config.seed)
     return accelerator
+
+
+def _forget_other_precision(mixed: str) -> None:
+    """accelerate keeps ONE process-wide state and refuses a second Accelerator with another
+    mixed precision; a process that trains twice (tests, a notebook, a pipeline in one process)
+    may ask for fp32 and then bf16. Only the precision state is dropped: the distributed
+    process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and str(AcceleratorState._shared_state.get("_mixed_precision", mixed)) != mixed:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _loop_spec(config: TrainConfig, method: Any, accelerator: Any, run_dir: Path) -> tuple[Any, Any, Any, str, Counter]:
