@@ -3,6 +3,7 @@ gradient accumulation never changes the step's loss or update."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 
@@ -141,6 +142,51 @@ def test_loss_and_update_do_not_depend_on_the_micro_batch_split(model64):
         assert n == reference[1]
         assert loss == pytest.approx(reference[0], rel=1e-10)
         assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(params, reference[2]))
+
+
+def test_one_autocast_region_per_update_casts_each_weight_once_with_the_same_update(model64, monkeypatch):
+    """bf16 autocast over several micro-batches: loop.cast_once_per_update keeps each weight's bf16
+    cast for the whole update. The update is bitwise the one of casting in every micro-batch, and
+    the fp32 -> bf16 weight casts drop to one per weight (counted)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from torch.profiler import profile
+
+    from vicuna_cli.train import loop
+    from vicuna_cli.train.checkpoint import TrainerState
+    from vicuna_cli.train.modeling import LossModule, sft_loss
+    from vicuna_cli.train.sft import _forget_other_precision
+
+    model, samples = model64
+    config = TrainConfig(packing=True, max_length=max(len(s) for s in samples), max_grad_norm=0)
+
+    def one_step(cast_once: bool):
+        _forget_other_precision("bf16")
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        module = accelerator.prepare(LossModule(copy.deepcopy(model).float(), sft_loss(False)))
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        spec = loop.LoopSpec(samples=samples, eval_samples=[], lengths=[len(s) for s in samples], config=config,
+                             collate=lambda b: collate(b, True, 0))
+        if not cast_once:
+            monkeypatch.setattr(loop, "cast_once_per_update", lambda *a: (contextlib.nullcontext(), contextlib.nullcontext))
+        with profile() as trace:
+            loop._step(accelerator, module, optimizer, scheduler, spec, list(range(len(samples))), 1, 0,
+                       list(module.parameters()), TrainerState())
+        monkeypatch.undo()
+        casts = sum(e.count for e in trace.key_averages() if e.key == "aten::_to_copy")
+        return casts, [p.detach().clone() for p in module.parameters()]
+
+    try:
+        once, per_micro_batch = one_step(True), one_step(False)
+    finally:
+        AcceleratorState._reset_state()  # the other tests here build fp32/fp64 accelerators
+    rows = len(loop.split_step(list(range(len(samples))), [len(s) for s in samples], 1, 0, True,
+                               config.row_capacity, 1))
+    assert rows >= 3  # several micro-batches, or there is nothing to share
+    assert all(torch.equal(a, b) for a, b in zip(once[1], per_micro_batch[1]))
+    weights = sum(1 for name, _ in model.named_parameters() if "proj" in name)  # the matmul weights autocast casts
+    assert per_micro_batch[0] - once[0] >= (rows - 1) * weights, (once[0], per_micro_batch[0])
 
 
 def test_max_steps_wins_over_epochs():

@@ -265,6 +265,21 @@ def _session_step(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec,
     return loss, grad_norm, tokens, n_sup, figures
 
 
+def cast_once_per_update(accelerator: Any, micro_batches: int) -> tuple[Any, Callable[[], Any]]:
+    """(a region around an update's micro-batches, a region around each backward). Under bf16/fp16
+    autocast every forward casts each weight again, and autocast keeps its casts only until the
+    outermost autocast region ends: one region over the whole update casts each weight once (the
+    weights change only at the optimizer step, after it), with autocast off again for each
+    backward. Casts were 13 % of a bf16 PPO update on CPU (5 packed rows); the gradients are
+    bitwise the same. Not under FSDP/DeepSpeed: they gather, shard or cast the weights themselves."""
+    from accelerate.utils import AutocastKwargs
+
+    kind = str(accelerator.distributed_type)
+    if micro_batches < 2 or not accelerator.native_amp or "FSDP" in kind or "DEEPSPEED" in kind:
+        return contextlib.nullcontext(), contextlib.nullcontext
+    return accelerator.autocast(), lambda: accelerator.autocast(AutocastKwargs(enabled=False))
+
+
 def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool: Sequence[Any], lengths: Sequence[int],
             step: list[int], world: int, rank: int, params: list, tick: Callable[[], Any] = lambda: None
             ) -> tuple[float, float | None, int, int, dict[str, float]]:
@@ -275,18 +290,21 @@ def _update(accelerator: Any, module: Any, optimizer: Any, spec: LoopSpec, pool:
     scale = world / max(n_sup, 1)
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     sums: dict[str, torch.Tensor] = {}
-    for k, group in enumerate(micro):
-        tick()  # re-check the free CPUs (a micro-batch is one "step" of the thread policy)
-        last = k == len(micro) - 1
-        accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
-        context = contextlib.nullcontext() if last else accelerator.no_sync(module)
-        with context:
-            batch = {key: value.to(accelerator.device) for key, value in spec.collate([pool[i] for i in group]).items()}
-            loss_sum, figures = split_output(module(batch))
-            accelerator.backward(loss_sum * scale)
-        total += loss_sum.detach().double()
-        for name, value in figures.items():
-            sums[name] = sums.get(name, 0) + value.detach().double()
+    update_region, backward_region = cast_once_per_update(accelerator, len(micro))
+    with update_region:
+        for k, group in enumerate(micro):
+            tick()  # re-check the free CPUs (a micro-batch is one "step" of the thread policy)
+            last = k == len(micro) - 1
+            accelerator.sync_gradients = last  # DeepSpeed steps on this; DDP/FSDP sync via no_sync below
+            context = contextlib.nullcontext() if last else accelerator.no_sync(module)
+            with context:
+                batch = {key: value.to(accelerator.device) for key, value in spec.collate([pool[i] for i in group]).items()}
+                loss_sum, figures = split_output(module(batch))
+                with backward_region():
+                    accelerator.backward(loss_sum * scale)
+            total += loss_sum.detach().double()
+            for name, value in figures.items():
+                sums[name] = sums.get(name, 0) + value.detach().double()
     # Every rank must agree on skipping a non-finite step: decide on the reduced loss.
     names = sorted(sums)
     packed = torch.stack([total, *(torch.as_tensor(sums[n], device=total.device) for n in names)])

@@ -193,17 +193,17 @@ class PpoSession:
             else [[i] for i in range(len(rollouts))]
         per: dict[int, tuple] = {}
         device = self.accelerator.device
-        for group in groups:
-            group = sorted(group)
-            batch = {k: v.to(device) for k, v in collate([rollouts[i] for i in group], self.spec.config.packing, 0).items()}
-            with self.accelerator.autocast():
+        with self.accelerator.autocast():  # one region over all rows: each weight is cast once, not once per row
+            for group in groups:
+                group = sorted(group)
+                batch = {k: v.to(device) for k, v in collate([rollouts[i] for i in group], self.spec.config.packing, 0).items()}
                 logprobs, values, entropy = policy_outputs(model, self.loss.v_head, batch)
-            start = 0
-            for i in group:
-                n = rollouts[i].n_supervised
-                per[i] = (logprobs[start:start + n].float().cpu(), values[start:start + n].float().cpu(),
-                          entropy[start:start + n].float().cpu())
-                start += n
+                start = 0
+                for i in group:
+                    n = rollouts[i].n_supervised
+                    per[i] = (logprobs[start:start + n].float().cpu(), values[start:start + n].float().cpu(),
+                              entropy[start:start + n].float().cpu())
+                    start += n
         return tuple(torch.cat([per[i][k] for i in range(len(rollouts))]) for k in range(3))  # type: ignore[return-value]
 
     def _log_samples(self, number: int, prompts: Sequence[Any], texts: list[str], scores: torch.Tensor) -> None:
