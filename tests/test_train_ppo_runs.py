@@ -112,6 +112,22 @@ def test_a_reward_model_with_another_tokenizer_rescores_the_text_and_says_so_onc
     assert len(rewards) == 2 and all(math.isfinite(r) and r != 0.0 for r in rewards)
 
 
+def test_the_reward_scorer_scores_in_the_policys_precision_in_rows_of_the_training(reward_model_dir, tmp_path):
+    """train ppo scores answers under the policy's autocast (bf16 on a CPU with native bf16), in
+    packed rows no longer than the training's: close to the fp32 scores, not the same numbers."""
+    from vicuna_cli.train.ppo_session import RewardScorer
+
+    config = PpoConfig(model=str(reward_model_dir), reward_model=str(reward_model_dir), prompts=["p"], output=tmp_path / "o",
+                       **TINY)
+    prompts = [[{"role": "user", "content": f"{text} #{i}"}] for i, text in enumerate(PROMPTS)]
+    answers = [f"{PROMPTS[-1 - i]} and more" for i in range(len(PROMPTS))]
+    fp32 = RewardScorer(config, None, False)
+    bf16 = RewardScorer(config, None, False, mixed_precision="bf16")
+    assert fp32.batch_tokens == bf16.batch_tokens == config.max_length
+    exact, fast = fp32(prompts, answers, []), bf16(prompts, answers, [])
+    assert exact != fast and fast == pytest.approx(exact, abs=0.05 * max(map(abs, exact)))
+
+
 def test_ppo_raises_a_programmatic_reward_with_bounded_kl_and_the_run_dir_chats(bpe_model_dir, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.json")
     run = tmp_path / "run"

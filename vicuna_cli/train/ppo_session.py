@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,7 +38,7 @@ def prepare(config: PpoConfig, setup: Any, spec: Any, accelerator: Any, run_dir:
     lm = causal_lm(setup.model)
     loss = PpoLoss(lm.config.hidden_size, config).to(next(lm.parameters()).device)
     if reward is None:
-        reward = RewardScorer(config, setup.tokenizer, main)
+        reward = RewardScorer(config, setup.tokenizer, main, accelerator.mixed_precision)
     reference = None
     if not config.lora:
         reference = _frozen_copy(setup, next(lm.parameters()).device)
@@ -66,19 +67,24 @@ class RewardScorer:
     """The reward model's score of prompt + answer, rendered with the reward model's template and
     tokenized with its tokenizer (so a reward model with another tokenizer works too)."""
 
-    def __init__(self, config: PpoConfig, policy_tokenizer: Any, main: bool):
+    def __init__(self, config: PpoConfig, policy_tokenizer: Any, main: bool, mixed_precision: str = "no"):
+        from .modeling import training_device
         from .score import RewardModel
 
         assert config.reward_model is not None
         self.model = RewardModel(config.reward_model, config.reward_device, None)
-        self.batch_tokens = max(4096, config.max_length)
+        # Rows as long as the training's: a packed row's masked attention is quadratic in its length
+        # (computed for SmolLM2: ~1/3 of the linear layers' FLOPs in a 1,000-token row, ~1/12 in 256)
+        self.batch_tokens = config.row_capacity
+        # The policy's precision where the reward model shares its device (bf16 on a CPU with native bf16)
+        self.precision = mixed_precision if self.model.device == training_device(config) else "no"
         if main and self.model.tokenizer.get_vocab() != policy_tokenizer.get_vocab():
             console.info("the reward model's tokenizer differs from the policy's: answers are decoded and "
                          "re-tokenised with the reward model's tokenizer and template")
 
     def __call__(self, prompts: list, answers: list, answer_ids: list) -> list[float]:
         conversations = [[*messages, {"role": "assistant", "content": text}] for messages, text in zip(prompts, answers)]
-        return self.model.score(self.model.encode(conversations), self.batch_tokens)
+        return self.model.score(self.model.encode(conversations), self.batch_tokens, self.precision)
 
 
 class PpoSession:
@@ -127,19 +133,23 @@ class PpoSession:
             console.info(f"rollouts: the {engine} path of the batch engine, on {weights}")
             self.engine_told = True
         texts = [self.setup.tokenizer.decode(a.ids, skip_special_tokens=True) for a in answers]
+        started = time.perf_counter()
         scores = torch.tensor([float(s) for s in self.reward([p.messages for p in prompts], texts, [a.ids for a in answers])],
                               dtype=torch.float64)
         generated = sum(len(a.ids) for a in answers)
         figures = {"reward": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
                    "kl_coef": self.kl.value, "answer_tokens": generated / len(answers),
                    "stopped": sum(a.finish_reason == "stop" for a in answers) / len(answers),
-                   "rollout_tokens": generated, "rollout_s": seconds, "rollout_tokens_per_s": generated / max(seconds, 1e-9)}
+                   "rollout_tokens": generated, "rollout_s": seconds, "rollout_tokens_per_s": generated / max(seconds, 1e-9),
+                   "score_s": time.perf_counter() - started}
         if not torch.isfinite(scores).all():
             bad = int((~torch.isfinite(scores)).sum())
             if self.main:
                 console.warn(f"step {number}: {bad} reward(s) NaN or infinite: the step is skipped")
             return StepBatches([], lambda: {**figures, "nonfinite_rewards": bad})
+        started = time.perf_counter()
         rollouts, kl_sum = self._rollouts(prompts, answers, self._scale(scores))
+        figures["logprobs_s"] = time.perf_counter() - started  # old policy, reference, advantages
         figures["kl"] = kl_sum / len(answers)
         self.kl.update(figures["kl"], len(answers))
         if config.log_samples and number % config.log_samples == 0 and self.main:

@@ -69,11 +69,14 @@ class RewardModel:
         texts = [self.counter.render(messages) for messages in conversations]
         return [list(e.ids) for e in self.counter.encode_batch(texts)]
 
-    def score(self, sequences: Sequence[list[int]], batch_tokens: int) -> list[float]:
-        """One reward per sequence, sequences packed greedily into rows of `batch_tokens`."""
+    def score(self, sequences: Sequence[list[int]], batch_tokens: int, mixed_precision: str = "no") -> list[float]:
+        """One reward per sequence, sequences packed greedily into rows of `batch_tokens`;
+        `mixed_precision` "bf16"/"fp16": under that autocast, as the training that asks scores in."""
         import torch
 
         from .rm import rewards
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
 
         out: list[float] = []
         for group in _rows(sequences, batch_tokens):
@@ -84,8 +87,8 @@ class RewardModel:
             batch = {"input_ids": torch.tensor([[t for ids in group for t in ids]], device=self.device),
                      "position_ids": torch.tensor([[p for ids in group for p in range(len(ids))]], device=self.device),
                      "ends": torch.tensor(ends, device=self.device)}
-            with torch.inference_mode():
-                out += rewards(self.model, batch).tolist()
+            with torch.inference_mode(), torch.autocast(self.device, dtype=dtype, enabled=dtype is not None):
+                out += rewards(self.model, batch).float().tolist()
         return out
 
 
