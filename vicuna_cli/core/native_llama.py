@@ -291,8 +291,9 @@ class NativeLlamaForCausalLM(nn.Module):
         Its rounding error fell on every logit; the leading ones are where a greedy pick and almost
         all of a sampler's probability are (gate, decode path: top-1 97.14 % without this)."""
         top = logits.topk(RESCORE_TOP, dim=-1).indices  # [rows, k]
-        exact = torch.bmm(self.lm_head.weight[top], x[:, :, None])[..., 0]
-        return logits.scatter_(-1, top, exact)
+        # in fp32: 16 dot products per row (bf16 bmm took 3x as long here), rounded once
+        exact = torch.bmm(self.lm_head.weight[top].float(), x.float()[:, :, None])[..., 0]
+        return logits.scatter_(-1, top, exact.to(logits.dtype))
 
     def forward(
         self,
