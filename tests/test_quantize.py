@@ -102,7 +102,7 @@ def test_gate_on_a_tiny_model_and_the_int8_kernel_runs(peaked_model_dir):
     reference, candidate = _load(peaked_model_dir, "none"), _load(peaked_model_dir, "int8")
     assert candidate.quantization == "int8" and reference.quantization == "none"
     layer = candidate.model.model.layers[0]
-    assert layer.mlp.down_proj.qweight is not None and candidate.model.lm_head.qweight is None
+    assert layer.mlp.down_proj.qweight is not None and candidate.model.lm_head.qweight is not None
     assert reference.model.model.layers[0].mlp.down_proj.qweight is None
     ids = candidate.tokenizer("Hello there, how are you? The capital of France is Paris.")["input_ids"]
     with torch.inference_mode():
@@ -119,6 +119,32 @@ def test_gate_on_a_tiny_model_and_the_int8_kernel_runs(peaked_model_dir):
     x = torch.randn(1, 1, layer.mlp.down_proj.qweight.shape[1], dtype=torch.bfloat16)
     dense = torch.nn.functional.linear(x.float(), quantize.dequantize(layer.mlp.down_proj.qweight, layer.mlp.down_proj.scales, torch.float32))
     assert torch.allclose(layer.mlp.down_proj(x).float(), dense, atol=2e-2, rtol=2e-2)
+
+
+@needs_kernel
+def test_the_int8_head_runs_for_decode_rows_and_its_best_logits_are_exact(peaked_model_dir):
+    """The LM head's int8 copy serves the one to four rows of a decode step; its RESCORE_TOP
+    best logits per row are the exact head's, the rest int8 values; more rows (a prefill) run
+    the exact head only. The fixture's head is not tied: its rows stay next to the packed copy."""
+    from vicuna_cli.core.native_llama import INT8_MAX_ROWS, RESCORE_TOP
+
+    model = _load(peaked_model_dir, "int8").model
+    head = model.lm_head
+    assert head.qweight is not None and head.packed is not None and head.weight.shape == head.qweight.shape
+    torch.manual_seed(0)
+    for rows in (1, INT8_MAX_ROWS, INT8_MAX_ROWS + 1):
+        x = torch.randn(rows, 1, head.weight.shape[1], dtype=torch.bfloat16)
+        with torch.inference_mode():
+            got = model._logits(x, 0)[:, 0].float()
+            exact = torch.nn.functional.linear(model.model.norm(x)[:, 0].float(), head.weight.float())
+        if rows > INT8_MAX_ROWS:
+            assert torch.allclose(got, exact, atol=2e-2, rtol=1e-2)
+            continue
+        top = got.topk(RESCORE_TOP, dim=-1).indices
+        assert torch.allclose(got.gather(-1, top), exact.gather(-1, top), atol=2e-2, rtol=1e-2)
+        assert torch.equal(got.argmax(-1), exact.argmax(-1))
+        rest = torch.ones_like(got, dtype=torch.bool).scatter_(-1, top, False)
+        assert not torch.equal(got[rest], exact[rest].to(torch.bfloat16).float())  # the int8 values elsewhere
 
 
 @needs_kernel
@@ -166,11 +192,11 @@ def test_the_int8_copy_is_made_once_and_rebuilt_when_truncated_corrupt_or_stale(
     assert "checksum mismatch" in capsys.readouterr().err and weights.read_bytes() == data
 
     manifest = json.loads((directory / quantize.MANIFEST).read_text())
-    (directory / quantize.MANIFEST).write_text(json.dumps({**manifest, "format": 3}))  # a round-to-nearest copy
+    (directory / quantize.MANIFEST).write_text(json.dumps({**manifest, "format": 4}))  # a copy without the head
     assert quantize.cache_problem(directory, model_dir) == "older format"
     _load(model_dir, "int8")
     assert "older format" in capsys.readouterr().err
-    assert json.loads((directory / quantize.MANIFEST).read_text())["format"] == quantize.FORMAT == 4
+    assert json.loads((directory / quantize.MANIFEST).read_text())["format"] == quantize.FORMAT == 5
 
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps(config, indent=3))  # a new source file

@@ -123,7 +123,8 @@ def _inputs_of(module: Any, run: Callable[[], Any]) -> list[Any]:
 
 def quantize_model(model_dir: Path, state: dict[str, Any], names: list[str],
                    scales_of: Callable[..., tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
-    """{name: (q int8, scale bf16)} for the projections `names` of the (fused) checkpoint `state`:
+    """{name: (q int8, scale bf16)} for the projections `names` of the (fused) checkpoint `state`
+    (and the LM head, `lm_head.weight`, when named):
     per-row scales from `scales_of(weight, importance)` (the clipped least-squares ones of
     round-to-nearest, each input column weighted by its mean square in the calibration chats),
     int8 values from GPTQ on the inputs each projection sees in those chats.
@@ -142,6 +143,8 @@ def quantize_model(model_dir: Path, state: dict[str, Any], names: list[str],
     if model.shape.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     model.load_state_dict(weights, strict=False, assign=True)
+    if model.shape.tie_word_embeddings:  # assign=True replaced the embedding the head was tied to
+        model.lm_head.weight = model.model.embed_tokens.weight
     out: dict[str, tuple[Any, Any]] = {}
 
     def quantize(name: str, module: Any, inputs: list[Any], tokens: int) -> None:
@@ -173,6 +176,8 @@ def _run(model: Any, model_dir: Path, quantize: Callable[..., None]) -> None:
     """quantize_model's pass: every layer over all chats, one projection at a time."""
     import torch
 
+    from .quantize import HEAD
+
     dtype = torch.bfloat16
     with torch.inference_mode():
         hidden = [model.model.embed_tokens(torch.tensor([ids])) for ids in calibration_ids(model_dir)]
@@ -191,3 +196,5 @@ def _run(model: Any, model_dir: Path, quantize: Callable[..., None]) -> None:
             acts = _inputs_of(mlp.down_proj, lambda: [mlp(n) for n in normed])
             quantize(p + "mlp.down_proj.weight", mlp.down_proj, acts, tokens)
             hidden = [x + mlp.down_proj(a) for x, a in zip(hidden, acts)]
+        # The LM head last, on the final norm of what the int8 layers made (quantize.HEAD).
+        quantize(HEAD, model.lm_head, [model.model.norm(x) for x in hidden], tokens)

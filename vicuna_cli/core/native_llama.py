@@ -6,6 +6,9 @@ only torch, safetensors and the model's config.json, and computes the same funct
 transformers' LlamaForCausalLM (tests compare logits on random and real checkpoints). Anything it
 does not support (other architectures, rope scaling variants, biases it does not know) is refused
 by `unsupported_reason`, and models.py then loads with transformers instead.
+
+Longer than the house's ~450 lines: one model, its load and the weight layouts its kernels need
+(packed, column-major, int8), which change together.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ LM_HEAD_PAD_FROM, LM_HEAD_PAD_TO = 8, 16
 # Up to this many rows an int8 Linear runs torch's int8 kernel, above it the packed bf16 copy:
 # per SmolLM2 projection, 1 row 1.3-5x faster in int8, 4 rows about equal, 16 rows 2x slower.
 INT8_MAX_ROWS = 4
+# An int8 LM head's leading candidates per row whose logits are computed again from the exact rows
+# (NativeLlamaForCausalLM._rescore).
+RESCORE_TOP = 16
 
 
 class RMSNorm(nn.Module):
@@ -90,10 +96,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # transformers' LlamaRMSNorm (normalised in fp32, rounded, then scaled), bitwise; torch's
+        # rms_norm does the five fp32 ops in one call (61 norms per SmolLM2 decode step).
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -115,7 +120,7 @@ class Attention(nn.Module):
         s = self.s
         heads = self.qkv_proj.forward(x).view(b, n, s.num_heads + 2 * s.num_kv_heads, s.head_dim).transpose(1, 2)
         qk, v = heads[:, : s.num_heads + s.num_kv_heads], heads[:, s.num_heads + s.num_kv_heads :]
-        qk = qk * cos + rotate_half(qk) * sin
+        qk = qk * cos + qk.roll(s.head_dim // 2, -1) * sin  # rotate_half by a roll: `sin` is signed (_rope)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         if isinstance(where, Rows):
             k, v = cache.write_rows(layer, where, k, v)
@@ -165,11 +170,14 @@ class Linear(nn.Module):
         self.qweight: torch.Tensor | None = None  # int8 [out, in] and bf16 scales [out] (core/quantize.py)
         self.scales: torch.Tensor | None = None
 
-    def set_int8(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+    def set_int8(self, q: torch.Tensor, scales: torch.Tensor, dequantize: bool = True) -> None:
         """Run on int8 weights: the int8 kernel for a few rows, and for more the same values
-        dequantized into `weight` (packed by pack_weights like any bf16 weight)."""
+        dequantized into `weight` (packed by pack_weights like any bf16 weight); with
+        `dequantize=False` (the LM head, quantize.quantized_names says why) more rows run on
+        the original `weight`, kept."""
         self.qweight, self.scales = q.contiguous(), scales.to(torch.bfloat16).contiguous()
-        self.weight = nn.Parameter((q.float() * self.scales.float()[:, None]).to(torch.bfloat16), requires_grad=False)
+        if dequantize:
+            self.weight = nn.Parameter((q.float() * self.scales.float()[:, None]).to(torch.bfloat16), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
@@ -189,11 +197,6 @@ class Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class MLP(nn.Module):
@@ -253,10 +256,15 @@ class NativeLlamaForCausalLM(nn.Module):
         return SlotKVCache(self.shape.num_layers, num_slots, capacity, max_capacity)
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for `positions` (any shape) -> [*positions.shape, head_dim]."""
+        """cos and a signed sin for `positions` (any shape) -> [*positions.shape, head_dim].
+
+        transformers turns x by x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1).
+        Here the first half of sin is negated once per step, so that the turn is
+        x * cos + roll(x, head_dim / 2) * sin: bitwise the same (a sign is exact), one op per
+        layer instead of four (two slices, a negation, a cat)."""
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), dim=-1).cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
     def _logits(self, x: torch.Tensor, keep: int) -> torch.Tensor:
         x = self.model.norm.forward(x)
@@ -272,7 +280,20 @@ class NativeLlamaForCausalLM(nn.Module):
             # MKL's sgemm against the row-major (tied) 49152 x 576 head takes 37-62 ms for 8-15
             # rows but 26 ms for 16 (a different kernel from 16 on): 16 rows, zeros at the end.
             x = torch.cat((x, x.new_zeros(LM_HEAD_PAD_TO - rows, h)))
-        return self.lm_head.forward(x)[:rows].view(b, n, -1)
+        logits = self.lm_head.forward(x)[:rows]
+        if self.lm_head.qweight is not None and rows <= INT8_MAX_ROWS:
+            logits = self._rescore(x, logits)
+        return logits.view(b, n, -1)
+
+    def _rescore(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The int8 head's RESCORE_TOP best logits per row, computed again from the head's exact
+        rows (kept: load_native, pack_weights): the int8 head shortlists, the exact rows decide.
+        Its rounding error fell on every logit; the leading ones are where a greedy pick and almost
+        all of a sampler's probability are (gate, decode path: top-1 97.14 % without this)."""
+        top = logits.topk(RESCORE_TOP, dim=-1).indices  # [rows, k]
+        # in fp32: 16 dot products per row (bf16 bmm took 3x as long here), rounded once
+        exact = torch.bmm(self.lm_head.weight[top].float(), x.float()[:, :, None])[..., 0]
+        return logits.scatter_(-1, top, exact.to(logits.dtype))
 
     def forward(
         self,
@@ -346,7 +367,7 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str 
     state = fuse_projections(state, model.shape.num_layers)
     int8 = None
     if quantize == "int8":
-        from .quantize import load_int8
+        from .quantize import HEAD, load_int8
 
         int8 = load_int8(model_dir, state)  # set_int8 below replaces those weights
     packed = packs(device, dtype, batch_rows)
@@ -363,7 +384,7 @@ def load_native(model_dir: Path, dtype: torch.dtype, device: str, quantize: str 
     if model.shape.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     for name, (q, scales) in (int8 or {}).items():
-        model.get_submodule(name.removesuffix(".weight")).set_int8(q, scales)
+        model.get_submodule(name.removesuffix(".weight")).set_int8(q, scales, dequantize=name != HEAD)
     model = model.to(device).eval()
     if packed:
         pack_weights(model)
@@ -411,14 +432,15 @@ def pack_weights(model: NativeLlamaForCausalLM) -> bool:
     embedding = model.model.embed_tokens.weight
     for module in linears:  # one at a time, each plain weight freed at once: a lower peak
         module.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), rows_hint)
-        if module.weight is not embedding:  # a tied head's rows are the embedding's: kept
+        # A tied head's rows are the embedding's: kept; an int8 head's too (they rescore it).
+        if module.weight is not embedding and not (module is model.lm_head and module.qweight is not None):
             module.weight = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
     # What is left (embedding, norms) may be views of the checkpoint file's mapping, which packing
     # paged in whole: own copies let the mapping go (measured: 361 MB of file pages -> 96).
     for param in model.parameters():
         if param.numel():
             param.data = param.data.clone()
-    if model.shape.tie_word_embeddings and model.lm_head.qweight is None:
+    if model.shape.tie_word_embeddings:  # its int8 copy (decode) does not replace these rows
         model.lm_head.weight = model.model.embed_tokens.weight
     from .runners import trim_heap
 
